@@ -1,0 +1,324 @@
+//! The TOML configuration file: types, defaults, loading and validation.
+//!
+//! Every key is optional; unknown keys are rejected so that a typo never silently falls back to a
+//! default. Errors carry the key and the line (toml's span-aware errors).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where `pullgate serve` looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pullgate/config.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub containerd: ContainerdConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+/// The CRI front door kubelet talks to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Unix socket kubelet's `imageServiceEndpoint` points at.
+    pub socket: PathBuf,
+    /// File mode of the socket, as an octal string such as "0660".
+    pub socket_mode: String,
+    /// How long in-flight calls may run after SIGTERM/SIGINT before they are cut.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/pullgate/pullgate.sock"),
+            socket_mode: "0660".into(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The socket mode as permission bits (validated at load).
+    pub fn socket_mode_bits(&self) -> u32 {
+        parse_mode(&self.socket_mode).unwrap_or(0o660)
+    }
+}
+
+/// The containerd that every call is forwarded to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdConfig {
+    /// containerd's gRPC socket (its CRI plugin serves on the same socket).
+    pub socket: PathBuf,
+    /// containerd namespace used for pullgate's own calls (the CRI plugin uses `k8s.io`).
+    pub namespace: String,
+    /// Timeout for establishing a connection to containerd.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How often containerd's liveness is probed for `/healthz` and `pullgate_upstream_up`.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+}
+
+impl Default for ContainerdConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/containerd/containerd.sock"),
+            namespace: "k8s.io".into(),
+            connect_timeout: Duration::from_secs(5),
+            health_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Prometheus metrics and health endpoints.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics`, `/healthz` and `/readyz` at all.
+    pub enabled: bool,
+    /// HTTP listen address. Loopback by default: expose it deliberately.
+    pub addr: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            addr: SocketAddr::from(([127, 0, 0, 1], 9782)),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `pullgate=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A config file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// The file given with `--config`, else the default path if it exists, else defaults.
+    pub fn load_default_or(path: Option<&Path>) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        match path {
+            Some(p) => Ok((Config::load(p)?, Some(p.to_owned()))),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                Ok((Config::load(&p)?, Some(p)))
+            }
+            None => Ok((Config::default(), None)),
+        }
+    }
+
+    /// Parses and validates config text; the error names the key and line.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate(text)?;
+        Ok(cfg)
+    }
+
+    /// Checks values that the types alone do not; `text` (the file, if any) locates the key.
+    pub fn validate(&self, text: &str) -> Result<(), String> {
+        let fail = |key: &str, why: String| Err(format!("{}{key}: {why}", line_of(text, key)));
+        if parse_mode(&self.server.socket_mode).is_none() {
+            return fail(
+                "server.socket_mode",
+                format!(
+                    "{:?} is not an octal file mode such as \"0660\"",
+                    self.server.socket_mode
+                ),
+            );
+        }
+        if self.server.socket.as_os_str().is_empty() || self.server.socket.is_relative() {
+            return fail(
+                "server.socket",
+                "must be an absolute path".to_string(),
+            );
+        }
+        if self.containerd.socket.as_os_str().is_empty() || self.containerd.socket.is_relative() {
+            return fail(
+                "containerd.socket",
+                "must be an absolute path".to_string(),
+            );
+        }
+        if self.server.socket == self.containerd.socket {
+            return fail(
+                "server.socket",
+                "must differ from containerd.socket (pullgate would forward to itself)".into(),
+            );
+        }
+        if self.containerd.namespace.is_empty() {
+            return fail("containerd.namespace", "must not be empty".into());
+        }
+        for (key, d) in [
+            ("containerd.connect_timeout", self.containerd.connect_timeout),
+            ("containerd.health_interval", self.containerd.health_interval),
+        ] {
+            if d.is_zero() {
+                return fail(key, "must be greater than zero".into());
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return fail("log.level", format!("{:?} is not a valid filter: {e}", self.log.level));
+        }
+        Ok(())
+    }
+}
+
+/// Parses an octal mode such as "0660" or "660".
+fn parse_mode(s: &str) -> Option<u32> {
+    let m = u32::from_str_radix(s, 8).ok()?;
+    (m <= 0o777).then_some(m)
+}
+
+/// "line N: " for the line that sets `section.key`, or "" when it is not set in the file.
+fn line_of(text: &str, dotted: &str) -> String {
+    let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            current = name.trim().to_string();
+            continue;
+        }
+        let Some((k, _)) = t.split_once('=') else {
+            continue;
+        };
+        let k = k.trim();
+        let full = if current.is_empty() {
+            k.to_string()
+        } else {
+            format!("{current}.{k}")
+        };
+        if full == dotted || (current == section && k == key) {
+            return format!("line {}: ", i + 1);
+        }
+    }
+    String::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid_and_matches_defaults() {
+        let text = include_str!("../config/pullgate.toml");
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn values_are_read() {
+        let cfg = Config::parse(
+            r#"
+[server]
+socket = "/tmp/x.sock"
+socket_mode = "0600"
+shutdown_grace = "5s"
+[containerd]
+socket = "/tmp/c.sock"
+[metrics]
+addr = "127.0.0.1:1234"
+[log]
+format = "json"
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.server.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(cfg.server.socket_mode_bits(), 0o600);
+        assert_eq!(cfg.server.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(cfg.metrics.addr.port(), 1234);
+        assert_eq!(cfg.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::parse("[server]\nsocket = \"/a.sock\"\nsockte_mode = \"0660\"\n").unwrap_err();
+        assert!(err.contains("sockte_mode"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_type_is_named_with_its_line() {
+        let err = Config::parse("[metrics]\n\naddr = 12\n").unwrap_err();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("addr"), "{err}");
+    }
+
+    #[test]
+    fn bad_mode_and_duration_are_rejected() {
+        let err = Config::parse("[server]\nsocket_mode = \"rw-rw----\"\n").unwrap_err();
+        assert!(err.contains("line 2: server.socket_mode"), "{err}");
+        let err = Config::parse("[server]\nshutdown_grace = \"soon\"\n").unwrap_err();
+        assert!(err.contains("shutdown_grace") && err.contains("line 2"), "{err}");
+        let err = Config::parse("[containerd]\nhealth_interval = \"0s\"\n").unwrap_err();
+        assert!(err.contains("containerd.health_interval"), "{err}");
+    }
+
+    #[test]
+    fn relative_or_identical_sockets_are_rejected() {
+        let err = Config::parse("[server]\nsocket = \"pullgate.sock\"\n").unwrap_err();
+        assert!(err.contains("server.socket"), "{err}");
+        let err = Config::parse(
+            "[server]\nsocket = \"/a.sock\"\n[containerd]\nsocket = \"/a.sock\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("must differ"), "{err}");
+    }
+}

@@ -1,0 +1,26 @@
+//! The front door: a tonic server on the CRI unix socket that kubelet's `imageServiceEndpoint`
+//! points at.
+
+mod proxy;
+pub mod socket;
+
+use std::future::Future;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+pub use proxy::CriProxy;
+
+/// Serves `proxy` on `listener` until `shutdown` resolves, then drains: no new calls are accepted
+/// and the future completes once the calls in flight have finished.
+pub async fn serve(
+    listener: UnixListener,
+    proxy: CriProxy,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        // kubelet keeps one connection and multiplexes on it; keep it alive across idle hours.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .serve_with_incoming_shutdown(proxy, UnixListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,16 @@
+//! pullgate: a CRI image-service shim between kubelet and containerd that intercepts `PullImage`
+//! and forwards every other call byte for byte.
+//!
+//! Layout: [`frontdoor`] (the CRI socket), [`pull`] (reading, merging and running pulls),
+//! [`upstream`] (containerd), [`metrics`] (Prometheus and health), [`config`], [`cli`].
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod frontdoor;
+pub mod grpc;
+pub mod logging;
+pub mod metrics;
+pub mod proto;
+pub mod pull;
+pub mod upstream;

@@ -1,0 +1,123 @@
+//! The HTTP endpoint: `/metrics`, `/healthz` (containerd reachable), `/readyz` (serving).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::Metrics;
+use crate::upstream::Containerd;
+
+/// What the health endpoints report on.
+pub struct Health {
+    pub metrics: Arc<Metrics>,
+    pub containerd: Containerd,
+    /// True while the CRI socket accepts calls (false before bind and while draining).
+    pub serving: AtomicBool,
+}
+
+impl Health {
+    /// Probes containerd and records the result in `pullgate_upstream_up`.
+    pub async fn probe(&self) -> Result<String, tonic::Status> {
+        let res = self.containerd.version(Duration::from_secs(2)).await;
+        self.metrics.upstream_up.set(i64::from(res.is_ok()));
+        res
+    }
+}
+
+/// Binds `addr` and serves until `stop` is cancelled.
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "metrics endpoint: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let health = health.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| route(req, health.clone()));
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    debug!(%peer, error = %e, "metrics connection ended with an error");
+                }
+            });
+        }
+    }))
+}
+
+async fn route(req: Request<Incoming>, health: Arc<Health>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into()));
+    }
+    Ok(match req.uri().path() {
+        "/metrics" => {
+            // Refresh the upstream gauge so a scrape never reports a stale "up".
+            let _ = health.probe().await;
+            let mut resp = text(StatusCode::OK, health.metrics.encode());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
+        "/healthz" => match health.probe().await {
+            Ok(v) => text(StatusCode::OK, format!("ok: containerd {v}\n")),
+            Err(s) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("containerd not reachable: {}\n", s.message()),
+            ),
+        },
+        "/readyz" => {
+            if !health.serving.load(Ordering::SeqCst) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not serving the CRI socket\n".into())
+            } else {
+                match health.probe().await {
+                    Ok(_) => text(StatusCode::OK, "ready\n".into()),
+                    Err(s) => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("containerd not reachable: {}\n", s.message()),
+                    ),
+                }
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),
+    })
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,225 @@
+//! Prometheus metrics and the HTTP endpoint that serves them with health and readiness.
+
+mod http;
+
+pub use self::http::{serve, Health};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tonic::Code;
+
+use crate::pull::Class;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: &'static str,
+}
+
+impl ClassLabels {
+    pub fn new(class: Class) -> Self {
+        ClassLabels {
+            class: class.as_str(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassResultLabels {
+    pub class: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub method: String,
+    pub code: &'static str,
+}
+
+/// Every metric pullgate exports.
+pub struct Metrics {
+    registry: Registry,
+    pub pull_requests: Family<ClassResultLabels, Counter>,
+    pub pull_duration: Family<ClassLabels, Histogram>,
+    pub pulls_in_flight: Gauge,
+    pub pull_requests_merged: Counter,
+    pub upstream_pulls: Family<ResultLabels, Counter>,
+    pub cri_requests: Family<CallLabels, Counter>,
+    pub upstream_up: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("pullgate");
+        let pull_requests = Family::<ClassResultLabels, Counter>::default();
+        registry.register(
+            "pull_requests",
+            "PullImage requests answered, by class and gRPC result",
+            pull_requests.clone(),
+        );
+        // Pulls range from a cached hit (ms) to a multi-GiB image on a slow link (many minutes).
+        let pull_duration = Family::<ClassLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+            ])
+        });
+        registry.register(
+            "pull_duration_seconds",
+            "Time from a PullImage request to its answer, by class",
+            pull_duration.clone(),
+        );
+        let pulls_in_flight = Gauge::default();
+        registry.register(
+            "pulls_in_flight",
+            "Upstream pulls currently running (merged requests count once)",
+            pulls_in_flight.clone(),
+        );
+        let pull_requests_merged = Counter::default();
+        registry.register(
+            "pull_requests_merged",
+            "PullImage requests that joined a pull already in flight",
+            pull_requests_merged.clone(),
+        );
+        let upstream_pulls = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "upstream_pulls",
+            "Pulls pullgate ran against containerd, by gRPC result (cancelled: every requester left)",
+            upstream_pulls.clone(),
+        );
+        let cri_requests = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "cri_requests",
+            "gRPC calls received on the CRI socket, by method and gRPC code",
+            cri_requests.clone(),
+        );
+        let upstream_up = Gauge::default();
+        registry.register(
+            "upstream_up",
+            "1 when containerd answered the last health probe",
+            upstream_up.clone(),
+        );
+        // Export both classes from the start, so dashboards and alerts see zeros, not gaps.
+        for class in [Class::Urgent, Class::Prewarm] {
+            pull_duration.get_or_create(&ClassLabels::new(class));
+        }
+        Metrics {
+            registry,
+            pull_requests,
+            pull_duration,
+            pulls_in_flight,
+            pull_requests_merged,
+            upstream_pulls,
+            cri_requests,
+            upstream_up,
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn record_call(&self, method: &str, code: Code) {
+        self.cri_requests
+            .get_or_create(&CallLabels {
+                method: method_label(method).to_string(),
+                code: code_label(code),
+            })
+            .inc();
+    }
+}
+
+/// A gRPC code as a metric label, e.g. `not_found`.
+pub fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// The method label of a gRPC path. Any client may send any path; only well-formed
+/// `/package.Service/Method` paths of bounded length become labels, so a misbehaving client
+/// cannot blow up the metric's cardinality with garbage.
+fn method_label(path: &str) -> &str {
+    let ok = path.len() <= 96
+        && path.starts_with('/')
+        && path[1..].split_once('/').is_some_and(|(svc, m)| {
+            !svc.is_empty()
+                && !m.is_empty()
+                && svc.starts_with("runtime.")
+                && svc.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+                && m.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    if ok {
+        path
+    } else {
+        "other"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_bounded() {
+        assert_eq!(
+            method_label("/runtime.v1.ImageService/PullImage"),
+            "/runtime.v1.ImageService/PullImage"
+        );
+        assert_eq!(method_label("/containerd.services.version.v1.Version/Version"), "other");
+        assert_eq!(method_label("/runtime.v1.ImageService/../../etc"), "other");
+        assert_eq!(method_label(&format!("/runtime.v1.X/{}", "a".repeat(200))), "other");
+        assert_eq!(method_label(""), "other");
+    }
+
+    #[test]
+    fn encodes_registered_metrics() {
+        let m = Metrics::new();
+        m.record_call("/runtime.v1.ImageService/ListImages", Code::Ok);
+        m.pull_requests
+            .get_or_create(&ClassResultLabels {
+                class: Class::Urgent.as_str(),
+                result: "ok",
+            })
+            .inc();
+        let text = m.encode();
+        assert!(text.contains(
+            "pullgate_cri_requests_total{method=\"/runtime.v1.ImageService/ListImages\",code=\"ok\"} 1"
+        ), "{text}");
+        assert!(text.contains("pullgate_pull_requests_total{class=\"urgent\",result=\"ok\"} 1"), "{text}");
+        assert!(text.contains("# TYPE pullgate_pull_duration_seconds histogram"), "{text}");
+    }
+}

@@ -1,0 +1,5 @@
+//! Clients of the services pullgate sits in front of.
+
+pub mod containerd;
+
+pub use containerd::Containerd;
