@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 #[derive(Debug, Parser)]
-#[command(name = "pullgate", version, about = "CRI image-service shim that schedules image pulls on a Kubernetes node")]
+#[command(
+    name = "pullgate",
+    version,
+    about = "CRI image-service shim that schedules image pulls on a Kubernetes node"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -63,7 +67,8 @@ impl ServeArgs {
             cfg.log.format = f;
         }
         // Flags get the same checks as the file.
-        cfg.validate("").map_err(|e| format!("invalid flags: {e}"))?;
+        cfg.validate("")
+            .map_err(|e| format!("invalid flags: {e}"))?;
         Ok(cfg)
     }
 }

@@ -181,16 +181,10 @@ impl Config {
             );
         }
         if self.server.socket.as_os_str().is_empty() || self.server.socket.is_relative() {
-            return fail(
-                "server.socket",
-                "must be an absolute path".to_string(),
-            );
+            return fail("server.socket", "must be an absolute path".to_string());
         }
         if self.containerd.socket.as_os_str().is_empty() || self.containerd.socket.is_relative() {
-            return fail(
-                "containerd.socket",
-                "must be an absolute path".to_string(),
-            );
+            return fail("containerd.socket", "must be an absolute path".to_string());
         }
         if self.server.socket == self.containerd.socket {
             return fail(
@@ -202,15 +196,24 @@ impl Config {
             return fail("containerd.namespace", "must not be empty".into());
         }
         for (key, d) in [
-            ("containerd.connect_timeout", self.containerd.connect_timeout),
-            ("containerd.health_interval", self.containerd.health_interval),
+            (
+                "containerd.connect_timeout",
+                self.containerd.connect_timeout,
+            ),
+            (
+                "containerd.health_interval",
+                self.containerd.health_interval,
+            ),
         ] {
             if d.is_zero() {
                 return fail(key, "must be greater than zero".into());
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return fail("log.level", format!("{:?} is not a valid filter: {e}", self.log.level));
+            return fail(
+                "log.level",
+                format!("{:?} is not a valid filter: {e}", self.log.level),
+            );
         }
         Ok(())
     }
@@ -289,7 +292,8 @@ format = "json"
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let err = Config::parse("[server]\nsocket = \"/a.sock\"\nsockte_mode = \"0660\"\n").unwrap_err();
+        let err =
+            Config::parse("[server]\nsocket = \"/a.sock\"\nsockte_mode = \"0660\"\n").unwrap_err();
         assert!(err.contains("sockte_mode"), "{err}");
         assert!(err.contains("line 3"), "{err}");
     }
@@ -306,7 +310,10 @@ format = "json"
         let err = Config::parse("[server]\nsocket_mode = \"rw-rw----\"\n").unwrap_err();
         assert!(err.contains("line 2: server.socket_mode"), "{err}");
         let err = Config::parse("[server]\nshutdown_grace = \"soon\"\n").unwrap_err();
-        assert!(err.contains("shutdown_grace") && err.contains("line 2"), "{err}");
+        assert!(
+            err.contains("shutdown_grace") && err.contains("line 2"),
+            "{err}"
+        );
         let err = Config::parse("[containerd]\nhealth_interval = \"0s\"\n").unwrap_err();
         assert!(err.contains("containerd.health_interval"), "{err}");
     }
@@ -315,10 +322,9 @@ format = "json"
     fn relative_or_identical_sockets_are_rejected() {
         let err = Config::parse("[server]\nsocket = \"pullgate.sock\"\n").unwrap_err();
         assert!(err.contains("server.socket"), "{err}");
-        let err = Config::parse(
-            "[server]\nsocket = \"/a.sock\"\n[containerd]\nsocket = \"/a.sock\"\n",
-        )
-        .unwrap_err();
+        let err =
+            Config::parse("[server]\nsocket = \"/a.sock\"\n[containerd]\nsocket = \"/a.sock\"\n")
+                .unwrap_err();
         assert!(err.contains("must differ"), "{err}");
     }
 }

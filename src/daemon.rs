@@ -42,11 +42,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     match health.probe().await {
-        Ok(v) => info!(socket = %cfg.containerd.socket.display(), version = v, "containerd reachable"),
+        Ok(v) => {
+            info!(socket = %cfg.containerd.socket.display(), version = v, "containerd reachable")
+        }
         Err(s) => warn!(socket = %cfg.containerd.socket.display(), error = s.message(),
                         "containerd not reachable yet; calls fail with UNAVAILABLE until it is"),
     }
-    tokio::spawn(probe_loop(health.clone(), cfg.containerd.health_interval, stop.clone()));
+    tokio::spawn(probe_loop(
+        health.clone(),
+        cfg.containerd.health_interval,
+        stop.clone(),
+    ));
 
     let listener = frontdoor::socket::bind(&cfg.server.socket, cfg.server.socket_mode_bits())
         .await

@@ -139,8 +139,14 @@ mod tests {
             unary_message(frame(0, b"abc")).unwrap(),
             UnaryMessage::Plain(Bytes::from_static(b"abc"))
         );
-        assert_eq!(unary_message(frame(0, b"")).unwrap(), UnaryMessage::Plain(Bytes::new()));
-        assert_eq!(unary_message(frame(1, b"zz")).unwrap(), UnaryMessage::Compressed);
+        assert_eq!(
+            unary_message(frame(0, b"")).unwrap(),
+            UnaryMessage::Plain(Bytes::new())
+        );
+        assert_eq!(
+            unary_message(frame(1, b"zz")).unwrap(),
+            UnaryMessage::Compressed
+        );
     }
 
     #[test]
@@ -155,7 +161,10 @@ mod tests {
                 two.into()
             },
         ] {
-            assert_eq!(unary_message(bad).unwrap_err().code(), Code::InvalidArgument);
+            assert_eq!(
+                unary_message(bad).unwrap_err().code(),
+                Code::InvalidArgument
+            );
         }
     }
 
@@ -166,7 +175,10 @@ mod tests {
         assert_eq!(reply.status().message(), "no such image: a b%");
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        assert_eq!(status_of(&HeaderMap::new(), Some(&trailers)).code(), Code::Ok);
+        assert_eq!(
+            status_of(&HeaderMap::new(), Some(&trailers)).code(),
+            Code::Ok
+        );
         assert_eq!(status_of(&HeaderMap::new(), None).code(), Code::Unknown);
     }
 }

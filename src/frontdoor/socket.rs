@@ -30,7 +30,10 @@ pub async fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; not replacing it", path.display()),
+                format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ),
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -71,7 +71,10 @@ pub async fn serve(
     }))
 }
 
-async fn route(req: Request<Incoming>, health: Arc<Health>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn route(
+    req: Request<Incoming>,
+    health: Arc<Health>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into()));
     }
@@ -97,7 +100,10 @@ async fn route(req: Request<Incoming>, health: Arc<Health>) -> Result<Response<F
         },
         "/readyz" => {
             if !health.serving.load(Ordering::SeqCst) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not serving the CRI socket\n".into())
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not serving the CRI socket\n".into(),
+                )
             } else {
                 match health.probe().await {
                     Ok(_) => text(StatusCode::OK, "ready\n".into()),
@@ -108,7 +114,10 @@ async fn route(req: Request<Incoming>, health: Arc<Health>) -> Result<Response<F
                 }
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
     })
 }
 

@@ -114,7 +114,7 @@ impl Metrics {
         );
         // Export both classes from the start, so dashboards and alerts see zeros, not gaps.
         for class in [Class::Urgent, Class::Prewarm] {
-            pull_duration.get_or_create(&ClassLabels::new(class));
+            let _ = pull_duration.get_or_create(&ClassLabels::new(class));
         }
         Metrics {
             registry,
@@ -179,7 +179,9 @@ fn method_label(path: &str) -> &str {
             !svc.is_empty()
                 && !m.is_empty()
                 && svc.starts_with("runtime.")
-                && svc.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+                && svc
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
                 && m.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         });
     if ok {
@@ -199,9 +201,15 @@ mod tests {
             method_label("/runtime.v1.ImageService/PullImage"),
             "/runtime.v1.ImageService/PullImage"
         );
-        assert_eq!(method_label("/containerd.services.version.v1.Version/Version"), "other");
+        assert_eq!(
+            method_label("/containerd.services.version.v1.Version/Version"),
+            "other"
+        );
         assert_eq!(method_label("/runtime.v1.ImageService/../../etc"), "other");
-        assert_eq!(method_label(&format!("/runtime.v1.X/{}", "a".repeat(200))), "other");
+        assert_eq!(
+            method_label(&format!("/runtime.v1.X/{}", "a".repeat(200))),
+            "other"
+        );
         assert_eq!(method_label(""), "other");
     }
 
@@ -219,7 +227,13 @@ mod tests {
         assert!(text.contains(
             "pullgate_cri_requests_total{method=\"/runtime.v1.ImageService/ListImages\",code=\"ok\"} 1"
         ), "{text}");
-        assert!(text.contains("pullgate_pull_requests_total{class=\"urgent\",result=\"ok\"} 1"), "{text}");
-        assert!(text.contains("# TYPE pullgate_pull_duration_seconds histogram"), "{text}");
+        assert!(
+            text.contains("pullgate_pull_requests_total{class=\"urgent\",result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE pullgate_pull_duration_seconds histogram"),
+            "{text}"
+        );
     }
 }

@@ -301,7 +301,9 @@ mod tests {
         let mut tasks = Vec::new();
         for creds in [Some([1; 32]), Some([2; 32]), None] {
             let c = c.clone();
-            tasks.push(tokio::spawn(async move { c.pull(info("img", creds), fwd()).await }));
+            tasks.push(tokio::spawn(async move {
+                c.pull(info("img", creds), fwd()).await
+            }));
         }
         settle().await;
         assert_eq!(gate.started.load(Ordering::SeqCst), 3);

@@ -204,7 +204,14 @@ mod tests {
 
     #[test]
     fn rejects_malformed_references() {
-        for bad in ["UPPER/case", "a b", "busybox:", "foo@sha256:abc", ":tag", "//x"] {
+        for bad in [
+            "UPPER/case",
+            "a b",
+            "busybox:",
+            "foo@sha256:abc",
+            ":tag",
+            "//x",
+        ] {
             assert!(
                 matches!(
                     normalize_reference(bad),

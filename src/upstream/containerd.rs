@@ -31,14 +31,17 @@ impl Containerd {
         let socket = cfg.socket.clone();
         let dial_path = socket.clone();
         // The URI is required by the builder but never resolved: the connector dials the socket.
-        let channel = Endpoint::from_static("http://containerd.sock")
-            .connect_timeout(cfg.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect_with_connector_lazy(tower::service_fn(move |_| {
-                let path = dial_path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-            }));
+        let channel =
+            Endpoint::from_static("http://containerd.sock")
+                .connect_timeout(cfg.connect_timeout)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_while_idle(true)
+                .connect_with_connector_lazy(tower::service_fn(move |_| {
+                    let path = dial_path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }));
         Containerd { channel, socket }
     }
 

@@ -1,0 +1,322 @@
+//! A real containerd (`/usr/bin/containerd`, 1.6.x) with its CRI plugin, confined to one dir:
+//! root, state, sockets, CNI dirs, registry hosts config and log all live under it, so several
+//! instances can run at once.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pullgate::proto::runtime::v1::ImageFsInfoRequest;
+
+use super::registry::Registry;
+use super::{image_client, read_log, send_signal, tail, terminate_blocking, wait_child};
+
+pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
+
+/// How long `start`/`start_again` wait for the CRI ImageService to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running containerd. SIGTERM (then SIGKILL after a grace period) on drop.
+pub struct Containerd {
+    dir: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    /// Writes `dir/config.toml` and `dir/certs.d/<registry addr>/hosts.toml` for each registry
+    /// (plain http, pull+resolve), starts containerd and waits until CRI `ImageFsInfo` answers on
+    /// `dir/containerd.sock`.
+    pub async fn start(dir: &Path, registries: &[&Registry]) -> Containerd {
+        let addrs: Vec<String> = registries.iter().map(|r| r.addr()).collect();
+        Self::start_with(dir, &addrs, "").await
+    }
+
+    /// Like `start`, with registry addresses ("127.0.0.1:PORT") given as strings (e.g. for a
+    /// registry that is not started yet) and `extra_toml` appended to the generated config.
+    pub async fn start_with(dir: &Path, registry_addrs: &[String], extra_toml: &str) -> Containerd {
+        std::fs::create_dir_all(dir)
+            .unwrap_or_else(|e| panic!("Containerd: cannot create {}: {e}", dir.display()));
+        let dir = dir
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("Containerd: cannot canonicalize {}: {e}", dir.display()));
+        let socket = dir.join("containerd.sock");
+        // sun_path is 108 bytes; ".ttrpc" is appended for the ttrpc socket.
+        assert!(
+            socket.as_os_str().len() + ".ttrpc".len() < 100,
+            "Containerd: socket path {} is too long for a unix socket; use a shorter dir",
+            socket.display()
+        );
+        for sub in ["root", "state", "certs.d", "cni/bin", "cni/net.d", "opt"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .unwrap_or_else(|e| panic!("Containerd: cannot create {sub}: {e}"));
+        }
+        for addr in registry_addrs {
+            write_hosts_toml(&dir, addr);
+        }
+        let config_path = dir.join("config.toml");
+        let mut config = containerd_config(&dir, &socket);
+        config.push_str(extra_toml);
+        std::fs::write(&config_path, config)
+            .unwrap_or_else(|e| panic!("Containerd: cannot write config: {e}"));
+        let mut containerd = Containerd {
+            log_path: dir.join("containerd.log"),
+            dir,
+            config_path,
+            socket,
+            child: None,
+        };
+        containerd.spawn_and_wait().await;
+        containerd
+    }
+
+    /// Adds (or rewrites) `certs.d/<addr>/hosts.toml` for a registry; containerd reads these on
+    /// every pull, so no restart is needed.
+    pub fn add_registry(&self, registry: &Registry) {
+        write_hosts_toml(&self.dir, &registry.addr());
+    }
+
+    /// Like `add_registry` for any plain-HTTP host ("127.0.0.1:PORT"), e.g. a proxy.
+    pub fn add_host(&self, addr: &str) {
+        write_hosts_toml(&self.dir, addr);
+    }
+
+    fn spawn(&mut self) {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap_or_else(|e| panic!("Containerd: cannot open log: {e}"));
+        let log2 = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("Containerd: cannot clone log fd: {e}"));
+        let mut cmd = Command::new(CONTAINERD_BIN);
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        for var in [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "CONTAINERD_ADDRESS",
+            "CONTAINERD_NAMESPACE",
+        ] {
+            cmd.env_remove(var);
+        }
+        super::kill_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("Containerd: cannot spawn {CONTAINERD_BIN}: {e}"));
+        self.child = Some(child);
+    }
+
+    async fn spawn_and_wait(&mut self) {
+        self.spawn();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last_err = String::from("socket not there yet");
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    panic!(
+                        "Containerd in {} exited during start ({status}); log tail:\n{}",
+                        self.dir.display(),
+                        tail(&self.log(), 40)
+                    );
+                }
+            }
+            if self.socket.exists() {
+                let mut client = image_client(&self.socket);
+                match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.image_fs_info(ImageFsInfoRequest {}),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(status)) => last_err = format!("ImageFsInfo: {status}"),
+                    Err(_) => last_err = "ImageFsInfo timed out".to_string(),
+                }
+            }
+            if Instant::now() >= deadline {
+                let log = self.log();
+                self.kill_now();
+                panic!(
+                    "Containerd in {} not ready after {READY_TIMEOUT:?} ({last_err}); log tail:\n{}",
+                    self.dir.display(),
+                    tail(&log, 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Path of containerd's gRPC socket (`dir/containerd.sock`; same across restarts).
+    pub fn socket(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Whole log so far (all runs, appended).
+    pub fn log(&self) -> String {
+        read_log(&self.log_path)
+    }
+
+    /// Process id of the running containerd, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGTERM and wait for exit (SIGKILL after 10 s). The socket path stays the same for
+    /// `start_again`. Idempotent.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                send_signal(child.id(), libc::SIGTERM);
+                if !wait_child(&mut child, Duration::from_secs(10)).await {
+                    let _ = child.kill();
+                }
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL now (a crash, no graceful shutdown) and reap. Idempotent.
+    pub fn kill_now(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts containerd again with the same config and dirs (stopping it first if running), and
+    /// waits until CRI answers.
+    pub async fn start_again(&mut self) {
+        self.stop().await;
+        self.spawn_and_wait().await;
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate_blocking(&mut child, Duration::from_secs(5));
+        }
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn write_hosts_toml(dir: &Path, addr: &str) {
+    let host_dir = dir.join("certs.d").join(addr);
+    std::fs::create_dir_all(&host_dir)
+        .unwrap_or_else(|e| panic!("Containerd: cannot create {}: {e}", host_dir.display()));
+    let server = format!("http://{addr}");
+    let hosts = format!(
+        "server = {server}\n\n[host.{server}]\n  capabilities = [\"pull\", \"resolve\"]\n  skip_verify = true\n",
+        server = toml_str(&server)
+    );
+    std::fs::write(host_dir.join("hosts.toml"), hosts)
+        .unwrap_or_else(|e| panic!("Containerd: cannot write hosts.toml: {e}"));
+}
+
+fn containerd_config(dir: &Path, socket: &Path) -> String {
+    let p = |sub: &str| toml_str(&dir.join(sub).to_string_lossy());
+    let sock = socket.to_string_lossy().into_owned();
+    format!(
+        r#"version = 2
+root = {root}
+state = {state}
+oom_score = 0
+# Snapshotters that cannot work here (or are not needed): CRI uses "native".
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.overlayfs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = {grpc}
+  max_recv_message_size = 16777216
+  max_send_message_size = 16777216
+
+[ttrpc]
+  address = {ttrpc}
+
+[debug]
+  address = ""
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = {opt}
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "registry.k8s.io/pause:3.6"
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    disable_tcp_service = true
+    enable_selinux = false
+    disable_apparmor = true
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = {cni_bin}
+      conf_dir = {cni_conf}
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      snapshotter = "native"
+      disable_snapshot_annotations = true
+      discard_unpacked_layers = false
+    [plugins."io.containerd.grpc.v1.cri".registry]
+      config_path = {certs}
+"#,
+        root = p("root"),
+        state = p("state"),
+        grpc = toml_str(&sock),
+        ttrpc = toml_str(&format!("{sock}.ttrpc")),
+        opt = p("opt"),
+        cni_bin = p("cni/bin"),
+        cni_conf = p("cni/net.d"),
+        certs = p("certs.d"),
+    )
+}

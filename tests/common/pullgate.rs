@@ -1,0 +1,140 @@
+//! Runs the real `pullgate` binary as a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{read_log, send_signal, tail, terminate_blocking, wait_child};
+
+pub struct Pullgate {
+    child: Option<Child>,
+    socket: PathBuf,
+    metrics_addr: String,
+    log: PathBuf,
+}
+
+impl Pullgate {
+    /// Starts `pullgate serve` on `dir/pullgate.sock` in front of `containerd_socket`, with
+    /// debug logs in `dir/pullgate.log`, and waits until `/readyz` answers 200.
+    pub async fn start(dir: &Path, containerd_socket: &Path, extra: &[&str]) -> Pullgate {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("pullgate.sock");
+        let metrics_addr = format!("127.0.0.1:{}", super::free_port());
+        let log = dir.join("pullgate.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pullgate"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--containerd-socket")
+            .arg(containerd_socket)
+            .arg("--metrics-addr")
+            .arg(&metrics_addr)
+            .args(extra)
+            .env("RUST_LOG", "pullgate=debug,info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn pullgate");
+        let mut pg = Pullgate {
+            child: Some(child),
+            socket,
+            metrics_addr,
+            log,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(Ok(Some(status))) = pg.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "pullgate exited at start ({status}):\n{}",
+                    tail(&pg.log(), 30)
+                );
+            }
+            if pg.http_get("/readyz").await.map(|(c, _)| c) == Some(200) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("pullgate not ready after 20s:\n{}", tail(&pg.log(), 30));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pg
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// GET on the metrics endpoint: (status, body), or None if it does not answer.
+    pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .ok()?;
+        let resp = client
+            .get(format!("http://{}{}", self.metrics_addr, path))
+            .send()
+            .await
+            .ok()?;
+        let code = resp.status().as_u16();
+        Some((code, resp.text().await.unwrap_or_default()))
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (code, body) = self
+            .http_get("/metrics")
+            .await
+            .expect("metrics endpoint answers");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    /// The value of one sample line (`name{labels}` exactly as printed), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics().await, sample)
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        send_signal(self.pid(), sig);
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        if !wait_child(child, timeout).await {
+            return None;
+        }
+        child.try_wait().ok().flatten().and_then(|s| s.code())
+    }
+}
+
+/// The value of `sample` in Prometheus text `text`, 0 when absent.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(sample)?;
+            rest.strip_prefix(' ')?.trim().parse().ok()
+        })
+        .unwrap_or(0.0)
+}
+
+impl Drop for Pullgate {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate_blocking(&mut c, Duration::from_secs(5));
+        }
+    }
+}
