@@ -5,13 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use ::pullgate::proto::containerd::events::v1::{events_client::EventsClient, SubscribeRequest};
-use ::pullgate::proto::runtime::v1::*;
 use bytes::Bytes;
-use common::pullgate::Pullgate;
+use common::daemon::Pullgate;
 use common::slowproxy::SlowProxy;
 use common::*;
 use prost::Message;
+use pullgate::proto::containerd::events::v1::{events_client::EventsClient, SubscribeRequest};
+use pullgate::proto::runtime::v1::*;
 use tonic::Code;
 
 /// One node: a registry, containerd, and pullgate in front of it. Fields drop in order, so the
@@ -339,7 +339,7 @@ async fn pulls_by_tag_and_by_digest_through_pullgate() {
 }
 
 fn pullgate_metric(text: &str, sample: &str) -> f64 {
-    common::pullgate::metric_value(text, sample)
+    common::daemon::metric_value(text, sample)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A throwaway sandbox: containerd + registry + pullgate in a temp dir, a test image pushed, and a
-# pod-style pull through pullgate's socket. Ctrl-C tears it all down. Needs root (containerd).
+# A throwaway sandbox: containerd + registry + pullgate in a temp dir, test images pushed, pulls
+# through pullgate's socket. Ctrl-C tears it all down (--once: exit after the demo). Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/deps.sh
-exec cargo run --quiet --example sandbox -- "$@"
+cargo build --quiet --bin pullgate --example sandbox
+exec target/debug/examples/sandbox "$@"

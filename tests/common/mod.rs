@@ -14,8 +14,8 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod containerd;
+pub mod daemon;
 pub mod grpc;
-pub mod pullgate;
 pub mod registry;
 pub mod slowproxy;
 

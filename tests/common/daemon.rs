@@ -1,4 +1,4 @@
-//! Runs the real `pullgate` binary as a child process.
+//! Runs the real `pullgate` daemon binary as a child process.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,6 +11,20 @@ pub struct Pullgate {
     socket: PathBuf,
     metrics_addr: String,
     log: PathBuf,
+}
+
+/// The `pullgate` binary: cargo tells integration tests where it is; examples (the sandbox) find it
+/// beside their own directory, `target/<profile>/`.
+pub fn binary() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_pullgate") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("example binary lives in target/<profile>/examples");
+    profile_dir.join("pullgate")
 }
 
 impl Pullgate {
@@ -26,7 +40,7 @@ impl Pullgate {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pullgate"))
+        let child = Command::new(binary())
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
@@ -68,6 +82,10 @@ impl Pullgate {
 
     pub fn socket(&self) -> PathBuf {
         self.socket.clone()
+    }
+
+    pub fn metrics_addr(&self) -> &str {
+        &self.metrics_addr
     }
 
     pub fn log(&self) -> String {
