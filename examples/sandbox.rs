@@ -20,7 +20,7 @@ async fn main() {
 
     let registry = Registry::start(&root.join("registry"), None).await;
     let containerd = Containerd::start(&root.join("containerd"), &[&registry]).await;
-    let pullgate = Pullgate::start(&root.join("pullgate"), &containerd.socket(), &[]).await;
+    let pullgate = Pullgate::start(&root.join("pullgate"), &containerd, "").await;
     println!("  registry    http://{}", registry.addr());
     println!("  containerd  {}", containerd.socket().display());
     println!(

@@ -20,6 +20,7 @@ pub struct Config {
     pub containerd: ContainerdConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub fetch: FetchConfig,
 }
 
 /// The CRI front door kubelet talks to.
@@ -75,6 +76,50 @@ impl Default for ContainerdConfig {
             namespace: "k8s.io".into(),
             connect_timeout: Duration::from_secs(5),
             health_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// pullgate's own layer fetcher: blobs are streamed into containerd's content store before
+/// containerd is asked to finish the pull.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// Fetch layers in pullgate. Off: containerd fetches by itself (part-1 behaviour).
+    pub enabled: bool,
+    /// containerd's registry host directory (`hosts.toml` files with mirrors), as in
+    /// containerd's `[plugins."io.containerd.grpc.v1.cri".registry] config_path`.
+    pub hosts_dir: PathBuf,
+    /// Send the pull's registry credentials to mirrors too (containerd does not).
+    pub mirror_credentials: bool,
+    /// Blobs of one image fetched at the same time.
+    pub parallel_blobs: usize,
+    /// A blob stream that delivers no byte for this long is abandoned (like containerd's
+    /// `image_pull_progress_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub no_progress_timeout: Duration,
+    /// Timeout for connecting and receiving response headers from a registry.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Attempts per blob after the first (resuming where the last one stopped).
+    pub retries: u32,
+    /// Lifetime of the containerd lease a pull holds; after a crash containerd collects what the
+    /// lease protected once it expires.
+    #[serde(with = "humantime_serde")]
+    pub lease_expiry: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            hosts_dir: PathBuf::from("/etc/containerd/certs.d"),
+            mirror_credentials: false,
+            parallel_blobs: 3,
+            no_progress_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            retries: 4,
+            lease_expiry: Duration::from_secs(3600),
         }
     }
 }
@@ -208,6 +253,9 @@ impl Config {
             if d.is_zero() {
                 return fail(key, "must be greater than zero".into());
             }
+        }
+        if self.fetch.parallel_blobs == 0 || self.fetch.parallel_blobs > 64 {
+            return fail("fetch.parallel_blobs", "must be between 1 and 64".into());
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return fail(

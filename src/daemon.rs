@@ -10,16 +10,40 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::fetch::{FetchContext, LayerFetcher};
 use crate::frontdoor::{self, CriProxy};
 use crate::metrics::{self, Health, Metrics};
-use crate::pull::{ContainerdPuller, PullCoordinator};
-use crate::upstream::Containerd;
+use crate::pull::{ContainerdPuller, PullCoordinator, Puller};
+use crate::registry::{Platform, RegistryClient, RegistryConfig};
+use crate::upstream::{Containerd, ContentStore};
+
+/// The pull path: pullgate's layer fetcher in front of containerd's finish, or containerd alone.
+fn puller(cfg: &Config, containerd: &Containerd, metrics: &Arc<Metrics>) -> Arc<dyn Puller> {
+    let finish = ContainerdPuller::new(containerd.clone());
+    if !cfg.fetch.enabled {
+        info!("layer fetcher disabled: containerd fetches images itself");
+        return Arc::new(finish);
+    }
+    let registry = RegistryClient::new(RegistryConfig {
+        config_path: cfg.fetch.hosts_dir.clone(),
+        request_timeout: cfg.fetch.request_timeout,
+        user_agent: format!("pullgate/{}", env!("CARGO_PKG_VERSION")),
+        mirror_credentials: cfg.fetch.mirror_credentials,
+    });
+    let ctx = FetchContext {
+        cfg: cfg.fetch.clone(),
+        store: ContentStore::new(containerd.channel(), cfg.containerd.namespace.clone()),
+        registry,
+        metrics: metrics.clone(),
+        platform: Platform::node(),
+    };
+    Arc::new(LayerFetcher::new(ctx, finish))
+}
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let containerd = Containerd::new(&cfg.containerd);
-    let puller = Arc::new(ContainerdPuller::new(containerd.clone()));
-    let pulls = PullCoordinator::new(puller, metrics.clone());
+    let pulls = PullCoordinator::new(puller(&cfg, &containerd, &metrics), metrics.clone());
     let health = Arc::new(Health {
         metrics: metrics.clone(),
         containerd: containerd.clone(),

@@ -7,10 +7,12 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fetch;
 pub mod frontdoor;
 pub mod grpc;
 pub mod logging;
 pub mod metrics;
 pub mod proto;
 pub mod pull;
+pub mod registry;
 pub mod upstream;

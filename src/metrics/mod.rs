@@ -39,6 +39,21 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     pub method: String,
     pub code: &'static str,
@@ -54,6 +69,10 @@ pub struct Metrics {
     pub upstream_pulls: Family<ResultLabels, Counter>,
     pub cri_requests: Family<CallLabels, Counter>,
     pub upstream_up: Gauge,
+    pub fetched_bytes: Family<SourceLabels, Counter>,
+    pub blobs: Family<OutcomeLabels, Counter>,
+    pub blob_retries: Counter,
+    pub fetch_fallbacks: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -112,6 +131,30 @@ impl Metrics {
             "1 when containerd answered the last health probe",
             upstream_up.clone(),
         );
+        let fetched_bytes = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "fetched_bytes",
+            "Blob bytes pullgate streamed into containerd's content store, by source (registry, mirror)",
+            fetched_bytes.clone(),
+        );
+        let blobs = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "blobs",
+            "Blobs handled by the fetcher: fetched, present (already in the store), shared (another job's download), failed",
+            blobs.clone(),
+        );
+        let blob_retries = Counter::default();
+        registry.register(
+            "blob_retries",
+            "Blob download attempts after the first (truncated, stalled or corrupt)",
+            blob_retries.clone(),
+        );
+        let fetch_fallbacks = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "fetch_fallbacks",
+            "Pulls left to containerd's own fetch because pullgate's fetcher could not handle them",
+            fetch_fallbacks.clone(),
+        );
         // Export both classes from the start, so dashboards and alerts see zeros, not gaps.
         for class in [Class::Urgent, Class::Prewarm] {
             let _ = pull_duration.get_or_create(&ClassLabels::new(class));
@@ -125,6 +168,10 @@ impl Metrics {
             upstream_pulls,
             cri_requests,
             upstream_up,
+            fetched_bytes,
+            blobs,
+            blob_retries,
+            fetch_fallbacks,
         }
     }
 

@@ -254,6 +254,7 @@ mod tests {
             class: Class::Urgent,
             pod: None,
             credentials: creds,
+            auth: None,
             runtime_handler: String::new(),
             annotations: Default::default(),
         }

@@ -61,6 +61,8 @@ pub struct PullRequestInfo {
     pub pod: Option<String>,
     /// Fingerprint of the credentials; `None` for an anonymous pull. Never logged.
     pub credentials: Option<[u8; 32]>,
+    /// The credentials themselves, for pullgate's own registry requests. Never logged.
+    pub auth: Option<AuthConfig>,
     /// `ImageSpec.runtime_handler`: containerd may pick a platform or snapshotter by it.
     pub runtime_handler: String,
     /// Sandbox annotations (pod annotations), for priority hints.
@@ -105,12 +107,14 @@ impl PullRequestInfo {
             }
             None => (Class::Prewarm, None, BTreeMap::new()),
         };
+        let credentials = req.auth.as_ref().and_then(fingerprint);
         Ok(PullRequestInfo {
             image,
             reference,
             class,
             pod,
-            credentials: req.auth.as_ref().and_then(fingerprint),
+            credentials,
+            auth: req.auth.filter(|_| credentials.is_some()),
             runtime_handler: spec.runtime_handler,
             annotations,
         })

@@ -1,5 +1,7 @@
 //! Clients of the services pullgate sits in front of.
 
 pub mod containerd;
+pub mod content;
 
 pub use containerd::Containerd;
+pub use content::ContentStore;

@@ -28,10 +28,21 @@ pub fn binary() -> PathBuf {
 }
 
 impl Pullgate {
-    /// Starts `pullgate serve` on `dir/pullgate.sock` in front of `containerd_socket`, with
-    /// debug logs in `dir/pullgate.log`, and waits until `/readyz` answers 200.
-    pub async fn start(dir: &Path, containerd_socket: &Path, extra: &[&str]) -> Pullgate {
+    /// Starts `pullgate serve` on `dir/pullgate.sock` in front of `containerd`, reading
+    /// containerd's own `certs.d` for registry hosts, with `fetch_toml` added to its `[fetch]`
+    /// table and debug logs in `dir/pullgate.log`; waits until `/readyz` answers 200.
+    pub async fn start(dir: &Path, containerd: &super::Containerd, fetch_toml: &str) -> Pullgate {
         std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[fetch]\nhosts_dir = {:?}\n{fetch_toml}\n",
+                containerd.dir().join("certs.d")
+            ),
+        )
+        .unwrap();
+        let containerd_socket = containerd.socket();
         let socket = dir.join("pullgate.sock");
         let metrics_addr = format!("127.0.0.1:{}", super::free_port());
         let log = dir.join("pullgate.log");
@@ -42,13 +53,14 @@ impl Pullgate {
             .unwrap();
         let child = Command::new(binary())
             .arg("serve")
+            .arg("--config")
+            .arg(&config)
             .arg("--socket")
             .arg(&socket)
             .arg("--containerd-socket")
-            .arg(containerd_socket)
+            .arg(&containerd_socket)
             .arg("--metrics-addr")
             .arg(&metrics_addr)
-            .args(extra)
             .env("RUST_LOG", "pullgate=debug,info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())

@@ -15,7 +15,9 @@
 
 pub mod containerd;
 pub mod daemon;
+pub mod faultproxy;
 pub mod grpc;
+pub mod node;
 pub mod registry;
 pub mod slowproxy;
 

@@ -71,6 +71,8 @@ pub struct Registry {
     config_path: PathBuf,
     log_path: PathBuf,
     auth: Option<(String, String)>,
+    /// What `GET /v2/` answers once the registry is up (200, or 401 with auth).
+    ready_status: u16,
     child: Option<Child>,
 }
 
@@ -88,13 +90,59 @@ impl Registry {
             std::fs::write(dir.join("htpasswd"), format!("{user}:{hash}\n"))
                 .unwrap_or_else(|e| panic!("Registry: cannot write htpasswd: {e}"));
         }
+        let status = if auth.is_some() { 401 } else { 200 };
+        Registry::start_inner(dir, auth, "", status).await
+    }
+
+    /// A pull-through cache (distribution's proxy mode) in front of `upstream`, which must
+    /// allow anonymous pulls. It answers for every repository of `upstream` and stores what it
+    /// served under its own dir.
+    pub async fn start_mirror(dir: &Path, upstream: &Registry) -> Registry {
+        std::fs::create_dir_all(dir)
+            .unwrap_or_else(|e| panic!("Registry: cannot create {}: {e}", dir.display()));
+        let extra = format!("proxy:\n  remoteurl: {}\n", upstream.url());
+        Registry::start_inner(dir, None, &extra, 200).await
+    }
+
+    /// A registry that wants bearer tokens (distribution's `auth: token`): `realm` is the token
+    /// endpoint, `service` / `issuer` must match the tokens' `aud` / `iss`, and `root_cert_pem`
+    /// is the certificate bundle the tokens' signing chain (`x5c`) must verify against.
+    pub async fn start_token_auth(
+        dir: &Path,
+        realm: &str,
+        service: &str,
+        issuer: &str,
+        root_cert_pem: &str,
+    ) -> Registry {
+        std::fs::create_dir_all(dir)
+            .unwrap_or_else(|e| panic!("Registry: cannot create {}: {e}", dir.display()));
+        let bundle = dir.join("token-root.pem");
+        std::fs::write(&bundle, root_cert_pem)
+            .unwrap_or_else(|e| panic!("Registry: cannot write {}: {e}", bundle.display()));
+        let extra = format!(
+            "auth:\n  token:\n    realm: \"{realm}\"\n    service: \"{service}\"\n    issuer: \"{issuer}\"\n    rootcertbundle: \"{}\"\n",
+            bundle.display()
+        );
+        Registry::start_inner(dir, None, &extra, 401).await
+    }
+
+    /// Writes the config (`extra` YAML appended to the base config), starts the registry and
+    /// waits until `GET /v2/` answers `ready_status`.
+    async fn start_inner(
+        dir: &Path,
+        auth: Option<(String, String)>,
+        extra: &str,
+        ready_status: u16,
+    ) -> Registry {
         let log_path = dir.join("registry.log");
         let config_path = dir.join("config.yml");
         let mut last_log = String::new();
         // Retry with a new port if another process grabbed ours between free_port() and bind.
         for _attempt in 0..3 {
             let port = free_port();
-            std::fs::write(&config_path, registry_config(dir, port, auth.is_some()))
+            let mut config = registry_config(dir, port, auth.is_some());
+            config.push_str(extra);
+            std::fs::write(&config_path, config)
                 .unwrap_or_else(|e| panic!("Registry: cannot write config: {e}"));
             let mut registry = Registry {
                 port,
@@ -102,6 +150,7 @@ impl Registry {
                 config_path: config_path.clone(),
                 log_path: log_path.clone(),
                 auth: auth.clone(),
+                ready_status,
                 child: None,
             };
             registry.spawn();
@@ -149,7 +198,7 @@ impl Registry {
     async fn wait_ready(&mut self, timeout: Duration) -> bool {
         let client = http_client();
         let url = format!("http://{}/v2/", self.addr());
-        let want = if self.auth.is_some() { 401 } else { 200 };
+        let want = self.ready_status;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(child) = self.child.as_mut() {
@@ -536,5 +585,105 @@ async fn upload_blob(
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
         panic!("push_image: PUT blob {digest} answered {status}: {body}");
+    }
+}
+
+/// An image index pushed by [`push_index`].
+#[derive(Debug, Clone)]
+pub struct TestIndex {
+    /// "127.0.0.1:PORT" of the registry it was pushed to.
+    pub registry: String,
+    pub repo: String,
+    pub tag: String,
+    /// "sha256:..." of the index.
+    pub digest: String,
+    pub size: u64,
+    /// The raw index bytes as pushed.
+    pub bytes: Vec<u8>,
+}
+
+impl TestIndex {
+    /// "127.0.0.1:PORT/repo:tag".
+    pub fn reference(&self) -> String {
+        format!("{}/{}:{}", self.registry, self.repo, self.tag)
+    }
+}
+
+pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// Pushes an OCI image index as `repo:tag` referencing already-pushed manifests of the same
+/// repository, one entry per `(architecture, variant, image)` (os linux; variant "" = none), in
+/// that order.
+pub async fn push_index(
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    entries: &[(&str, &str, &TestImage)],
+) -> TestIndex {
+    let entries: Vec<(&str, &str, &str, &TestImage)> = entries
+        .iter()
+        .map(|(arch, variant, image)| ("linux", *arch, *variant, *image))
+        .collect();
+    push_index_platforms(registry, repo, tag, &entries).await
+}
+
+/// Like [`push_index`] with the os given per entry: `(os, architecture, variant, image)` (e.g.
+/// `("unknown", "unknown", "", &img)` for an attestation-like entry).
+pub async fn push_index_platforms(
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    entries: &[(&str, &str, &str, &TestImage)],
+) -> TestIndex {
+    let manifests: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(os, arch, variant, image)| {
+            assert_eq!(
+                image.repo,
+                repo,
+                "push_index: {} was pushed to another repository",
+                image.reference()
+            );
+            let mut platform = serde_json::json!({ "architecture": arch, "os": os });
+            if !variant.is_empty() {
+                platform["variant"] = serde_json::json!(variant);
+            }
+            serde_json::json!({
+                "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+                "digest": image.manifest_digest,
+                "size": image.manifest_size,
+                "platform": platform,
+            })
+        })
+        .collect();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_OCI_INDEX,
+        "manifests": manifests,
+    });
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let digest = sha256_digest(&bytes);
+    let url = format!("{}/v2/{repo}/manifests/{tag}", registry.url());
+    let resp = with_auth(http_client().put(&url), registry.auth())
+        .header("Content-Type", MEDIA_TYPE_OCI_INDEX)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("push_index: PUT {url} failed: {e}"));
+    let status = resp.status();
+    if status.as_u16() != 201 {
+        let body = resp.text().await.unwrap_or_default();
+        panic!(
+            "push_index: PUT {url} answered {status}: {body}\nregistry log tail:\n{}",
+            tail(&registry.log(), 10)
+        );
+    }
+    TestIndex {
+        registry: registry.addr(),
+        repo: repo.to_string(),
+        tag: tag.to_string(),
+        size: bytes.len() as u64,
+        digest,
+        bytes,
     }
 }

@@ -1,0 +1,338 @@
+//! One blob from a registry into containerd's content store: streamed, sha256-verified, resumed
+//! after an interruption, retried with backoff, committed only when complete and correct.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tonic::{Code, Status};
+use tracing::{debug, warn};
+
+use super::progress::BlobProgress;
+use super::FetchContext;
+use crate::metrics::{OutcomeLabels, SourceLabels};
+use crate::registry::digest::hex;
+use crate::registry::{Credentials, Descriptor, ImageRef, RegistryError, Source};
+use crate::upstream::ContentStore;
+
+/// What one blob needs.
+#[derive(Clone, Debug)]
+pub struct BlobSpec {
+    pub digest: String,
+    pub size: u64,
+    descriptor: Descriptor,
+}
+
+impl BlobSpec {
+    pub fn from_descriptor(d: &Descriptor) -> Self {
+        BlobSpec {
+            digest: d.digest().to_string(),
+            size: d.size(),
+            descriptor: d.clone(),
+        }
+    }
+
+    fn descriptor(&self) -> Descriptor {
+        self.descriptor.clone()
+    }
+}
+
+/// Stores a small blob already in memory (index, manifest), verified by the caller.
+pub async fn write_small(
+    store: &ContentStore,
+    digest: &str,
+    data: bytes::Bytes,
+    lease: &str,
+) -> Result<(), Status> {
+    if store.info(digest).await?.is_none() {
+        let reference = ingest_ref(digest);
+        let mut writer = store
+            .writer(&reference, data.len() as u64, digest, lease)
+            .await?;
+        if writer.as_ref().is_some_and(|w| w.offset() != 0) {
+            // A leftover of an earlier attempt: small enough to start over.
+            drop(writer);
+            store.abort(&reference).await?;
+            writer = store
+                .writer(&reference, data.len() as u64, digest, lease)
+                .await?;
+        }
+        if let Some(mut w) = writer {
+            w.write(data).await?;
+            w.commit().await?;
+        }
+    }
+    store.lease_content(lease, digest).await
+}
+
+/// How a blob got into the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobOutcome {
+    /// It was there already.
+    Present,
+    /// pullgate downloaded it.
+    Fetched,
+}
+
+/// Why a blob could not be stored.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The registry's answer cannot be used by pullgate; containerd may manage.
+    #[error("{0}")]
+    Fallback(String),
+    /// The content is wrong: never committed.
+    #[error("blob {digest} is corrupt: {cause}")]
+    Corrupt { digest: String, cause: String },
+    /// No byte arrived for the configured time.
+    #[error("blob {digest} stalled: no data for {after:?} at byte {offset} of {size}")]
+    Stalled {
+        digest: String,
+        after: Duration,
+        offset: u64,
+        size: u64,
+    },
+    /// Network or registry failure that retries did not cure.
+    #[error("blob {digest}: {cause}")]
+    Transport { digest: String, cause: String },
+    /// containerd's content store refused.
+    #[error("blob {digest}: containerd content store: {}", .status.message())]
+    Store { digest: String, status: Status },
+}
+
+impl BlobError {
+    /// The gRPC status kubelet sees.
+    pub fn status(&self, image: &str) -> Status {
+        let msg = format!("pulling {image}: {self}");
+        match self {
+            BlobError::Corrupt { .. } => Status::data_loss(msg),
+            BlobError::Stalled { .. } => Status::deadline_exceeded(msg),
+            BlobError::Transport { .. } | BlobError::Fallback(_) => Status::unavailable(msg),
+            BlobError::Store { status, .. } => Status::new(status.code(), msg),
+        }
+    }
+}
+
+/// The ingest name: stable per digest, so a restarted pullgate resumes its own ingest.
+pub fn ingest_ref(digest: &str) -> String {
+    format!("pullgate-{digest}")
+}
+
+/// Downloads `blob` into the store under `lease`, unless it is there already.
+pub async fn download(
+    ctx: Arc<FetchContext>,
+    image: ImageRef,
+    creds: Credentials,
+    blob: BlobSpec,
+    lease: String,
+    progress: Arc<BlobProgress>,
+) -> Result<BlobOutcome, BlobError> {
+    let store = &ctx.store;
+    let store_err = |status: Status| BlobError::Store {
+        digest: blob.digest.clone(),
+        status,
+    };
+    if store.info(&blob.digest).await.map_err(store_err)?.is_some() {
+        progress.set(blob.size);
+        return Ok(BlobOutcome::Present);
+    }
+    let reference = ingest_ref(&blob.digest);
+    let mut last_error = None;
+    for attempt in 0..=ctx.cfg.retries {
+        if attempt > 0 {
+            ctx.metrics.blob_retries.inc();
+            let backoff = Duration::from_millis(250 * (1 << attempt.min(5)));
+            tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
+        }
+        match attempt_once(&ctx, &image, &creds, &blob, &reference, &lease, &progress).await {
+            Ok(outcome) => {
+                ctx.metrics
+                    .blobs
+                    .get_or_create(&OutcomeLabels {
+                        outcome: match outcome {
+                            BlobOutcome::Present => "present",
+                            BlobOutcome::Fetched => "fetched",
+                        },
+                    })
+                    .inc();
+                return Ok(outcome);
+            }
+            Err(e @ (BlobError::Fallback(_) | BlobError::Store { .. })) => return Err(e),
+            Err(e) => {
+                warn!(digest = %blob.digest, attempt = attempt + 1, error = %e, "blob attempt failed");
+                if matches!(e, BlobError::Corrupt { .. }) {
+                    // Never resume on top of bad bytes.
+                    let _ = store.abort(&reference).await;
+                    progress.set(0);
+                }
+                last_error = Some(e);
+            }
+        }
+    }
+    ctx.metrics
+        .blobs
+        .get_or_create(&OutcomeLabels { outcome: "failed" })
+        .inc();
+    Err(last_error.expect("at least one attempt"))
+}
+
+async fn attempt_once(
+    ctx: &FetchContext,
+    image: &ImageRef,
+    creds: &Credentials,
+    blob: &BlobSpec,
+    reference: &str,
+    lease: &str,
+    progress: &BlobProgress,
+) -> Result<BlobOutcome, BlobError> {
+    let store_err = |status: Status| BlobError::Store {
+        digest: blob.digest.clone(),
+        status,
+    };
+    let Some(mut writer) = open_writer(ctx, reference, blob, lease)
+        .await
+        .map_err(store_err)?
+    else {
+        progress.set(blob.size);
+        return Ok(BlobOutcome::Present);
+    };
+    let mut offset = writer.offset();
+    if offset > blob.size {
+        drop(writer);
+        let _ = ctx.store.abort(reference).await;
+        return Err(BlobError::Corrupt {
+            digest: blob.digest.clone(),
+            cause: format!(
+                "unfinished ingest holds {offset} bytes, more than the {} expected",
+                blob.size
+            ),
+        });
+    }
+    if offset > 0 {
+        debug!(digest = %blob.digest, offset, size = blob.size, "resuming ingest");
+    }
+    // A fresh ingest is hashed here, so corruption is caught before commit; a resumed one is
+    // checked by containerd at commit, which hashes the whole ingest.
+    let mut hasher = (offset == 0).then(Sha256::new);
+    progress.set(offset);
+    if offset < blob.size {
+        let body = ctx
+            .registry
+            .fetch_blob(image, creds, &blob.descriptor(), offset..blob.size)
+            .await
+            .map_err(|e| registry_error(&blob.digest, e))?;
+        let source = match &body.source {
+            Source::Registry => "registry",
+            Source::Mirror(_) => "mirror",
+        };
+        let fetched = ctx
+            .metrics
+            .fetched_bytes
+            .get_or_create(&SourceLabels { source })
+            .clone();
+        let mut stream = body.stream;
+        loop {
+            let next = tokio::time::timeout(ctx.cfg.no_progress_timeout, stream.next()).await;
+            let chunk = match next {
+                Err(_) => {
+                    return Err(BlobError::Stalled {
+                        digest: blob.digest.clone(),
+                        after: ctx.cfg.no_progress_timeout,
+                        offset,
+                        size: blob.size,
+                    })
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(BlobError::Transport {
+                        digest: blob.digest.clone(),
+                        cause: format!("stream broke at byte {offset} of {}: {e}", blob.size),
+                    })
+                }
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            let len = chunk.len() as u64;
+            if offset + len > blob.size {
+                return Err(BlobError::Corrupt {
+                    digest: blob.digest.clone(),
+                    cause: format!("registry sent more than the {} bytes expected", blob.size),
+                });
+            }
+            if let Some(h) = hasher.as_mut() {
+                h.update(&chunk);
+            }
+            writer.write(chunk).await.map_err(store_err)?;
+            offset += len;
+            fetched.inc_by(len);
+            progress.set(offset);
+        }
+        if offset < blob.size {
+            return Err(BlobError::Transport {
+                digest: blob.digest.clone(),
+                cause: format!("body ended at byte {offset} of {}", blob.size),
+            });
+        }
+    }
+    if let Some(h) = hasher {
+        let actual = format!("sha256:{}", hex(&h.finalize()));
+        if actual != blob.digest {
+            return Err(BlobError::Corrupt {
+                digest: blob.digest.clone(),
+                cause: format!("content hashes to {actual}"),
+            });
+        }
+    }
+    match writer.commit().await {
+        Ok(()) => Ok(BlobOutcome::Fetched),
+        Err(s) if s.code() == Code::FailedPrecondition || s.code() == Code::InvalidArgument => {
+            Err(BlobError::Corrupt {
+                digest: blob.digest.clone(),
+                cause: format!("containerd refused the commit: {}", s.message()),
+            })
+        }
+        Err(s) => Err(store_err(s)),
+    }
+}
+
+/// Opens the ingest; containerd may still hold the lock of an attempt that just ended.
+async fn open_writer(
+    ctx: &FetchContext,
+    reference: &str,
+    blob: &BlobSpec,
+    lease: &str,
+) -> Result<Option<crate::upstream::content::ContentWriter>, Status> {
+    let mut tries = 0;
+    loop {
+        match ctx
+            .store
+            .writer(reference, blob.size, &blob.digest, lease)
+            .await
+        {
+            Err(s)
+                if s.code() == Code::Unavailable
+                    && s.message().contains("locked")
+                    && tries < 50 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn registry_error(digest: &str, e: RegistryError) -> BlobError {
+    if e.is_fallback() {
+        return BlobError::Fallback(e.to_string());
+    }
+    match e {
+        RegistryError::DigestMismatch { .. } => BlobError::Corrupt {
+            digest: digest.to_string(),
+            cause: e.to_string(),
+        },
+        other => BlobError::Transport {
+            digest: digest.to_string(),
+            cause: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,269 @@
+//! pullgate's layer fetcher: for each pull, resolve the image, stream every blob into
+//! containerd's content store under a lease, then let containerd finish (unpack and record) with
+//! everything present.
+//!
+//! Never worse than containerd: whatever the fetcher cannot handle (unknown media types or auth
+//! schemes, schema 1, foreign layers, the registry refusing the credentials, the content API
+//! unreachable) is logged, counted in `pullgate_fetch_fallbacks_total`, and left to containerd's
+//! own fetch. Only failures containerd would hit as well (corrupt or stalled blobs) end the pull
+//! with pullgate's error, which names the image, the blob and the cause.
+
+mod blob;
+pub mod progress;
+mod shared;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
+use tracing::{debug, info, warn};
+
+pub use blob::{ingest_ref, BlobError, BlobOutcome, BlobSpec};
+use progress::{BlobProgress, JobProgress};
+use shared::SharedDownloads;
+
+use crate::config::FetchConfig;
+use crate::grpc::CapturedReply;
+use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels};
+use crate::pull::{ContainerdPuller, PullJob, Puller};
+use crate::registry::{Credentials, ImageRef, Platform, RegistryClient, RegistryError};
+use crate::upstream::ContentStore;
+
+/// What every download needs.
+pub struct FetchContext {
+    pub cfg: FetchConfig,
+    pub store: ContentStore,
+    pub registry: RegistryClient,
+    pub metrics: Arc<Metrics>,
+    pub platform: Platform,
+}
+
+/// A [`Puller`] that fetches blobs itself, then lets containerd finish.
+pub struct LayerFetcher {
+    ctx: Arc<FetchContext>,
+    finish: ContainerdPuller,
+    shared: Arc<SharedDownloads>,
+    progress: Arc<Mutex<HashMap<u64, Arc<JobProgress>>>>,
+}
+
+/// Why the fetcher handed a pull to containerd.
+struct Fallback {
+    reason: &'static str,
+    detail: String,
+}
+
+enum Prepared {
+    Ready,
+    Fallback(Fallback),
+    Failed(tonic::Status),
+}
+
+impl LayerFetcher {
+    pub fn new(ctx: FetchContext, finish: ContainerdPuller) -> Self {
+        LayerFetcher {
+            ctx: Arc::new(ctx),
+            finish,
+            shared: Arc::new(SharedDownloads::default()),
+            progress: Default::default(),
+        }
+    }
+
+    /// Progress of a job in flight: (bytes done, bytes total).
+    pub fn progress(&self, job: u64) -> Option<(u64, u64)> {
+        self.progress.lock().unwrap().get(&job).map(|p| p.totals())
+    }
+}
+
+impl Puller for LayerFetcher {
+    fn pull(&self, job: PullJob) -> BoxFuture<'static, CapturedReply> {
+        let ctx = self.ctx.clone();
+        let finish = self.finish.clone();
+        let shared = self.shared.clone();
+        let progress_map = self.progress.clone();
+        async move {
+            let progress = Arc::new(JobProgress::default());
+            progress_map
+                .lock()
+                .unwrap()
+                .insert(job.id, progress.clone());
+            let _forget = Forget(progress_map, job.id);
+            let lease = format!("pullgate-{}-{}", job.id, unique());
+            let guard = LeaseGuard {
+                store: ctx.store.clone(),
+                id: Some(lease.clone()),
+            };
+            let outcome = prepare(&ctx, &shared, &job, &lease, &progress).await;
+            let reply = match outcome {
+                Prepared::Ready => finish.pull(job).await,
+                Prepared::Fallback(f) => {
+                    warn!(reason = f.reason, detail = %f.detail,
+                          "fetcher cannot handle this pull; containerd fetches it");
+                    ctx.metrics
+                        .fetch_fallbacks
+                        .get_or_create(&ReasonLabels { reason: f.reason })
+                        .inc();
+                    finish.pull(job).await
+                }
+                Prepared::Failed(status) => CapturedReply::from_status(status),
+            };
+            // The image record now references the content; the lease has done its job.
+            guard.release().await;
+            reply
+        }
+        .boxed()
+    }
+}
+
+/// Deletes the job's lease when the pull ends, and also when it is cancelled (dropped).
+struct LeaseGuard {
+    store: ContentStore,
+    id: Option<String>,
+}
+
+impl LeaseGuard {
+    async fn release(mut self) {
+        if let Some(id) = self.id.take() {
+            delete_lease(&self.store, &id).await;
+        }
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let store = self.store.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { delete_lease(&store, &id).await });
+            }
+        }
+    }
+}
+
+async fn delete_lease(store: &ContentStore, id: &str) {
+    if let Err(e) = store.delete_lease(id).await {
+        debug!(
+            lease = id,
+            error = e.message(),
+            "lease not deleted; it expires by itself"
+        );
+    }
+}
+
+/// Drops a job's progress entry when the job ends or is cancelled.
+struct Forget(Arc<Mutex<HashMap<u64, Arc<JobProgress>>>>, u64);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().remove(&self.1);
+    }
+}
+
+fn unique() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}
+
+async fn prepare(
+    ctx: &Arc<FetchContext>,
+    shared: &Arc<SharedDownloads>,
+    job: &PullJob,
+    lease: &str,
+    progress: &JobProgress,
+) -> Prepared {
+    let fallback = |reason, detail: String| Prepared::Fallback(Fallback { reason, detail });
+    let image = match ImageRef::parse(&job.info.image) {
+        Ok(i) => i,
+        Err(e) => return fallback("reference", e.to_string()),
+    };
+    let creds = job
+        .info
+        .auth
+        .as_ref()
+        .map(Credentials::from_auth_config)
+        .unwrap_or(Credentials::Anonymous);
+    if let Err(s) = ctx
+        .store
+        .create_lease(lease, job.id, ctx.cfg.lease_expiry)
+        .await
+    {
+        return fallback("content_api", s.message().to_string());
+    }
+    let resolved = match ctx.registry.resolve(&image, &creds, &ctx.platform).await {
+        Ok(r) => r,
+        Err(e) => return fallback(fallback_reason(&e), e.to_string()),
+    };
+    debug!(manifest = %resolved.manifest.descriptor.digest(), layers = resolved.layers.len(),
+           "resolved");
+
+    // Index and manifest are small and already in hand.
+    for m in resolved
+        .index
+        .iter()
+        .chain(std::iter::once(&resolved.manifest))
+    {
+        let digest = m.descriptor.digest().to_string();
+        if let Err(e) = blob::write_small(&ctx.store, &digest, m.bytes.clone(), lease).await {
+            return fallback("content_api", e.message().to_string());
+        }
+    }
+
+    let blobs: Vec<BlobSpec> = std::iter::once(&resolved.config)
+        .chain(resolved.layers.iter())
+        .map(BlobSpec::from_descriptor)
+        .collect();
+    let total: u64 = blobs.iter().map(|b| b.size).sum();
+    info!(
+        blobs = blobs.len(),
+        bytes = total,
+        "fetching into containerd's content store"
+    );
+    let downloads = blobs.into_iter().map(|spec| {
+        let p = BlobProgress::new(spec.digest.clone(), spec.size);
+        progress.add(p.clone());
+        let (ctx, shared) = (ctx.clone(), shared.clone());
+        let (image, creds, lease) = (image.clone(), creds.clone(), lease.to_string());
+        async move {
+            let digest = spec.digest.clone();
+            let (res, joined) = shared
+                .run(&digest, {
+                    let (ctx, lease) = (ctx.clone(), lease.clone());
+                    move || blob::download(ctx, image, creds, spec, lease, p).boxed()
+                })
+                .await;
+            res?;
+            if joined {
+                ctx.metrics
+                    .blobs
+                    .get_or_create(&OutcomeLabels { outcome: "shared" })
+                    .inc();
+            }
+            // Present or written by another job: this job's lease must hold it too.
+            ctx.store
+                .lease_content(&lease, &digest)
+                .await
+                .map_err(|status| BlobError::Store { digest, status })
+        }
+    });
+    let result: Result<Vec<()>, BlobError> = futures_util::stream::iter(downloads)
+        .buffered(ctx.cfg.parallel_blobs)
+        .try_collect()
+        .await;
+    match result {
+        Ok(_) => Prepared::Ready,
+        Err(BlobError::Fallback(detail)) => fallback("registry", detail),
+        Err(e) => Prepared::Failed(e.status(&job.info.image)),
+    }
+}
+
+fn fallback_reason(e: &RegistryError) -> &'static str {
+    match e {
+        RegistryError::Unsupported(_) => "unsupported",
+        RegistryError::Unauthorized(_) => "unauthorized",
+        RegistryError::NotFound(_) => "not_found",
+        _ => "registry",
+    }
+}

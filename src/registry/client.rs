@@ -1,0 +1,1043 @@
+//! The pull side of an OCI distribution client: resolve an image to its manifest for a platform,
+//! and stream blobs (whole or a byte range), trying containerd's configured mirrors first.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, RANGE, WWW_AUTHENTICATE};
+use http::StatusCode;
+use oci_spec::image::{Descriptor, Digest, MediaType};
+
+use super::auth::{fetch_token, parse_www_authenticate, pick_challenge, Challenge, TokenCache};
+use super::digest::sha256_digest;
+use super::error::chain;
+use super::hosts::{load_hosts, RegistryHost, DEFAULT_CONFIG_PATH};
+use super::manifest::{self, Parsed, Platform, MANIFEST_ACCEPT, MAX_MANIFEST_SIZE};
+use super::{Credentials, ImageRef, RegistryError};
+
+/// How to reach registries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// containerd's registry `config_path` (directories with `hosts.toml`).
+    pub config_path: PathBuf,
+    /// Limit for connecting and receiving response headers of one request; also the longest
+    /// wait for the next chunk of a body while the consumer is reading.
+    pub request_timeout: Duration,
+    /// `User-Agent` of every request.
+    pub user_agent: String,
+    /// Send the pull's credentials to mirrors too (containerd does not; default false).
+    pub mirror_credentials: bool,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            config_path: PathBuf::from(DEFAULT_CONFIG_PATH),
+            request_timeout: Duration::from_secs(30),
+            user_agent: format!("pullgate/{}", env!("CARGO_PKG_VERSION")),
+            mirror_credentials: false,
+        }
+    }
+}
+
+/// Where bytes came from (for metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// The image's own registry (its `server`).
+    Registry,
+    /// A mirror `[host]` from hosts.toml: its `host[:port]`.
+    Mirror(String),
+}
+
+impl Source {
+    fn of(host: &RegistryHost) -> Source {
+        if host.is_mirror {
+            Source::Mirror(host.authority().to_string())
+        } else {
+            Source::Registry
+        }
+    }
+}
+
+/// A manifest or index as fetched: its descriptor (media type, digest, size; for a manifest
+/// picked from an index, the index's descriptor with its platform) and its exact bytes.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub descriptor: Descriptor,
+    pub bytes: Bytes,
+}
+
+/// An image resolved for one platform.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The index / manifest list the reference pointed at, if it was one (the outermost one).
+    pub index: Option<FetchedManifest>,
+    /// The image manifest for the platform.
+    pub manifest: FetchedManifest,
+    pub config: Descriptor,
+    /// Layers in manifest order.
+    pub layers: Vec<Descriptor>,
+    /// Where the image manifest came from.
+    pub source: Source,
+}
+
+/// A blob body being streamed.
+pub struct BlobBody {
+    pub source: Source,
+    /// The number of bytes `stream` yields when it completes (`range.end - range.start`).
+    pub len: u64,
+    /// Chunks in order; ends with an error if the body is cut short, runs long or stalls.
+    pub stream: BoxStream<'static, Result<Bytes, RegistryError>>,
+}
+
+impl fmt::Debug for BlobBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlobBody")
+            .field("source", &self.source)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// TLS settings of a host: one HTTP client per distinct value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct TlsKey {
+    skip_verify: bool,
+    ca: Vec<PathBuf>,
+    client: Vec<(PathBuf, Option<PathBuf>)>,
+}
+
+struct Inner {
+    config: RegistryConfig,
+    clients: Mutex<HashMap<TlsKey, reqwest::Client>>,
+    tokens: TokenCache,
+    /// The last auth challenge seen per (host base, repository), to authenticate up front.
+    challenges: Mutex<HashMap<(String, String), Challenge>>,
+    /// Serialises token fetches so parallel blob requests share one token.
+    token_fetch: tokio::sync::Mutex<()>,
+}
+
+/// A registry client; cheap to clone (clones share HTTP clients, tokens and challenges).
+#[derive(Clone)]
+pub struct RegistryClient {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Limit on manifest nesting (index → index → manifest).
+const MAX_INDEX_DEPTH: usize = 4;
+
+impl RegistryClient {
+    /// A client. HTTP clients are built lazily, one per distinct TLS setting. (reqwest uses
+    /// rustls with the ring provider when no process-wide provider is installed, so nothing has
+    /// to be installed here.)
+    pub fn new(config: RegistryConfig) -> RegistryClient {
+        RegistryClient {
+            inner: Arc::new(Inner {
+                config,
+                clients: Mutex::new(HashMap::new()),
+                tokens: TokenCache::default(),
+                challenges: Mutex::new(HashMap::new()),
+                token_fetch: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.inner.config
+    }
+
+    /// The endpoints for `image`'s registry, from containerd's hosts.toml (re-read every call).
+    pub fn hosts(&self, image: &ImageRef) -> Result<Vec<RegistryHost>, RegistryError> {
+        load_hosts(&self.inner.config.config_path, &image.registry)
+    }
+
+    /// Resolves `image` to its manifest for `platform` (through an index if it is one),
+    /// checking digests and that every layer is something we can fetch.
+    pub async fn resolve(
+        &self,
+        image: &ImageRef,
+        creds: &Credentials,
+        platform: &Platform,
+    ) -> Result<Resolved, RegistryError> {
+        let hosts = self.hosts(image)?;
+        let (mut fetched, mut parsed, mut source) = self
+            .fetch_manifest(&hosts, image, creds, image.manifest_reference(), None)
+            .await?;
+        let mut index = None;
+        for _ in 0..MAX_INDEX_DEPTH {
+            let idx = match parsed {
+                Parsed::Manifest(m) => {
+                    let what = format!(
+                        "manifest {} of {}",
+                        fetched.descriptor.digest(),
+                        image.name()
+                    );
+                    manifest::check_manifest(&m, &what)?;
+                    return Ok(Resolved {
+                        index,
+                        manifest: fetched,
+                        config: m.config().clone(),
+                        layers: m.layers().clone(),
+                        source,
+                    });
+                }
+                Parsed::Index(idx) => idx,
+            };
+            let what = format!("index {} of {}", fetched.descriptor.digest(), image.name());
+            let child = manifest::select_manifest(&idx, platform, &what)?.clone();
+            tracing::debug!(
+                image = %image,
+                index = %fetched.descriptor.digest(),
+                manifest = %child.digest(),
+                platform = %platform,
+                "selected manifest from index"
+            );
+            if index.is_none() {
+                index = Some(fetched);
+            }
+            let digest = child.digest().to_string();
+            (fetched, parsed, source) = self
+                .fetch_manifest(&hosts, image, creds, &digest, Some(&child))
+                .await?;
+        }
+        Err(RegistryError::Unsupported(format!(
+            "{}: indexes nested more than {MAX_INDEX_DEPTH} deep",
+            image.whole()
+        )))
+    }
+
+    /// Streams `range` of blob `desc` of `image`'s repository (`range.end == desc.size()` for
+    /// the rest of it). A whole blob is asked for without a `Range` header. A registry that
+    /// answers a ranged request with 200 (whole blob) is accepted: the bytes before
+    /// `range.start` are read and dropped, and the stream stops at `range.end`. Bytes are not
+    /// digest-checked here (a range cannot be): the caller verifies the whole blob.
+    pub async fn fetch_blob(
+        &self,
+        image: &ImageRef,
+        creds: &Credentials,
+        desc: &Descriptor,
+        range: Range<u64>,
+    ) -> Result<BlobBody, RegistryError> {
+        let size = desc.size();
+        let digest = desc.digest().to_string();
+        if range.start > range.end || range.end > size {
+            return Err(RegistryError::Protocol(format!(
+                "invalid range {}..{} for blob {digest} of {} ({size} bytes)",
+                range.start,
+                range.end,
+                image.name()
+            )));
+        }
+        let hosts = self.hosts(image)?;
+        if range.start == range.end {
+            let source = hosts
+                .iter()
+                .find(|h| h.pull)
+                .map(Source::of)
+                .unwrap_or(Source::Registry);
+            return Ok(BlobBody {
+                source,
+                len: 0,
+                stream: stream::empty().boxed(),
+            });
+        }
+        let whole = range.start == 0 && range.end == size;
+        let what = format!("blob {digest} of {}", image.name());
+        let read_timeout = self.inner.config.request_timeout;
+        self.try_hosts(
+            &hosts,
+            |h| h.pull,
+            "pull",
+            &what,
+            |host| {
+                let path = format!("{}/blobs/{digest}", image.repository);
+                let what = what.clone();
+                let range = range.clone();
+                async move {
+                    let mut extra = Vec::new();
+                    if !whole {
+                        let value = format!("bytes={}-{}", range.start, range.end - 1);
+                        extra.push((RANGE, HeaderValue::from_str(&value).expect("ascii")));
+                    }
+                    let resp = self.get(&host, image, creds, &path, extra, &what).await?;
+                    let status = resp.status();
+                    let content_length = resp.content_length();
+                    let skip = match status {
+                        StatusCode::OK => {
+                            if let Some(len) = content_length.filter(|l| *l != size) {
+                                return Err(RegistryError::Protocol(format!(
+                                    "{} sent {len} bytes for {what}, whose size is {size}",
+                                    host.authority()
+                                )));
+                            }
+                            if !whole {
+                                tracing::debug!(
+                                    host = host.authority(),
+                                    %what,
+                                    skip = range.start,
+                                    "registry ignored Range (200): dropping the prefix"
+                                );
+                            }
+                            range.start
+                        }
+                        StatusCode::PARTIAL_CONTENT => {
+                            let start = content_range_start(&resp).ok_or_else(|| {
+                                RegistryError::Protocol(format!(
+                                    "{} answered 206 for {what} without a valid Content-Range",
+                                    host.authority()
+                                ))
+                            })?;
+                            if start != range.start {
+                                return Err(RegistryError::Protocol(format!(
+                                    "{} answered bytes from {start} for {what}, asked from {}",
+                                    host.authority(),
+                                    range.start
+                                )));
+                            }
+                            0
+                        }
+                        s => return Err(status_error(s, &host, image, &what)),
+                    };
+                    let want = range.end - range.start;
+                    Ok(BlobBody {
+                        source: Source::of(&host),
+                        len: want,
+                        stream: body_stream(
+                            resp,
+                            skip,
+                            want,
+                            status == StatusCode::OK && range.end < size,
+                            read_timeout,
+                            format!("{what} from {}", host.authority()),
+                        ),
+                    })
+                }
+            },
+        )
+        .await
+    }
+
+    /// GETs one manifest (by tag or digest) from the first host that has it.
+    async fn fetch_manifest(
+        &self,
+        hosts: &[RegistryHost],
+        image: &ImageRef,
+        creds: &Credentials,
+        reference: &str,
+        expected: Option<&Descriptor>,
+    ) -> Result<(FetchedManifest, Parsed, Source), RegistryError> {
+        let what = format!("manifest {reference} of {}", image.name());
+        let by_digest = reference.contains(':');
+        self.try_hosts(
+            hosts,
+            |h| h.resolve,
+            "resolve",
+            &what,
+            |host| {
+                let what = what.clone();
+                async move {
+                    let path = format!("{}/manifests/{reference}", image.repository);
+                    let accept = vec![(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT))];
+                    let resp = self.get(&host, image, creds, &path, accept, &what).await?;
+                    if !resp.status().is_success() {
+                        return Err(status_error(resp.status(), &host, image, &what));
+                    }
+                    let header = |name: &str| {
+                        resp.headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let content_type = header("content-type");
+                    let announced = header("docker-content-digest");
+                    let location = format!("{what} from {}", host.authority());
+                    let bytes = read_body(
+                        resp,
+                        MAX_MANIFEST_SIZE,
+                        self.inner.config.request_timeout,
+                        &location,
+                    )
+                    .await?;
+                    let actual = sha256_digest(&bytes);
+                    let check = |expected_digest: &str| {
+                        if expected_digest.starts_with("sha256:") && expected_digest != actual {
+                            Err(RegistryError::DigestMismatch {
+                                expected: expected_digest.to_string(),
+                                actual: actual.clone(),
+                                location: location.clone(),
+                            })
+                        } else {
+                            Ok(())
+                        }
+                    };
+                    if by_digest {
+                        if !reference.starts_with("sha256:") {
+                            return Err(RegistryError::Unsupported(format!(
+                                "{what}: only sha256 digests are verified"
+                            )));
+                        }
+                        check(reference)?;
+                    } else if let Some(announced) = &announced {
+                        check(announced)?;
+                    }
+                    if let Some(desc) = expected {
+                        if desc.size() != bytes.len() as u64 {
+                            return Err(RegistryError::Protocol(format!(
+                                "{location}: {} bytes, the index says {}",
+                                bytes.len(),
+                                desc.size()
+                            )));
+                        }
+                    }
+                    let (media_type, parsed) =
+                        manifest::parse(&bytes, content_type.as_deref(), &location)?;
+                    let descriptor = match expected {
+                        Some(desc) => {
+                            let mut d = desc.clone();
+                            d.set_media_type(MediaType::from(media_type.as_str()));
+                            d
+                        }
+                        None => {
+                            let digest = Digest::from_str(&actual).map_err(|e| {
+                                RegistryError::Protocol(format!("{location}: digest {actual}: {e}"))
+                            })?;
+                            Descriptor::new(
+                                MediaType::from(media_type.as_str()),
+                                bytes.len() as u64,
+                                digest,
+                            )
+                        }
+                    };
+                    Ok((
+                        FetchedManifest { descriptor, bytes },
+                        parsed,
+                        Source::of(&host),
+                    ))
+                }
+            },
+        )
+        .await
+    }
+
+    /// Runs `attempt` on each host with the capability, in order, until one succeeds. A failing
+    /// host that is not the last is logged and skipped; the last one's error is returned.
+    async fn try_hosts<'a, T, F, Fut>(
+        &self,
+        hosts: &'a [RegistryHost],
+        capable: impl Fn(&RegistryHost) -> bool,
+        capability: &str,
+        what: &str,
+        mut attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut(&'a RegistryHost) -> Fut,
+        Fut: Future<Output = Result<T, RegistryError>>,
+    {
+        let candidates: Vec<&RegistryHost> = hosts.iter().filter(|h| capable(h)).collect();
+        let Some(last) = candidates.len().checked_sub(1) else {
+            return Err(RegistryError::Unsupported(format!(
+                "no host with the {capability} capability is configured for {what}"
+            )));
+        };
+        let mut result = None;
+        for (i, host) in candidates.into_iter().enumerate() {
+            match attempt(host).await {
+                Ok(v) => return Ok(v),
+                Err(e) if i < last => {
+                    if matches!(e, RegistryError::NotFound(_)) {
+                        tracing::debug!(host = host.authority(), error = %e, "host failed, trying the next one");
+                    } else {
+                        tracing::warn!(host = host.authority(), error = %e, "host failed, trying the next one");
+                    }
+                }
+                Err(e) => result = Some(e),
+            }
+        }
+        Err(result.expect("the last candidate ran"))
+    }
+
+    fn http_for(&self, host: &RegistryHost) -> Result<reqwest::Client, RegistryError> {
+        let key = if host.scheme() == "https" {
+            TlsKey {
+                skip_verify: host.skip_verify,
+                ca: host.ca.clone(),
+                client: host.client.clone(),
+            }
+        } else {
+            TlsKey::default()
+        };
+        let mut clients = self.inner.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let client = build_http_client(&self.inner.config, &key)?;
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// GET `host`'s `path_prefix/path` with `extra` headers, authenticating as needed (retries
+    /// once after a 401). Returns the response whatever its status, except a 401 after the
+    /// retry, which is `Unauthorized`.
+    async fn get(
+        &self,
+        host: &RegistryHost,
+        image: &ImageRef,
+        creds: &Credentials,
+        path: &str,
+        extra: Vec<(HeaderName, HeaderValue)>,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let creds = if host.is_mirror && !self.inner.config.mirror_credentials {
+            &Credentials::Anonymous
+        } else {
+            creds
+        };
+        let http = self.http_for(host)?;
+        let mut url = host.url(path);
+        if host.is_mirror {
+            url.push_str("?ns=");
+            url.push_str(&image.registry);
+        }
+        let memo_key = (host.base.clone(), image.repository.clone());
+        let mut auth = self
+            .preauth(&http, host, image, creds, &memo_key, what)
+            .await?;
+        for attempt in 0..2 {
+            let resp = self.send(&http, host, &url, &extra, auth.as_ref()).await?;
+            if resp.status() != StatusCode::UNAUTHORIZED {
+                return Ok(resp);
+            }
+            let challenges: Vec<Challenge> = resp
+                .headers()
+                .get_all(WWW_AUTHENTICATE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(parse_www_authenticate)
+                .collect();
+            let denied = || {
+                RegistryError::Unauthorized(format!(
+                    "{} refused access to repository {} ({})",
+                    host.authority(),
+                    image.repository,
+                    describe_creds(creds)
+                ))
+            };
+            if attempt == 1 {
+                return Err(denied());
+            }
+            let Some(challenge) = pick_challenge(&challenges).cloned() else {
+                return Err(match challenges.first() {
+                    Some(Challenge::Other { scheme }) => RegistryError::Unsupported(format!(
+                        "{} asks for auth scheme {scheme:?} for repository {}",
+                        host.authority(),
+                        image.repository
+                    )),
+                    _ => RegistryError::Unauthorized(format!(
+                        "{} answered 401 without an auth challenge for repository {}",
+                        host.authority(),
+                        image.repository
+                    )),
+                });
+            };
+            if let Challenge::Bearer { realm, service, .. } = &challenge {
+                if let Some(old) = self.memo(&memo_key) {
+                    if let Challenge::Bearer {
+                        realm: r,
+                        service: s,
+                        scope,
+                    } = &old
+                    {
+                        let scopes = scopes_for(image, scope.as_deref());
+                        self.inner
+                            .tokens
+                            .invalidate(r, s.as_deref(), &scopes.join(" "), creds);
+                    }
+                }
+                let scopes = scopes_for(image, challenge_scope(&challenge));
+                self.inner
+                    .tokens
+                    .invalidate(realm, service.as_deref(), &scopes.join(" "), creds);
+            }
+            self.inner
+                .challenges
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(memo_key.clone(), challenge.clone());
+            auth = self
+                .answer(&http, &challenge, image, creds, what)
+                .await?
+                .map(Some)
+                .ok_or_else(denied)?;
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn memo(&self, key: &(String, String)) -> Option<Challenge> {
+        self.inner
+            .challenges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// The Authorization header to send before any 401: a registry token as is, else what the
+    /// last challenge from this host for this repository calls for.
+    async fn preauth(
+        &self,
+        http: &reqwest::Client,
+        host: &RegistryHost,
+        image: &ImageRef,
+        creds: &Credentials,
+        memo_key: &(String, String),
+        what: &str,
+    ) -> Result<Option<HeaderValue>, RegistryError> {
+        let _ = host;
+        if let Credentials::RegistryToken(t) = creds {
+            return Ok(Some(bearer(t)));
+        }
+        match self.memo(memo_key) {
+            Some(c) => self.answer(http, &c, image, creds, what).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The Authorization header answering `challenge` with `creds`; None if they cannot.
+    async fn answer(
+        &self,
+        http: &reqwest::Client,
+        challenge: &Challenge,
+        image: &ImageRef,
+        creds: &Credentials,
+        what: &str,
+    ) -> Result<Option<HeaderValue>, RegistryError> {
+        match (challenge, creds) {
+            (_, Credentials::RegistryToken(t)) => Ok(Some(bearer(t))),
+            (Challenge::Basic { .. }, Credentials::Basic { username, password }) => {
+                Ok(Some(basic(username, password)))
+            }
+            (
+                Challenge::Basic { .. },
+                Credentials::IdentityToken {
+                    username: Some(username),
+                    token,
+                },
+            ) => Ok(Some(basic(username, token))),
+            (Challenge::Basic { .. }, _) => Ok(None),
+            (
+                Challenge::Bearer {
+                    realm,
+                    service,
+                    scope,
+                },
+                _,
+            ) => {
+                if realm.is_empty() {
+                    return Err(RegistryError::Protocol(format!(
+                        "{what}: bearer challenge without a realm"
+                    )));
+                }
+                let scopes = scopes_for(image, scope.as_deref());
+                let scope_key = scopes.join(" ");
+                let tokens = &self.inner.tokens;
+                if let Some(t) = tokens.get(realm, service.as_deref(), &scope_key, creds) {
+                    return Ok(Some(bearer(&t)));
+                }
+                let _guard = self.inner.token_fetch.lock().await;
+                if let Some(t) = tokens.get(realm, service.as_deref(), &scope_key, creds) {
+                    return Ok(Some(bearer(&t)));
+                }
+                let token = fetch_token(
+                    http,
+                    realm,
+                    service.as_deref(),
+                    &scopes,
+                    creds,
+                    self.inner.config.request_timeout,
+                    &image.name(),
+                )
+                .await?;
+                tokens.insert(
+                    realm,
+                    service.as_deref(),
+                    &scope_key,
+                    creds,
+                    token.token.clone(),
+                    token.expires_in,
+                );
+                Ok(Some(bearer(&token.token)))
+            }
+            (Challenge::Other { scheme }, _) => Err(RegistryError::Unsupported(format!(
+                "{what}: auth scheme {scheme:?}"
+            ))),
+        }
+    }
+
+    /// One request: hosts.toml headers, `extra`, `auth`; connect + headers within the timeout.
+    async fn send(
+        &self,
+        http: &reqwest::Client,
+        host: &RegistryHost,
+        url: &str,
+        extra: &[(HeaderName, HeaderValue)],
+        auth: Option<&HeaderValue>,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let mut rb = http.get(url);
+        for (name, value) in &host.headers {
+            rb = rb.header(name.as_str(), value.as_str());
+        }
+        for (name, value) in extra {
+            rb = rb.header(name, value.clone());
+        }
+        if let Some(a) = auth {
+            rb = rb.header(AUTHORIZATION, a.clone());
+        }
+        let timeout = self.inner.config.request_timeout;
+        let path = url
+            .split_once("://")
+            .and_then(|(_, r)| r.find('/').map(|i| &r[i..]))
+            .unwrap_or("/");
+        let result = tokio::time::timeout(timeout, rb.send()).await;
+        match result {
+            Err(_) => {
+                tracing::debug!(
+                    method = "GET",
+                    host = host.authority(),
+                    path,
+                    "registry request timed out"
+                );
+                Err(RegistryError::Timeout(format!(
+                    "{} did not answer GET {path} within {timeout:?}",
+                    host.authority()
+                )))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(method = "GET", host = host.authority(), path, error = %chain(&e), "registry request failed");
+                let msg = format!("GET {path} on {}: {}", host.authority(), chain(&e));
+                if e.is_timeout() {
+                    Err(RegistryError::Timeout(msg))
+                } else {
+                    Err(RegistryError::Transport(msg))
+                }
+            }
+            Ok(Ok(resp)) => {
+                tracing::debug!(
+                    method = "GET",
+                    host = host.authority(),
+                    path,
+                    status = resp.status().as_u16(),
+                    final_host = resp.url().host_str().unwrap_or(""),
+                    "registry request"
+                );
+                Ok(resp)
+            }
+        }
+    }
+}
+
+fn build_http_client(
+    config: &RegistryConfig,
+    key: &TlsKey,
+) -> Result<reqwest::Client, RegistryError> {
+    let read = |p: &PathBuf| {
+        std::fs::read(p)
+            .map_err(|e| RegistryError::Config(format!("cannot read {}: {e}", p.display())))
+    };
+    let mut b = reqwest::Client::builder()
+        .user_agent(config.user_agent.clone())
+        .connect_timeout(config.request_timeout)
+        .redirect(reqwest::redirect::Policy::limited(10));
+    if key.skip_verify {
+        b = b.danger_accept_invalid_certs(true);
+    }
+    for ca in &key.ca {
+        let pem = read(ca)?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            RegistryError::Config(format!(
+                "{}: not a PEM certificate bundle: {}",
+                ca.display(),
+                chain(&e)
+            ))
+        })?;
+        if certs.is_empty() {
+            return Err(RegistryError::Config(format!(
+                "{}: no certificate found",
+                ca.display()
+            )));
+        }
+        for cert in certs {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    if let Some((cert, key_file)) = key.client.first() {
+        let mut pem = read(cert)?;
+        if let Some(k) = key_file {
+            pem.push(b'\n');
+            pem.extend_from_slice(&read(k)?);
+        }
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            RegistryError::Config(format!(
+                "client certificate {}: {}",
+                cert.display(),
+                chain(&e)
+            ))
+        })?;
+        b = b.identity(identity);
+    }
+    b.build()
+        .map_err(|e| RegistryError::Config(format!("cannot build an HTTP client: {}", chain(&e))))
+}
+
+fn bearer(token: &str) -> HeaderValue {
+    let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid-token"));
+    v.set_sensitive(true);
+    v
+}
+
+fn basic(username: &str, password: &str) -> HeaderValue {
+    use base64::Engine;
+    let enc = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    let mut v = HeaderValue::from_str(&format!("Basic {enc}")).expect("base64 is ascii");
+    v.set_sensitive(true);
+    v
+}
+
+fn challenge_scope(c: &Challenge) -> Option<&str> {
+    match c {
+        Challenge::Bearer { scope, .. } => scope.as_deref(),
+        _ => None,
+    }
+}
+
+/// `repository:<repo>:pull`, plus the challenge's own scope if it asks for something else.
+fn scopes_for(image: &ImageRef, challenge_scope: Option<&str>) -> Vec<String> {
+    let ours = format!("repository:{}:pull", image.repository);
+    let mut scopes = vec![ours.clone()];
+    if let Some(s) = challenge_scope {
+        if !s.is_empty() && s != ours {
+            scopes.push(s.to_string());
+        }
+    }
+    scopes
+}
+
+fn describe_creds(c: &Credentials) -> &'static str {
+    match c {
+        Credentials::Anonymous => "anonymous",
+        Credentials::Basic { .. } => "with username and password",
+        Credentials::IdentityToken { .. } => "with an identity token",
+        Credentials::RegistryToken(_) => "with a registry token",
+    }
+}
+
+fn status_error(
+    status: StatusCode,
+    host: &RegistryHost,
+    image: &ImageRef,
+    what: &str,
+) -> RegistryError {
+    let h = host.authority();
+    match status.as_u16() {
+        401 | 403 => RegistryError::Unauthorized(format!(
+            "{h} refused access to repository {} ({status})",
+            image.repository
+        )),
+        404 => RegistryError::NotFound(format!("{what} on {h}")),
+        s if s >= 500 || s == 429 => {
+            RegistryError::Transport(format!("{h} answered {status} for {what}"))
+        }
+        _ => RegistryError::Protocol(format!("{h} answered {status} for {what}")),
+    }
+}
+
+/// The first byte position of a `Content-Range: bytes a-b/n`.
+fn content_range_start(resp: &reqwest::Response) -> Option<u64> {
+    let v = resp
+        .headers()
+        .get(http::header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?;
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (start, _) = rest.split_once('-')?;
+    start.trim().parse().ok()
+}
+
+/// Reads a whole small body (at most `limit` bytes).
+async fn read_body(
+    mut resp: reqwest::Response,
+    limit: usize,
+    idle: Duration,
+    location: &str,
+) -> Result<Bytes, RegistryError> {
+    if resp.content_length().is_some_and(|l| l > limit as u64) {
+        return Err(RegistryError::Protocol(format!(
+            "{location}: larger than {limit} bytes"
+        )));
+    }
+    let mut out = Vec::new();
+    loop {
+        let chunk = match tokio::time::timeout(idle, resp.chunk()).await {
+            Err(_) => {
+                return Err(RegistryError::Timeout(format!(
+                    "{location}: no data for {idle:?}"
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(RegistryError::Transport(format!(
+                    "{location}: {}",
+                    chain(&e)
+                )))
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(c))) => c,
+        };
+        if out.len() + chunk.len() > limit {
+            return Err(RegistryError::Protocol(format!(
+                "{location}: larger than {limit} bytes"
+            )));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(out))
+}
+
+struct BodyState {
+    resp: Option<reqwest::Response>,
+    skip: u64,
+    remaining: u64,
+    want: u64,
+    /// The body may run past `want` (a 200 to a ranged request): stop there.
+    truncate: bool,
+    idle: Duration,
+    location: String,
+}
+
+/// The body as a stream of exactly `want` bytes after dropping `skip` bytes.
+fn body_stream(
+    resp: reqwest::Response,
+    skip: u64,
+    want: u64,
+    truncate: bool,
+    idle: Duration,
+    location: String,
+) -> BoxStream<'static, Result<Bytes, RegistryError>> {
+    let state = BodyState {
+        resp: Some(resp),
+        skip,
+        remaining: want,
+        want,
+        truncate,
+        idle,
+        location,
+    };
+    stream::unfold(state, |mut st| async move {
+        loop {
+            let resp = st.resp.as_mut()?;
+            let next = tokio::time::timeout(st.idle, resp.chunk()).await;
+            let mut chunk = match next {
+                Err(_) => {
+                    st.resp = None;
+                    let e = RegistryError::Timeout(format!(
+                        "{}: no data for {:?}",
+                        st.location, st.idle
+                    ));
+                    return Some((Err(e), st));
+                }
+                Ok(Err(e)) => {
+                    st.resp = None;
+                    let e = RegistryError::Transport(format!("{}: {}", st.location, chain(&e)));
+                    return Some((Err(e), st));
+                }
+                Ok(Ok(None)) => {
+                    st.resp = None;
+                    if st.remaining > 0 || st.skip > 0 {
+                        let got = st.want - st.remaining;
+                        let e = RegistryError::Protocol(format!(
+                            "{}: body ended after {got} of {} bytes",
+                            st.location, st.want
+                        ));
+                        return Some((Err(e), st));
+                    }
+                    return None;
+                }
+                Ok(Ok(Some(c))) => c,
+            };
+            if st.skip > 0 {
+                let n = st.skip.min(chunk.len() as u64);
+                chunk = chunk.slice(n as usize..);
+                st.skip -= n;
+            }
+            if chunk.is_empty() {
+                continue;
+            }
+            if chunk.len() as u64 > st.remaining {
+                if !st.truncate {
+                    st.resp = None;
+                    let e = RegistryError::Protocol(format!(
+                        "{}: body longer than the expected {} bytes",
+                        st.location, st.want
+                    ));
+                    return Some((Err(e), st));
+                }
+                chunk = chunk.slice(..st.remaining as usize);
+            }
+            st.remaining -= chunk.len() as u64;
+            if st.remaining == 0 && st.truncate {
+                st.resp = None; // stop reading the rest of a whole-blob answer
+            }
+            return Some((Ok(chunk), st));
+        }
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes() {
+        let image = ImageRef::parse("127.0.0.1:5000/a/b:1").unwrap();
+        assert_eq!(scopes_for(&image, None), vec!["repository:a/b:pull"]);
+        assert_eq!(
+            scopes_for(&image, Some("repository:a/b:pull")),
+            vec!["repository:a/b:pull"]
+        );
+        assert_eq!(
+            scopes_for(&image, Some("repository:a/b:pull,push")),
+            vec!["repository:a/b:pull", "repository:a/b:pull,push"]
+        );
+    }
+
+    #[test]
+    fn auth_headers_are_sensitive() {
+        assert!(bearer("t").is_sensitive());
+        assert!(basic("u", "p").is_sensitive());
+        assert_eq!(basic("u", "p").to_str().unwrap(), "Basic dTpw");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = RegistryConfig::default();
+        assert_eq!(c.config_path, PathBuf::from("/etc/containerd/certs.d"));
+        assert!(!c.mirror_credentials);
+        assert!(c.user_agent.starts_with("pullgate/"));
+    }
+}

@@ -1,0 +1,30 @@
+//! The pull side of an OCI distribution client.
+//!
+//! - [`reference`]: image references, normalised like containerd ([`ImageRef`]);
+//! - [`hosts`]: containerd's `hosts.toml` registry host configuration (mirrors first, then the
+//!   server);
+//! - [`auth`]: credentials (CRI `AuthConfig`, docker `config.json`), `WWW-Authenticate`
+//!   challenges, bearer tokens and their cache;
+//! - [`manifest`]: media types, manifest / index parsing and checks, platform selection;
+//! - [`client`]: [`RegistryClient`]: `resolve` an image for a platform and `fetch_blob` (whole
+//!   or ranged, streamed), mirrors tried in order with fallback to the registry;
+//! - [`error`]: [`RegistryError`].
+//!
+//! Credentials go only to the image's own registry (the hosts.toml `server`), never to mirrors
+//! unless [`RegistryConfig::mirror_credentials`] is set, and never into a message or a log.
+
+pub mod auth;
+pub mod client;
+pub mod digest;
+pub mod error;
+pub mod hosts;
+pub mod manifest;
+pub mod reference;
+
+pub use auth::{Challenge, Credentials};
+pub use client::{BlobBody, FetchedManifest, RegistryClient, RegistryConfig, Resolved, Source};
+pub use error::RegistryError;
+pub use hosts::{load_hosts, RegistryHost, DEFAULT_CONFIG_PATH};
+pub use manifest::Platform;
+pub use oci_spec::image::Descriptor;
+pub use reference::ImageRef;

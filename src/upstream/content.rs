@@ -1,0 +1,305 @@
+//! containerd's content store and leases, as pullgate's layer fetcher uses them.
+//!
+//! Every call carries the namespace (`containerd-namespace`) and, for writes, the job's lease
+//! (`containerd-lease`), so what pullgate writes is protected from containerd's GC until the pull
+//! has finished, and collected automatically if pullgate dies (the lease expires by itself).
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
+
+use crate::proto::containerd::content::v1 as content;
+use crate::proto::containerd::leases::v1 as leases;
+use content::content_client::ContentClient;
+use leases::leases_client::LeasesClient;
+
+/// Label that makes containerd's GC drop a lease after the given RFC 3339 time.
+const LEASE_EXPIRE_LABEL: &str = "containerd.io/gc.expire";
+/// Marks pullgate's leases, so operators (and tests) can tell them apart.
+pub const LEASE_OWNER_LABEL: &str = "pullgate.io/job";
+
+#[derive(Clone, Debug)]
+pub struct ContentStore {
+    channel: Channel,
+    namespace: String,
+}
+
+/// The state of an unfinished ingest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngestStatus {
+    pub reference: String,
+    pub offset: u64,
+    pub total: u64,
+    pub expected: String,
+}
+
+impl ContentStore {
+    pub fn new(channel: Channel, namespace: impl Into<String>) -> Self {
+        ContentStore {
+            channel,
+            namespace: namespace.into(),
+        }
+    }
+
+    fn request<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
+        let mut req = Request::new(msg);
+        if let Ok(v) = MetadataValue::try_from(self.namespace.as_str()) {
+            req.metadata_mut().insert("containerd-namespace", v);
+        }
+        if let Some(Ok(v)) = lease.map(MetadataValue::try_from) {
+            req.metadata_mut().insert("containerd-lease", v);
+        }
+        req
+    }
+
+    fn content(&self) -> ContentClient<Channel> {
+        ContentClient::new(self.channel.clone())
+    }
+
+    fn leases(&self) -> LeasesClient<Channel> {
+        LeasesClient::new(self.channel.clone())
+    }
+
+    /// The size of committed content, or `None` when it is not in the store.
+    pub async fn info(&self, digest: &str) -> Result<Option<u64>, Status> {
+        let req = self.request(
+            content::InfoRequest {
+                digest: digest.to_string(),
+            },
+            None,
+        );
+        match self.content().info(req).await {
+            Ok(r) => Ok(r.into_inner().info.map(|i| i.size.max(0) as u64)),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// The unfinished ingest under `reference`, if any.
+    pub async fn status(&self, reference: &str) -> Result<Option<IngestStatus>, Status> {
+        let req = self.request(
+            content::StatusRequest {
+                r#ref: reference.to_string(),
+            },
+            None,
+        );
+        match self.content().status(req).await {
+            Ok(r) => Ok(r.into_inner().status.map(ingest_status)),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Unfinished ingests matching a containerd filter (e.g. `ref~="pullgate"`); all when empty.
+    pub async fn list_ingests(&self, filter: &str) -> Result<Vec<IngestStatus>, Status> {
+        let filters = if filter.is_empty() {
+            vec![]
+        } else {
+            vec![filter.to_string()]
+        };
+        let req = self.request(content::ListStatusesRequest { filters }, None);
+        let resp = self.content().list_statuses(req).await?;
+        Ok(resp
+            .into_inner()
+            .statuses
+            .into_iter()
+            .map(ingest_status)
+            .collect())
+    }
+
+    /// Drops an unfinished ingest (a corrupt one must not be resumed).
+    pub async fn abort(&self, reference: &str) -> Result<(), Status> {
+        let req = self.request(
+            content::AbortRequest {
+                r#ref: reference.to_string(),
+            },
+            None,
+        );
+        match self.content().abort(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Opens (or resumes) the ingest `reference` for a blob of `total` bytes and digest
+    /// `expected`. `Ok(None)`: the blob is already committed.
+    pub async fn writer(
+        &self,
+        reference: &str,
+        total: u64,
+        expected: &str,
+        lease: &str,
+    ) -> Result<Option<ContentWriter>, Status> {
+        let (tx, rx) = mpsc::channel(2);
+        tx.send(content::WriteContentRequest {
+            action: content::WriteAction::Stat as i32,
+            r#ref: reference.to_string(),
+            total: total as i64,
+            expected: expected.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| Status::internal("write stream closed"))?;
+        let req = self.request(ReceiverStream::new(rx), Some(lease));
+        let mut responses = match self.content().write(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == Code::AlreadyExists => return Ok(None),
+            Err(s) => return Err(s),
+        };
+        let first = match responses.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(Status::internal("containerd closed the write stream")),
+            Err(s) if s.code() == Code::AlreadyExists => return Ok(None),
+            Err(s) => return Err(s),
+        };
+        Ok(Some(ContentWriter {
+            tx,
+            responses,
+            offset: first.offset.max(0) as u64,
+            total,
+            expected: expected.to_string(),
+        }))
+    }
+
+    /// Creates a lease that containerd drops by itself after `expire`.
+    pub async fn create_lease(&self, id: &str, job: u64, expire: Duration) -> Result<(), Status> {
+        let until = humantime::format_rfc3339_seconds(SystemTime::now() + expire).to_string();
+        let labels = HashMap::from([
+            (LEASE_EXPIRE_LABEL.to_string(), until),
+            (LEASE_OWNER_LABEL.to_string(), job.to_string()),
+        ]);
+        let req = self.request(
+            leases::CreateRequest {
+                id: id.to_string(),
+                labels,
+            },
+            None,
+        );
+        self.leases().create(req).await.map(|_| ())
+    }
+
+    /// Deletes a lease; what it alone protected becomes garbage.
+    pub async fn delete_lease(&self, id: &str) -> Result<(), Status> {
+        let req = self.request(
+            leases::DeleteRequest {
+                id: id.to_string(),
+                sync: false,
+            },
+            None,
+        );
+        match self.leases().delete(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Protects committed content with a lease (content found present, or written by another job).
+    pub async fn lease_content(&self, lease: &str, digest: &str) -> Result<(), Status> {
+        let req = self.request(
+            leases::AddResourceRequest {
+                id: lease.to_string(),
+                resource: Some(leases::Resource {
+                    id: digest.to_string(),
+                    r#type: "content".to_string(),
+                }),
+            },
+            None,
+        );
+        self.leases().add_resource(req).await.map(|_| ())
+    }
+
+    /// Ids of the leases pullgate holds.
+    pub async fn pullgate_leases(&self) -> Result<Vec<String>, Status> {
+        let req = self.request(
+            leases::ListRequest {
+                filters: vec![format!("labels.\"{LEASE_OWNER_LABEL}\"")],
+            },
+            None,
+        );
+        let resp = self.leases().list(req).await?;
+        Ok(resp.into_inner().leases.into_iter().map(|l| l.id).collect())
+    }
+}
+
+fn ingest_status(s: content::Status) -> IngestStatus {
+    IngestStatus {
+        reference: s.r#ref,
+        offset: s.offset.max(0) as u64,
+        total: s.total.max(0) as u64,
+        expected: s.expected,
+    }
+}
+
+/// One open ingest. Each request gets one response, as containerd's own client does it.
+pub struct ContentWriter {
+    tx: mpsc::Sender<content::WriteContentRequest>,
+    responses: Streaming<content::WriteContentResponse>,
+    offset: u64,
+    total: u64,
+    expected: String,
+}
+
+impl ContentWriter {
+    /// Bytes already in the ingest: where the download resumes.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    async fn round_trip(
+        &mut self,
+        req: content::WriteContentRequest,
+    ) -> Result<content::WriteContentResponse, Status> {
+        self.tx
+            .send(req)
+            .await
+            .map_err(|_| Status::unavailable("containerd closed the write stream"))?;
+        match self.responses.message().await? {
+            Some(m) => Ok(m),
+            None => Err(Status::unavailable("containerd closed the write stream")),
+        }
+    }
+
+    pub async fn write(&mut self, data: Bytes) -> Result<(), Status> {
+        let len = data.len() as u64;
+        let resp = self
+            .round_trip(content::WriteContentRequest {
+                action: content::WriteAction::Write as i32,
+                offset: self.offset as i64,
+                data,
+                ..Default::default()
+            })
+            .await?;
+        self.offset += len;
+        if resp.offset as u64 != self.offset {
+            return Err(Status::internal(format!(
+                "containerd ingest at offset {} after writing up to {}",
+                resp.offset, self.offset
+            )));
+        }
+        Ok(())
+    }
+
+    /// Commits the ingest; containerd checks size and digest and refuses a mismatch.
+    pub async fn commit(mut self) -> Result<(), Status> {
+        let req = content::WriteContentRequest {
+            action: content::WriteAction::Commit as i32,
+            offset: self.offset as i64,
+            total: self.total as i64,
+            expected: self.expected.clone(),
+            ..Default::default()
+        };
+        match self.round_trip(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+            Err(s) => Err(s),
+        }
+    }
+}

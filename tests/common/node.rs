@@ -1,0 +1,58 @@
+//! One simulated node: a registry, containerd, and pullgate in front of containerd.
+
+use super::daemon::Pullgate;
+use super::slowproxy::SlowProxy;
+use super::{image_client, tempdir, Containerd, Registry};
+use pullgate::proto::runtime::v1::image_service_client::ImageServiceClient;
+use pullgate::upstream::ContentStore;
+use tonic::transport::Channel;
+
+/// Fields drop in order: processes stop before the temp dir goes.
+pub struct Node {
+    pub pullgate: Pullgate,
+    pub containerd: Containerd,
+    pub registry: Registry,
+    pub dir: tempfile::TempDir,
+}
+
+impl Node {
+    pub async fn start(auth: Option<(&str, &str)>) -> Node {
+        Node::start_with(auth, "").await
+    }
+
+    /// With extra lines for pullgate's `[fetch]` config table.
+    pub async fn start_with(auth: Option<(&str, &str)>, fetch_toml: &str) -> Node {
+        let dir = tempdir();
+        let registry = Registry::start(&dir.path().join("registry"), auth).await;
+        let containerd = Containerd::start(&dir.path().join("ctd"), &[&registry]).await;
+        let pullgate = Pullgate::start(&dir.path().join("pg"), &containerd, fetch_toml).await;
+        Node {
+            pullgate,
+            containerd,
+            registry,
+            dir,
+        }
+    }
+
+    /// containerd's CRI image service, directly.
+    pub fn direct(&self) -> ImageServiceClient<Channel> {
+        image_client(&self.containerd.socket())
+    }
+
+    /// The CRI image service through pullgate.
+    pub fn via(&self) -> ImageServiceClient<Channel> {
+        image_client(&self.pullgate.socket())
+    }
+
+    /// containerd's content store and leases in the CRI namespace.
+    pub fn content(&self) -> ContentStore {
+        ContentStore::new(super::uds_channel_now(&self.containerd.socket()), "k8s.io")
+    }
+
+    /// A slow path to the registry for pulls that must last a while.
+    pub async fn slow_proxy(&self, bytes_per_sec: u64) -> SlowProxy {
+        let proxy = SlowProxy::start(&self.registry.addr(), bytes_per_sec).await;
+        self.containerd.add_host(&proxy.addr);
+        proxy
+    }
+}

@@ -1,0 +1,217 @@
+//! End-to-end tests of pullgate's layer fetcher on a real containerd and registry: blobs go into
+//! containerd's content store through pullgate, containerd fetches none of them, and broken
+//! registries get clean errors with nothing corrupt committed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::metric_value;
+use common::faultproxy::{Fault, FaultProxy};
+use common::node::Node;
+use common::*;
+use pullgate::proto::runtime::v1::*;
+use tonic::Code;
+
+const CONTAINERD_UA: &str = "containerd/";
+
+fn spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    })
+}
+
+/// Nothing pullgate made is left in containerd: no lease, no unfinished ingest.
+async fn assert_no_leftovers(node: &Node) {
+    let content = node.content();
+    let leases = content.pullgate_leases().await.unwrap();
+    assert!(leases.is_empty(), "leases left: {leases:?}");
+    let ingests = content.list_ingests("").await.unwrap();
+    assert!(ingests.is_empty(), "ingests left: {ingests:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_pull_is_fetched_by_pullgate_and_containerd_fetches_no_blob() {
+    let node = Node::start(None).await;
+    let img = push_image(
+        &node.registry,
+        "fetch/app",
+        "v1",
+        &[3 << 20, 1 << 20, 200 << 10],
+        None,
+    )
+    .await;
+    let reply = node
+        .via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.image_ref, img.config_digest);
+
+    // Every blob came from pullgate, none from containerd.
+    let blob_gets: Vec<_> = node
+        .registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/blobs/sha256:"))
+        .collect();
+    assert!(
+        blob_gets
+            .iter()
+            .all(|r| !r.user_agent.starts_with(CONTAINERD_UA)),
+        "containerd fetched blobs itself: {blob_gets:?}"
+    );
+    assert_eq!(blob_gets.len(), img.blob_count(), "{blob_gets:?}");
+
+    // The image is complete and usable: containerd unpacked it and reports it.
+    let status = node
+        .direct()
+        .image_status(ImageStatusRequest {
+            image: spec(&img.reference()),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .expect("image recorded");
+    assert_eq!(status.size, img.total_size);
+
+    let m = node.pullgate.metrics().await;
+    assert_eq!(
+        metric_value(&m, "pullgate_blobs_total{outcome=\"fetched\"}"),
+        img.blob_count() as f64,
+        "{m}"
+    );
+    let blob_bytes: u64 = img.layer_blob_sizes.iter().sum::<u64>() + img.config_size;
+    assert_eq!(
+        metric_value(&m, "pullgate_fetched_bytes_total{source=\"registry\"}"),
+        blob_bytes as f64
+    );
+    assert_eq!(
+        metric_value(&m, "pullgate_fetch_fallbacks_total{reason=\"unsupported\"}"),
+        0.0
+    );
+    assert_no_leftovers(&node).await;
+
+    // Pulled again after removal of the image record: blobs still in the store are skipped.
+    node.via()
+        .remove_image(RemoveImageRequest {
+            image: spec(&img.reference()),
+        })
+        .await
+        .unwrap();
+    node.via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .unwrap();
+    assert_no_leftovers(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_body_is_resumed_with_a_range_request() {
+    let node = Node::start(None).await;
+    let img = push_image(&node.registry, "fault/trunc", "v1", &[2 << 20], None).await;
+    let proxy = FaultProxy::start(&node.registry.addr()).await;
+    node.containerd.add_host(&proxy.addr);
+    let layer = img.layer_digests[0].clone();
+    proxy.inject(&layer, Fault::Truncate, 1);
+
+    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let reply = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect("pull survives a truncated body")
+        .into_inner();
+    assert_eq!(reply.image_ref, img.config_digest);
+    let gets = proxy.blob_gets(&layer);
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    let range = gets[1]
+        .range
+        .clone()
+        .expect("second GET resumes with Range");
+    let half = img.layer_blob_sizes[0] / 2;
+    assert!(range.starts_with(&format!("bytes={half}-")), "{range}");
+    assert_no_leftovers(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_blob_is_never_committed_and_fails_cleanly() {
+    let node = Node::start_with(None, "retries = 1").await;
+    let img = push_image(&node.registry, "fault/flip", "v1", &[512 << 10], None).await;
+    let proxy = FaultProxy::start(&node.registry.addr()).await;
+    node.containerd.add_host(&proxy.addr);
+    let layer = img.layer_digests[0].clone();
+    proxy.inject(&layer, Fault::Flip, 100);
+
+    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let err = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect_err("corrupt blob must fail the pull");
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    for part in [reference.as_str(), layer.as_str(), "corrupt"] {
+        assert!(
+            err.message().contains(part),
+            "{part} not in {:?}",
+            err.message()
+        );
+    }
+    // Tried twice (retries = 1), nothing committed, nothing left half-written.
+    assert_eq!(proxy.blob_gets(&layer).len(), 2);
+    assert_eq!(node.content().info(&layer).await.unwrap(), None);
+    assert_no_leftovers(&node).await;
+
+    // The registry heals: the next pull works.
+    proxy.inject(&layer, Fault::None, 0);
+    node.via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect("pull after the fault is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_registry_hits_the_no_progress_timeout() {
+    let node = Node::start_with(None, "retries = 0\nno_progress_timeout = \"1s\"").await;
+    let img = push_image(&node.registry, "fault/stall", "v1", &[1 << 20], None).await;
+    let proxy = FaultProxy::start(&node.registry.addr()).await;
+    node.containerd.add_host(&proxy.addr);
+    let layer = img.layer_digests[0].clone();
+    proxy.inject(&layer, Fault::Stall, 1);
+
+    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let started = std::time::Instant::now();
+    let err = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect_err("stalled blob must fail the pull");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains(&layer) && err.message().contains("stalled"),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(node.content().info(&layer).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetcher_off_leaves_the_fetch_to_containerd() {
+    let node = Node::start_with(None, "enabled = false").await;
+    let img = push_image(&node.registry, "off/app", "v1", &[256 << 10], None).await;
+    node.via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .unwrap();
+    let by_containerd = node
+        .registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/blobs/sha256:") && r.user_agent.starts_with(CONTAINERD_UA))
+        .count();
+    assert_eq!(by_containerd, img.blob_count());
+}
