@@ -18,7 +18,7 @@ use crate::registry::{Platform, RegistryClient, RegistryConfig};
 use crate::upstream::{Containerd, ContentStore};
 
 /// The pull path: pullgate's layer fetcher in front of containerd's finish, or containerd alone.
-fn puller(cfg: &Config, containerd: &Containerd, metrics: &Arc<Metrics>) -> Arc<dyn Puller> {
+async fn puller(cfg: &Config, containerd: &Containerd, metrics: &Arc<Metrics>) -> Arc<dyn Puller> {
     let finish = ContainerdPuller::new(containerd.clone());
     if !cfg.fetch.enabled {
         info!("layer fetcher disabled: containerd fetches images itself");
@@ -37,13 +37,15 @@ fn puller(cfg: &Config, containerd: &Containerd, metrics: &Arc<Metrics>) -> Arc<
         metrics: metrics.clone(),
         platform: Platform::node(),
     };
-    Arc::new(LayerFetcher::new(ctx, finish))
+    let fetcher = LayerFetcher::new(ctx, finish);
+    fetcher.adopt_stale_leases().await;
+    Arc::new(fetcher)
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let containerd = Containerd::new(&cfg.containerd);
-    let pulls = PullCoordinator::new(puller(&cfg, &containerd, &metrics), metrics.clone());
+    let pulls = PullCoordinator::new(puller(&cfg, &containerd, &metrics).await, metrics.clone());
     let health = Arc::new(Health {
         metrics: metrics.clone(),
         containerd: containerd.clone(),

@@ -215,3 +215,94 @@ async fn fetcher_off_leaves_the_fetch_to_containerd() {
         .count();
     assert_eq!(by_containerd, img.blob_count());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pullgate_killed_mid_blob_resumes_after_restart() {
+    let mut node = Node::start(None).await;
+    let size = 4 << 20;
+    let img = push_image(&node.registry, "crash/app", "v1", &[size], None).await;
+    let proxy = node.slow_proxy(1 << 20).await;
+    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let layer = img.layer_digests[0].clone();
+    let ingest = pullgate::fetch::ingest_ref(&layer);
+
+    let mut client = node.via();
+    let req = pull_request(&reference);
+    let first = tokio::spawn(async move { client.pull_image(req).await });
+    let content = node.content();
+    wait_for(
+        "half the layer in the ingest",
+        Duration::from_secs(30),
+        || async {
+            content
+                .status(&ingest)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.offset >= 2 << 20)
+        },
+    )
+    .await;
+    node.pullgate.kill_now();
+    let sent_before_kill = proxy.bytes();
+    assert!(first.await.unwrap().is_err(), "the client sees the crash");
+    let stored = content
+        .status(&ingest)
+        .await
+        .unwrap()
+        .expect("ingest kept")
+        .offset;
+
+    node.pullgate.restart().await;
+    let reply = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect("pull completes after restart")
+        .into_inner();
+    assert_eq!(reply.image_ref, img.config_digest);
+    // Only what was not stored yet crossed the wire again, plus at most one chunk in flight.
+    let after = proxy.bytes() - sent_before_kill;
+    let missing = size as u64 - stored;
+    assert!(
+        after <= missing + (1 << 20),
+        "re-fetched {after} bytes for {missing} missing"
+    );
+    assert_no_leftovers(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_fetcher_cannot_handle_is_left_to_containerd() {
+    // An anonymous pull from a private registry: the fetcher is refused, containerd tries with
+    // its own logic and gives its own answer, exactly as without pullgate.
+    let node = Node::start(Some(("carol", "c4rol-pass"))).await;
+    let img = push_image(
+        &node.registry,
+        "fb/app",
+        "v1",
+        &[64 << 10],
+        Some(("carol", "c4rol-pass")),
+    )
+    .await;
+    let direct = node
+        .direct()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .unwrap_err();
+    let via = node
+        .via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .unwrap_err();
+    assert_eq!(direct.code(), via.code());
+    let m = node.pullgate.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "pullgate_fetch_fallbacks_total{reason=\"unauthorized\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_no_leftovers(&node).await;
+}

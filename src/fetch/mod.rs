@@ -46,6 +46,9 @@ pub struct LayerFetcher {
     finish: ContainerdPuller,
     shared: Arc<SharedDownloads>,
     progress: Arc<Mutex<HashMap<u64, Arc<JobProgress>>>>,
+    /// Leases left by an earlier pullgate process (crash, kill). They still protect unfinished
+    /// ingests that a new pull resumes; they go once a pull has completed.
+    stale_leases: Arc<Mutex<Vec<String>>>,
 }
 
 /// Why the fetcher handed a pull to containerd.
@@ -67,6 +70,23 @@ impl LayerFetcher {
             finish,
             shared: Arc::new(SharedDownloads::default()),
             progress: Default::default(),
+            stale_leases: Default::default(),
+        }
+    }
+
+    /// Takes note of the leases an earlier pullgate process left behind. Call before serving.
+    pub async fn adopt_stale_leases(&self) {
+        match self.ctx.store.pullgate_leases().await {
+            Ok(ids) if !ids.is_empty() => {
+                info!(
+                    count = ids.len(),
+                    "found leases of an earlier pullgate run; \
+                      their unfinished downloads will be resumed"
+                );
+                *self.stale_leases.lock().unwrap() = ids;
+            }
+            Ok(_) => {}
+            Err(e) => debug!(error = e.message(), "cannot list leases"),
         }
     }
 
@@ -82,6 +102,7 @@ impl Puller for LayerFetcher {
         let finish = self.finish.clone();
         let shared = self.shared.clone();
         let progress_map = self.progress.clone();
+        let stale_leases = self.stale_leases.clone();
         async move {
             let progress = Arc::new(JobProgress::default());
             progress_map
@@ -110,6 +131,12 @@ impl Puller for LayerFetcher {
             };
             // The image record now references the content; the lease has done its job.
             guard.release().await;
+            if reply.status().code() == tonic::Code::Ok {
+                let stale = std::mem::take(&mut *stale_leases.lock().unwrap());
+                for id in stale {
+                    delete_lease(&ctx.store, &id).await;
+                }
+            }
             reply
         }
         .boxed()

@@ -11,6 +11,8 @@ pub struct Pullgate {
     socket: PathBuf,
     metrics_addr: String,
     log: PathBuf,
+    config: PathBuf,
+    containerd_socket: PathBuf,
 }
 
 /// The `pullgate` binary: cargo tells integration tests where it is; examples (the sandbox) find it
@@ -42,54 +44,70 @@ impl Pullgate {
             ),
         )
         .unwrap();
-        let containerd_socket = containerd.socket();
-        let socket = dir.join("pullgate.sock");
-        let metrics_addr = format!("127.0.0.1:{}", super::free_port());
-        let log = dir.join("pullgate.log");
+        let mut pg = Pullgate {
+            child: None,
+            socket: dir.join("pullgate.sock"),
+            metrics_addr: format!("127.0.0.1:{}", super::free_port()),
+            log: dir.join("pullgate.log"),
+            config,
+            containerd_socket: containerd.socket(),
+        };
+        pg.spawn_and_wait().await;
+        pg
+    }
+
+    async fn spawn_and_wait(&mut self) {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log)
+            .open(&self.log)
             .unwrap();
-        let child = Command::new(binary())
-            .arg("serve")
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
             .arg("--config")
-            .arg(&config)
+            .arg(&self.config)
             .arg("--socket")
-            .arg(&socket)
+            .arg(&self.socket)
             .arg("--containerd-socket")
-            .arg(&containerd_socket)
+            .arg(&self.containerd_socket)
             .arg("--metrics-addr")
-            .arg(&metrics_addr)
+            .arg(&self.metrics_addr)
             .env("RUST_LOG", "pullgate=debug,info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn pullgate");
-        let mut pg = Pullgate {
-            child: Some(child),
-            socket,
-            metrics_addr,
-            log,
-        };
+            .stderr(out);
+        super::kill_with_parent(&mut cmd);
+        self.child = Some(cmd.spawn().expect("spawn pullgate"));
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(Ok(Some(status))) = pg.child.as_mut().map(|c| c.try_wait()) {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!(
                     "pullgate exited at start ({status}):\n{}",
-                    tail(&pg.log(), 30)
+                    tail(&self.log(), 30)
                 );
             }
-            if pg.http_get("/readyz").await.map(|(c, _)| c) == Some(200) {
-                break;
+            if self.http_get("/readyz").await.map(|(c, _)| c) == Some(200) {
+                return;
             }
             if std::time::Instant::now() > deadline {
-                panic!("pullgate not ready after 20s:\n{}", tail(&pg.log(), 30));
+                panic!("pullgate not ready after 20s:\n{}", tail(&self.log(), 30));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        pg
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would: no cleanup at all.
+    pub fn kill_now(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same daemon again (same socket, config and metrics address).
+    pub async fn restart(&mut self) {
+        self.kill_now();
+        self.spawn_and_wait().await;
     }
 
     pub fn socket(&self) -> PathBuf {
