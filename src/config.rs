@@ -94,6 +94,11 @@ pub struct FetchConfig {
     pub mirror_credentials: bool,
     /// Blobs of one image fetched at the same time.
     pub parallel_blobs: usize,
+    /// Blobs with at least twice this many MiB left are fetched as parallel ranged requests of
+    /// this size, written in order.
+    pub range_chunk_mib: u64,
+    /// Ranged requests in flight per blob; 1 fetches every blob as one stream.
+    pub range_connections: usize,
     /// A blob stream that delivers no byte for this long is abandoned (like containerd's
     /// `image_pull_progress_timeout`).
     #[serde(with = "humantime_serde")]
@@ -116,6 +121,8 @@ impl Default for FetchConfig {
             hosts_dir: PathBuf::from("/etc/containerd/certs.d"),
             mirror_credentials: false,
             parallel_blobs: 3,
+            range_chunk_mib: 16,
+            range_connections: 4,
             no_progress_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             retries: 4,
@@ -256,6 +263,12 @@ impl Config {
         }
         if self.fetch.parallel_blobs == 0 || self.fetch.parallel_blobs > 64 {
             return fail("fetch.parallel_blobs", "must be between 1 and 64".into());
+        }
+        if self.fetch.range_connections == 0 || self.fetch.range_connections > 64 {
+            return fail("fetch.range_connections", "must be between 1 and 64".into());
+        }
+        if self.fetch.range_chunk_mib == 0 || self.fetch.range_chunk_mib > 1024 {
+            return fail("fetch.range_chunk_mib", "must be between 1 and 1024".into());
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return fail(

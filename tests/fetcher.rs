@@ -306,3 +306,44 @@ async fn what_the_fetcher_cannot_handle_is_left_to_containerd() {
     );
     assert_no_leftovers(&node).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_blobs_are_fetched_as_parallel_ranges_written_in_order() {
+    let node = Node::start_with(None, "range_chunk_mib = 1\nrange_connections = 3").await;
+    let size = (5 << 20) + 12345;
+    let img = push_image(&node.registry, "ranges/app", "v1", &[size], None).await;
+    let proxy = FaultProxy::start(&node.registry.addr()).await;
+    node.containerd.add_host(&proxy.addr);
+    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let reply = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.image_ref, img.config_digest);
+
+    let layer = &img.layer_digests[0];
+    let blob_size = img.layer_blob_sizes[0];
+    let mut ranges: Vec<String> = proxy
+        .blob_gets(layer)
+        .into_iter()
+        .map(|r| r.range.expect("every layer GET is ranged"))
+        .collect();
+    ranges.sort_by_key(|r| {
+        r.trim_start_matches("bytes=")
+            .split('-')
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    });
+    let mib = 1u64 << 20;
+    let expected: Vec<String> = (0..blob_size)
+        .step_by(mib as usize)
+        .map(|s| format!("bytes={}-{}", s, (s + mib).min(blob_size) - 1))
+        .collect();
+    assert_eq!(ranges, expected);
+    // containerd accepted the assembled blob: the digest matched.
+    assert_no_leftovers(&node).await;
+}

@@ -828,7 +828,7 @@ mod token {
         while i < b.len() {
             match b[i] {
                 b'+' => out.push(b' '),
-                b'%' if i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 => {
+                b'%' if i + 2 < b.len() => {
                     let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz");
                     match u8::from_str_radix(hex, 16) {
                         Ok(v) => {
@@ -924,8 +924,7 @@ async fn bearer_token_auth_end_to_end() {
                     if get("refresh_token") != "good-refresh" {
                         return Some(FakeResponse::new(401));
                     }
-                    let scopes: Vec<String> =
-                        get("scope").split(' ').map(str::to_string).collect();
+                    let scopes: Vec<String> = get("scope").split(' ').map(str::to_string).collect();
                     json(serde_json::json!({
                         "access_token": signer.token("refresh-user", &scopes, exp),
                         "expires_in": 300,
@@ -946,7 +945,8 @@ async fn bearer_token_auth_end_to_end() {
     .await;
     assert_eq!(registry.addr().split(':').next(), Some("127.0.0.1"));
     let c = client(&dir.path().join("certs.d"));
-    let image = ImageRef::parse(&img.reference()).unwrap();
+    // The same storage on the token registry's port.
+    let image = ImageRef::parse(&format!("{}/{}:{}", registry.addr(), img.repo, img.tag)).unwrap();
     let gets = || {
         token_server
             .requests()
@@ -1007,7 +1007,10 @@ async fn bearer_token_auth_end_to_end() {
         username: None,
         token: "good-refresh".to_string(),
     };
-    let r = c.resolve(&image, &refresh, &Platform::node()).await.unwrap();
+    let r = c
+        .resolve(&image, &refresh, &Platform::node())
+        .await
+        .unwrap();
     assert_matches_image(&r, &img);
     fetch_all_and_verify(&c, &image, &refresh, &r).await;
     assert_eq!(posts(), 1);

@@ -4,7 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use std::ops::Range;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 use tonic::{Code, Status};
 use tracing::{debug, warn};
@@ -216,41 +220,9 @@ async fn attempt_once(
     let mut hasher = (offset == 0).then(Sha256::new);
     progress.set(offset);
     if offset < blob.size {
-        let body = ctx
-            .registry
-            .fetch_blob(image, creds, &blob.descriptor(), offset..blob.size)
-            .await
-            .map_err(|e| registry_error(&blob.digest, e))?;
-        let source = match &body.source {
-            Source::Registry => "registry",
-            Source::Mirror(_) => "mirror",
-        };
-        let fetched = ctx
-            .metrics
-            .fetched_bytes
-            .get_or_create(&SourceLabels { source })
-            .clone();
-        let mut stream = body.stream;
-        loop {
-            let next = tokio::time::timeout(ctx.cfg.no_progress_timeout, stream.next()).await;
-            let chunk = match next {
-                Err(_) => {
-                    return Err(BlobError::Stalled {
-                        digest: blob.digest.clone(),
-                        after: ctx.cfg.no_progress_timeout,
-                        offset,
-                        size: blob.size,
-                    })
-                }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    return Err(BlobError::Transport {
-                        digest: blob.digest.clone(),
-                        cause: format!("stream broke at byte {offset} of {}: {e}", blob.size),
-                    })
-                }
-                Ok(Some(Ok(chunk))) => chunk,
-            };
+        let mut chunks = body_chunks(ctx, image, creds, blob, offset);
+        while let Some(item) = chunks.next().await {
+            let (chunk, source) = item?;
             let len = chunk.len() as u64;
             if offset + len > blob.size {
                 return Err(BlobError::Corrupt {
@@ -263,7 +235,10 @@ async fn attempt_once(
             }
             writer.write(chunk).await.map_err(store_err)?;
             offset += len;
-            fetched.inc_by(len);
+            ctx.metrics
+                .fetched_bytes
+                .get_or_create(&SourceLabels { source })
+                .inc_by(len);
             progress.set(offset);
         }
         if offset < blob.size {
@@ -292,6 +267,137 @@ async fn attempt_once(
         }
         Err(s) => Err(store_err(s)),
     }
+}
+
+type Chunks<'a> = BoxStream<'a, Result<(Bytes, &'static str), BlobError>>;
+
+/// The bytes of `blob` from `offset` on, in order, each with its source. A big remainder is
+/// fetched as parallel ranged requests (`range_connections` at a time, `range_chunk_mib` each,
+/// held in memory until their turn); otherwise one streamed request.
+fn body_chunks<'a>(
+    ctx: &'a FetchContext,
+    image: &'a ImageRef,
+    creds: &'a Credentials,
+    blob: &'a BlobSpec,
+    offset: u64,
+) -> Chunks<'a> {
+    let chunk = ctx.cfg.range_chunk_mib * (1 << 20);
+    let connections = ctx.cfg.range_connections;
+    if connections > 1 && blob.size - offset >= 2 * chunk {
+        let ranges = (offset..blob.size)
+            .step_by(chunk as usize)
+            .map(move |start| start..(start + chunk).min(blob.size));
+        return futures_util::stream::iter(ranges)
+            .map(move |range| fetch_range(ctx, image, creds, blob, range))
+            .buffered(connections)
+            .boxed();
+    }
+    futures_util::stream::once(open(ctx, image, creds, blob, offset..blob.size))
+        .map(move |opened| -> Chunks<'a> {
+            match opened {
+                Ok((stream, source)) => stalls(ctx, blob, offset, stream)
+                    .map_ok(move |b| (b, source))
+                    .boxed(),
+                Err(e) => futures_util::stream::once(async { Err(e) }).boxed(),
+            }
+        })
+        .flatten()
+        .boxed()
+}
+
+/// One request for `range` of the blob.
+async fn open(
+    ctx: &FetchContext,
+    image: &ImageRef,
+    creds: &Credentials,
+    blob: &BlobSpec,
+    range: Range<u64>,
+) -> Result<
+    (
+        BoxStream<'static, Result<Bytes, RegistryError>>,
+        &'static str,
+    ),
+    BlobError,
+> {
+    let body = ctx
+        .registry
+        .fetch_blob(image, creds, &blob.descriptor(), range)
+        .await
+        .map_err(|e| registry_error(&blob.digest, e))?;
+    let source = match &body.source {
+        Source::Registry => "registry",
+        Source::Mirror(_) => "mirror",
+    };
+    Ok((body.stream, source))
+}
+
+/// A body stream that ends in `Stalled` when no byte arrives for `no_progress_timeout`.
+fn stalls<'a>(
+    ctx: &'a FetchContext,
+    blob: &'a BlobSpec,
+    start: u64,
+    stream: BoxStream<'static, Result<Bytes, RegistryError>>,
+) -> BoxStream<'a, Result<Bytes, BlobError>> {
+    let after = ctx.cfg.no_progress_timeout;
+    let mut at = start;
+    let mut failed = false;
+    tokio_stream::StreamExt::timeout(stream, after)
+        .map(move |item| {
+            let r = match item {
+                Err(_) => Err(BlobError::Stalled {
+                    digest: blob.digest.clone(),
+                    after,
+                    offset: at,
+                    size: blob.size,
+                }),
+                Ok(Err(e)) => Err(BlobError::Transport {
+                    digest: blob.digest.clone(),
+                    cause: format!("stream broke at byte {at} of {}: {e}", blob.size),
+                }),
+                Ok(Ok(b)) => {
+                    at += b.len() as u64;
+                    Ok(b)
+                }
+            };
+            r
+        })
+        // The first error ends the stream: what follows an error is not to be trusted.
+        .take_while(move |r| {
+            let go = !failed;
+            failed |= r.is_err();
+            futures_util::future::ready(go)
+        })
+        .boxed()
+}
+
+/// A whole range, in memory, checked for length.
+async fn fetch_range(
+    ctx: &FetchContext,
+    image: &ImageRef,
+    creds: &Credentials,
+    blob: &BlobSpec,
+    range: Range<u64>,
+) -> Result<(Bytes, &'static str), BlobError> {
+    let want = (range.end - range.start) as usize;
+    let (stream, source) = open(ctx, image, creds, blob, range.clone()).await?;
+    let mut buf = bytes::BytesMut::with_capacity(want);
+    let mut body = stalls(ctx, blob, range.start, stream);
+    while let Some(b) = body.next().await {
+        buf.extend_from_slice(&b?);
+        if buf.len() > want {
+            return Err(BlobError::Corrupt {
+                digest: blob.digest.clone(),
+                cause: format!("range {range:?} answered with more than {want} bytes"),
+            });
+        }
+    }
+    if buf.len() < want {
+        return Err(BlobError::Transport {
+            digest: blob.digest.clone(),
+            cause: format!("range {range:?} ended after {} bytes", buf.len()),
+        });
+    }
+    Ok((buf.freeze(), source))
 }
 
 /// Opens the ingest; containerd may still hold the lock of an attempt that just ended.

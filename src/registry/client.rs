@@ -275,7 +275,7 @@ impl RegistryClient {
                         let value = format!("bytes={}-{}", range.start, range.end - 1);
                         extra.push((RANGE, HeaderValue::from_str(&value).expect("ascii")));
                     }
-                    let resp = self.get(&host, image, creds, &path, extra, &what).await?;
+                    let resp = self.get(host, image, creds, &path, extra, &what).await?;
                     let status = resp.status();
                     let content_length = resp.content_length();
                     let skip = match status {
@@ -312,11 +312,11 @@ impl RegistryClient {
                             }
                             0
                         }
-                        s => return Err(status_error(s, &host, image, &what)),
+                        s => return Err(status_error(s, host, image, &what)),
                     };
                     let want = range.end - range.start;
                     Ok(BlobBody {
-                        source: Source::of(&host),
+                        source: Source::of(host),
                         len: want,
                         stream: body_stream(
                             resp,
@@ -354,9 +354,9 @@ impl RegistryClient {
                 async move {
                     let path = format!("{}/manifests/{reference}", image.repository);
                     let accept = vec![(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT))];
-                    let resp = self.get(&host, image, creds, &path, accept, &what).await?;
+                    let resp = self.get(host, image, creds, &path, accept, &what).await?;
                     if !resp.status().is_success() {
-                        return Err(status_error(resp.status(), &host, image, &what));
+                        return Err(status_error(resp.status(), host, image, &what));
                     }
                     let header = |name: &str| {
                         resp.headers()
@@ -427,7 +427,7 @@ impl RegistryClient {
                     Ok((
                         FetchedManifest { descriptor, bytes },
                         parsed,
-                        Source::of(&host),
+                        Source::of(host),
                     ))
                 }
             },
@@ -515,9 +515,7 @@ impl RegistryClient {
             url.push_str(&image.registry);
         }
         let memo_key = (host.base.clone(), image.repository.clone());
-        let mut auth = self
-            .preauth(&http, host, image, creds, &memo_key, what)
-            .await?;
+        let mut auth = self.preauth(&http, image, creds, &memo_key, what).await?;
         for attempt in 0..2 {
             let resp = self.send(&http, host, &url, &extra, auth.as_ref()).await?;
             if resp.status() != StatusCode::UNAUTHORIZED {
@@ -556,18 +554,18 @@ impl RegistryClient {
                 });
             };
             if let Challenge::Bearer { realm, service, .. } = &challenge {
-                if let Some(old) = self.memo(&memo_key) {
-                    if let Challenge::Bearer {
-                        realm: r,
-                        service: s,
-                        scope,
-                    } = &old
-                    {
-                        let scopes = scopes_for(image, scope.as_deref());
-                        self.inner
-                            .tokens
-                            .invalidate(r, s.as_deref(), &scopes.join(" "), creds);
-                    }
+                // The token just refused (cached under the previous challenge) and any cached
+                // for the new one are dropped, so the retry gets a fresh token.
+                if let Some(Challenge::Bearer {
+                    realm: r,
+                    service: s,
+                    scope,
+                }) = self.memo(&memo_key)
+                {
+                    let scopes = scopes_for(image, scope.as_deref());
+                    self.inner
+                        .tokens
+                        .invalidate(&r, s.as_deref(), &scopes.join(" "), creds);
                 }
                 let scopes = scopes_for(image, challenge_scope(&challenge));
                 self.inner
@@ -602,13 +600,11 @@ impl RegistryClient {
     async fn preauth(
         &self,
         http: &reqwest::Client,
-        host: &RegistryHost,
         image: &ImageRef,
         creds: &Credentials,
         memo_key: &(String, String),
         what: &str,
     ) -> Result<Option<HeaderValue>, RegistryError> {
-        let _ = host;
         if let Credentials::RegistryToken(t) = creds {
             return Ok(Some(bearer(t)));
         }
@@ -1031,6 +1027,47 @@ mod tests {
         assert!(bearer("t").is_sensitive());
         assert!(basic("u", "p").is_sensitive());
         assert_eq!(basic("u", "p").to_str().unwrap(), "Basic dTpw");
+    }
+
+    fn https_host(skip_verify: bool, ca: Vec<PathBuf>) -> RegistryHost {
+        let mut h = load_hosts(std::path::Path::new("/nonexistent"), "registry.example").unwrap();
+        let mut h = h.remove(0);
+        h.skip_verify = skip_verify;
+        h.ca = ca;
+        h
+    }
+
+    #[test]
+    fn one_http_client_per_tls_setting() {
+        let dir = std::env::temp_dir().join(format!("pullgate-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["ca.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let bad_file = dir.join("bad.pem");
+        std::fs::write(&bad_file, "not a certificate").unwrap();
+
+        let c = RegistryClient::new(RegistryConfig::default());
+        // rustls with ring builds without a process-wide provider being installed.
+        c.http_for(&https_host(false, vec![])).unwrap();
+        c.http_for(&https_host(true, vec![])).unwrap();
+        c.http_for(&https_host(false, vec![ca_file.clone()])).unwrap();
+        c.http_for(&https_host(false, vec![ca_file.clone()])).unwrap();
+        assert_eq!(c.inner.clients.lock().unwrap().len(), 3);
+        let e = c
+            .http_for(&https_host(false, vec![bad_file.clone()]))
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::Config(_)), "{e}");
+        assert!(e.to_string().contains("bad.pem"), "{e}");
+        let e = c
+            .http_for(&https_host(false, vec![dir.join("missing.pem")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("missing.pem"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -48,8 +48,8 @@ pub fn is_manifest(media_type: &str) -> bool {
 /// A parsed manifest document.
 #[derive(Debug, Clone)]
 pub enum Parsed {
-    Index(ImageIndex),
-    Manifest(ImageManifest),
+    Index(Box<ImageIndex>),
+    Manifest(Box<ImageManifest>),
 }
 
 /// Parses manifest bytes. The media type comes from the document's `mediaType`, else from the
@@ -94,12 +94,12 @@ pub fn parse(
         let index: ImageIndex = serde_json::from_value(value).map_err(|e| {
             RegistryError::Protocol(format!("{what} is not a valid image index: {e}"))
         })?;
-        Ok((media_type, Parsed::Index(index)))
+        Ok((media_type, Parsed::Index(Box::new(index))))
     } else if is_manifest(&media_type) {
         let manifest: ImageManifest = serde_json::from_value(value).map_err(|e| {
             RegistryError::Protocol(format!("{what} is not a valid image manifest: {e}"))
         })?;
-        Ok((media_type, Parsed::Manifest(manifest)))
+        Ok((media_type, Parsed::Manifest(Box::new(manifest))))
     } else {
         Err(RegistryError::Unsupported(format!(
             "{what} has media type {media_type:?}, not an image manifest or index"

@@ -1,14 +1,15 @@
 //! The pull side of an OCI distribution client.
 //!
-//! - [`reference`]: image references, normalised like containerd ([`ImageRef`]);
-//! - [`hosts`]: containerd's `hosts.toml` registry host configuration (mirrors first, then the
+//! - [`reference`] — image references, normalised like containerd ([`ImageRef`]);
+//! - [`hosts`] — containerd's `hosts.toml` registry host configuration (mirrors first, then the
 //!   server);
-//! - [`auth`]: credentials (CRI `AuthConfig`, docker `config.json`), `WWW-Authenticate`
+//! - [`auth`] — credentials (CRI `AuthConfig`, docker `config.json`), `WWW-Authenticate`
 //!   challenges, bearer tokens and their cache;
-//! - [`manifest`]: media types, manifest / index parsing and checks, platform selection;
-//! - [`client`]: [`RegistryClient`]: `resolve` an image for a platform and `fetch_blob` (whole
-//!   or ranged, streamed), mirrors tried in order with fallback to the registry;
-//! - [`error`]: [`RegistryError`].
+//! - [`manifest`] — media types, manifest / index parsing and checks, platform selection;
+//! - [`client`] — [`RegistryClient`], which resolves an image for a platform and fetches blobs
+//!   (whole or ranged, streamed), mirrors tried in order with fallback to the registry;
+//! - [`error`] — [`RegistryError`];
+//! - [`digest`] — `sha256:<hex>` helpers.
 //!
 //! Credentials go only to the image's own registry (the hosts.toml `server`), never to mirrors
 //! unless [`RegistryConfig::mirror_credentials`] is set, and never into a message or a log.
