@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::daemon::metric_value;
 use common::faultproxy::{Fault, FaultProxy};
 use common::node::Node;
+use common::registry::push_index;
 use common::*;
 use pullgate::proto::runtime::v1::*;
 use tonic::Code;
@@ -96,7 +97,7 @@ async fn cold_pull_is_fetched_by_pullgate_and_containerd_fetches_no_blob() {
     );
     assert_no_leftovers(&node).await;
 
-    // Pulled again after removal of the image record: blobs still in the store are skipped.
+    // Removed (containerd collects the blobs) and pulled again: a fresh fetch, no leftovers.
     node.via()
         .remove_image(RemoveImageRequest {
             image: spec(&img.reference()),
@@ -345,5 +346,114 @@ async fn big_blobs_are_fetched_as_parallel_ranges_written_in_order() {
         .collect();
     assert_eq!(ranges, expected);
     // containerd accepted the assembled blob: the digest matched.
+    assert_no_leftovers(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_from_hosts_toml_is_used_and_skipped_when_down() {
+    let node = Node::start(None).await;
+    let img = push_image(
+        &node.registry,
+        "mirror/app",
+        "v1",
+        &[512 << 10, 64 << 10],
+        None,
+    )
+    .await;
+    let mut mirror = Registry::start_mirror(&node.dir.path().join("mirror"), &node.registry).await;
+    // containerd's format: mirrors as [host] entries in order, the registry itself last.
+    let reg = node.registry.addr();
+    std::fs::write(
+        node.containerd.dir().join("certs.d").join(&reg).join("hosts.toml"),
+        format!(
+            "server = \"http://{reg}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            mirror.addr()
+        ),
+    )
+    .unwrap();
+
+    node.via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .expect("pull through the mirror");
+    let m = node.pullgate.metrics().await;
+    let from_mirror = metric_value(&m, "pullgate_fetched_bytes_total{source=\"mirror\"}");
+    assert!(from_mirror > 0.0, "{m}");
+    assert_eq!(
+        metric_value(&m, "pullgate_fetched_bytes_total{source=\"registry\"}"),
+        0.0
+    );
+    // pullgate asked the mirror, never the registry, for blobs.
+    let direct_blob_gets = node
+        .registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/blobs/sha256:") && r.user_agent.starts_with("pullgate/"))
+        .count();
+    assert_eq!(direct_blob_gets, 0);
+
+    // Mirror down: the registry serves.
+    node.via()
+        .remove_image(RemoveImageRequest {
+            image: spec(&img.reference()),
+        })
+        .await
+        .unwrap();
+    mirror.stop();
+    node.via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .expect("pull with the mirror down");
+    let m = node.pullgate.metrics().await;
+    assert!(
+        metric_value(&m, "pullgate_fetched_bytes_total{source=\"registry\"}") > 0.0,
+        "{m}"
+    );
+    assert_no_leftovers(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_resolves_to_the_nodes_platform() {
+    let node = Node::start(None).await;
+    let arm = push_image(&node.registry, "multi/app", "arm64", &[128 << 10], None).await;
+    let amd = push_image(&node.registry, "multi/app", "amd64", &[96 << 10], None).await;
+    let index = push_index(
+        &node.registry,
+        "multi/app",
+        "v1",
+        &[("arm64", "v8", &arm), ("amd64", "", &amd)],
+    )
+    .await;
+    let reference = format!("{}/{}:{}", index.registry, index.repo, index.tag);
+    let reply = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .unwrap()
+        .into_inner();
+    let (node_arch, other) = if cfg!(target_arch = "aarch64") {
+        (&arm, &amd)
+    } else {
+        (&amd, &arm)
+    };
+    assert_eq!(reply.image_ref, node_arch.config_digest);
+    // pullgate fetched exactly that platform's blobs; containerd fetched none.
+    let gets: Vec<_> = node
+        .registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET")
+        .collect();
+    let fetched = |digest: &str| {
+        gets.iter()
+            .filter(|r| r.path.ends_with(digest) && r.path.contains("/blobs/"))
+            .count()
+    };
+    assert_eq!(fetched(&node_arch.layer_digests[0]), 1);
+    assert_eq!(fetched(&other.layer_digests[0]), 0);
+    assert!(gets
+        .iter()
+        .filter(|r| r.path.contains("/blobs/"))
+        .all(|r| !r.user_agent.starts_with(CONTAINERD_UA)));
     assert_no_leftovers(&node).await;
 }

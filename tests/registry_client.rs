@@ -1036,3 +1036,72 @@ async fn bearer_token_auth_end_to_end() {
     fetch_all_and_verify(&c, &image, &direct, &r).await;
     assert_eq!(token_server.requests().len(), before);
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it: (ca_pem, server_cert_pem, key_pem).
+fn test_pki() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "pullgate test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_registry_with_ca_from_hosts_toml() {
+    let dir = tempdir();
+    let reg_dir = dir.path().join("registry");
+    let mut open = Registry::start(&reg_dir, None).await;
+    let img = push_image(&open, "rc/tls", "v1", &[64_000], None).await;
+    open.stop();
+    let (ca_pem, cert_pem, key_pem) = test_pki();
+    let registry = Registry::start_tls(&reg_dir, &cert_pem, &key_pem).await;
+    let image = ImageRef::parse(&format!("{}/{}:{}", registry.addr(), img.repo, img.tag)).unwrap();
+    let certs_d = dir.path().join("certs.d");
+    std::fs::create_dir_all(certs_d.join(registry.addr())).unwrap();
+    std::fs::write(certs_d.join(registry.addr()).join("ca.pem"), &ca_pem).unwrap();
+
+    // Trusted through `ca` (relative to the host dir).
+    write_hosts(
+        &certs_d,
+        &registry.addr(),
+        &format!("server = \"{}\"\nca = \"ca.pem\"\n", registry.https_url()),
+    );
+    let c = client(&certs_d);
+    let r = c.resolve(&image, &anon(), &Platform::node()).await.unwrap();
+    assert_matches_image(&r, &img);
+    fetch_all_and_verify(&c, &image, &anon(), &r).await;
+
+    // Without the CA: a TLS failure, not a fallback.
+    write_hosts(
+        &certs_d,
+        &registry.addr(),
+        &format!("server = \"{}\"\n", registry.https_url()),
+    );
+    let e = c
+        .resolve(&image, &anon(), &Platform::node())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Transport(_)), "{e}");
+    assert!(!e.is_fallback());
+    assert!(e.to_string().contains(&registry.addr()), "{e}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+
+    // skip_verify accepts it.
+    write_hosts(
+        &certs_d,
+        &registry.addr(),
+        &format!(
+            "server = \"{}\"\nskip_verify = true\n",
+            registry.https_url()
+        ),
+    );
+    let r = c.resolve(&image, &anon(), &Platform::node()).await.unwrap();
+    assert_matches_image(&r, &img);
+}

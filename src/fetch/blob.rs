@@ -20,6 +20,9 @@ use crate::registry::digest::hex;
 use crate::registry::{Credentials, Descriptor, ImageRef, RegistryError, Source};
 use crate::upstream::ContentStore;
 
+/// Bytes gathered per content write: few round trips to containerd, little memory.
+const WRITE_BATCH: usize = 1 << 20;
+
 /// What one blob needs.
 #[derive(Clone, Debug)]
 pub struct BlobSpec {
@@ -221,25 +224,56 @@ async fn attempt_once(
     progress.set(offset);
     if offset < blob.size {
         let mut chunks = body_chunks(ctx, image, creds, blob, offset);
-        while let Some(item) = chunks.next().await {
-            let (chunk, source) = item?;
-            let len = chunk.len() as u64;
-            if offset + len > blob.size {
-                return Err(BlobError::Corrupt {
-                    digest: blob.digest.clone(),
-                    cause: format!("registry sent more than the {} bytes expected", blob.size),
-                });
+        // HTTP bodies arrive in pieces of a few KiB; each containerd write is a round trip, so
+        // pieces are gathered into batches. What is buffered when the body breaks is still
+        // written: the next attempt resumes after it.
+        let mut batch = bytes::BytesMut::new();
+        let mut failure = None;
+        loop {
+            let item = chunks.next().await;
+            let done = match item {
+                None => true,
+                Some(Err(e)) => {
+                    failure = Some(e);
+                    true
+                }
+                Some(Ok((chunk, source))) => {
+                    let len = chunk.len() as u64;
+                    if offset + batch.len() as u64 + len > blob.size {
+                        return Err(BlobError::Corrupt {
+                            digest: blob.digest.clone(),
+                            cause: format!(
+                                "registry sent more than the {} bytes expected",
+                                blob.size
+                            ),
+                        });
+                    }
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(&chunk);
+                    }
+                    ctx.metrics
+                        .fetched_bytes
+                        .get_or_create(&SourceLabels { source })
+                        .inc_by(len);
+                    batch.extend_from_slice(&chunk);
+                    false
+                }
+            };
+            // Whole batches; at the end, the rest. A ranged chunk is bigger than a batch and is
+            // cut up: containerd takes messages of at most 16 MiB.
+            while batch.len() >= WRITE_BATCH || (done && !batch.is_empty()) {
+                let data = batch.split_to(batch.len().min(WRITE_BATCH)).freeze();
+                let len = data.len() as u64;
+                writer.write(data).await.map_err(store_err)?;
+                offset += len;
+                progress.set(offset);
             }
-            if let Some(h) = hasher.as_mut() {
-                h.update(&chunk);
+            if done {
+                break;
             }
-            writer.write(chunk).await.map_err(store_err)?;
-            offset += len;
-            ctx.metrics
-                .fetched_bytes
-                .get_or_create(&SourceLabels { source })
-                .inc_by(len);
-            progress.set(offset);
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         if offset < blob.size {
             return Err(BlobError::Transport {

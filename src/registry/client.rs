@@ -1055,8 +1055,10 @@ mod tests {
         // rustls with ring builds without a process-wide provider being installed.
         c.http_for(&https_host(false, vec![])).unwrap();
         c.http_for(&https_host(true, vec![])).unwrap();
-        c.http_for(&https_host(false, vec![ca_file.clone()])).unwrap();
-        c.http_for(&https_host(false, vec![ca_file.clone()])).unwrap();
+        c.http_for(&https_host(false, vec![ca_file.clone()]))
+            .unwrap();
+        c.http_for(&https_host(false, vec![ca_file.clone()]))
+            .unwrap();
         assert_eq!(c.inner.clients.lock().unwrap().len(), 3);
         let e = c
             .http_for(&https_host(false, vec![bad_file.clone()]))

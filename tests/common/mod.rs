@@ -17,6 +17,7 @@ pub mod containerd;
 pub mod daemon;
 pub mod faultproxy;
 pub mod grpc;
+pub mod nginx;
 pub mod node;
 pub mod registry;
 pub mod slowproxy;

@@ -73,6 +73,8 @@ pub struct Registry {
     auth: Option<(String, String)>,
     /// What `GET /v2/` answers once the registry is up (200, or 401 with auth).
     ready_status: u16,
+    /// Serves HTTPS (see [`Registry::start_tls`]).
+    tls: bool,
     child: Option<Child>,
 }
 
@@ -91,7 +93,28 @@ impl Registry {
                 .unwrap_or_else(|e| panic!("Registry: cannot write htpasswd: {e}"));
         }
         let status = if auth.is_some() { 401 } else { 200 };
-        Registry::start_inner(dir, auth, "", status).await
+        Registry::start_inner(dir, auth, "", "", status).await
+    }
+
+    /// An HTTPS registry (anonymous) with the given PEM certificate chain and key (the
+    /// certificate must be valid for 127.0.0.1). `url()` still says http: use `https_url()`.
+    pub async fn start_tls(dir: &Path, cert_pem: &str, key_pem: &str) -> Registry {
+        std::fs::create_dir_all(dir)
+            .unwrap_or_else(|e| panic!("Registry: cannot create {}: {e}", dir.display()));
+        let (cert, key) = (dir.join("tls-cert.pem"), dir.join("tls-key.pem"));
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        let tls = format!(
+            "  tls:\n    certificate: \"{}\"\n    key: \"{}\"\n",
+            cert.display(),
+            key.display()
+        );
+        Registry::start_inner(dir, None, "", &tls, 200).await
+    }
+
+    /// "https://127.0.0.1:PORT".
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr())
     }
 
     /// A pull-through cache (distribution's proxy mode) in front of `upstream`, which must
@@ -101,7 +124,7 @@ impl Registry {
         std::fs::create_dir_all(dir)
             .unwrap_or_else(|e| panic!("Registry: cannot create {}: {e}", dir.display()));
         let extra = format!("proxy:\n  remoteurl: {}\n", upstream.url());
-        Registry::start_inner(dir, None, &extra, 200).await
+        Registry::start_inner(dir, None, &extra, "", 200).await
     }
 
     /// A registry that wants bearer tokens (distribution's `auth: token`): `realm` is the token
@@ -123,15 +146,16 @@ impl Registry {
             "auth:\n  token:\n    realm: \"{realm}\"\n    service: \"{service}\"\n    issuer: \"{issuer}\"\n    rootcertbundle: \"{}\"\n",
             bundle.display()
         );
-        Registry::start_inner(dir, None, &extra, 401).await
+        Registry::start_inner(dir, None, &extra, "", 401).await
     }
 
-    /// Writes the config (`extra` YAML appended to the base config), starts the registry and
-    /// waits until `GET /v2/` answers `ready_status`.
+    /// Writes the config (`extra` YAML appended to the base config, `http_extra` added to its
+    /// `http:` section), starts the registry and waits until `GET /v2/` answers `ready_status`.
     async fn start_inner(
         dir: &Path,
         auth: Option<(String, String)>,
         extra: &str,
+        http_extra: &str,
         ready_status: u16,
     ) -> Registry {
         let log_path = dir.join("registry.log");
@@ -141,6 +165,11 @@ impl Registry {
         for _attempt in 0..3 {
             let port = free_port();
             let mut config = registry_config(dir, port, auth.is_some());
+            let tls = http_extra.contains("tls:");
+            if !http_extra.is_empty() {
+                let anchor = "    X-Content-Type-Options: [nosniff]\n";
+                config = config.replacen(anchor, &format!("{anchor}{http_extra}"), 1);
+            }
             config.push_str(extra);
             std::fs::write(&config_path, config)
                 .unwrap_or_else(|e| panic!("Registry: cannot write config: {e}"));
@@ -151,6 +180,7 @@ impl Registry {
                 log_path: log_path.clone(),
                 auth: auth.clone(),
                 ready_status,
+                tls,
                 child: None,
             };
             registry.spawn();
@@ -196,8 +226,14 @@ impl Registry {
 
     /// True once GET /v2/ answers as expected; false if the process exits or time runs out.
     async fn wait_ready(&mut self, timeout: Duration) -> bool {
-        let client = http_client();
-        let url = format!("http://{}/v2/", self.addr());
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .danger_accept_invalid_certs(true)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let scheme = if self.tls { "https" } else { "http" };
+        let url = format!("{scheme}://{}/v2/", self.addr());
         let want = self.ready_status;
         let deadline = Instant::now() + timeout;
         loop {
