@@ -59,6 +59,18 @@ async fn main() {
         started.elapsed()
     );
 
+    // pullgate fetched the blobs into containerd's content store; containerd fetched none.
+    let by_containerd = registry
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.method == "GET"
+                && r.path.contains("/blobs/")
+                && r.user_agent.starts_with("containerd/")
+        })
+        .count();
+    println!("blob downloads by containerd itself: {by_containerd} (pullgate fetched them)");
+
     // Five clients asking for one image at once: one upstream pull.
     let mut tasks = Vec::new();
     for _ in 0..5 {
@@ -101,6 +113,8 @@ async fn main() {
         "pullgate_pull_requests_total{class=\"prewarm\",result=\"ok\"}",
         "pullgate_pull_requests_merged_total",
         "pullgate_upstream_pulls_total{result=\"ok\"}",
+        "pullgate_blobs_total{outcome=\"fetched\"}",
+        "pullgate_fetched_bytes_total{source=\"registry\"}",
         "pullgate_upstream_up",
     ] {
         println!("  {sample} {}", metric_value(&metrics, sample));

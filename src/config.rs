@@ -85,7 +85,8 @@ impl Default for ContainerdConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct FetchConfig {
-    /// Fetch layers in pullgate. Off: containerd fetches by itself (part-1 behaviour).
+    /// Fetch layers in pullgate. Off: containerd fetches by itself; pullgate only forwards and
+    /// merges.
     pub enabled: bool,
     /// containerd's registry host directory (`hosts.toml` files with mirrors), as in
     /// containerd's `[plugins."io.containerd.grpc.v1.cri".registry] config_path`.

@@ -366,7 +366,7 @@ async fn concurrent_pulls_of_one_image_make_one_upstream_pull() {
     .await;
     // Paced to ~2 MiB/s per connection so every request arrives while the first pull runs.
     let proxy = node.slow_proxy(2 * 1024 * 1024).await;
-    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let reference = img.reference_via(&proxy.addr);
 
     let mut tasks = Vec::new();
     for i in 0..10 {
@@ -412,7 +412,7 @@ async fn pulls_with_different_credentials_are_not_merged() {
     )
     .await;
     let proxy = node.slow_proxy(1024 * 1024).await;
-    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let reference = img.reference_via(&proxy.addr);
 
     let mut good = pull_request(&reference);
     good.auth = Some(auth_config(USER, PASS));
@@ -449,7 +449,7 @@ async fn cancelled_requesters_detach_and_the_last_one_cancels_the_pull() {
     let node = Node::start(None).await;
     let img = push_image(&node.registry, "cancel/app", "v1", &[8 * 1024 * 1024], None).await;
     let proxy = node.slow_proxy(512 * 1024).await;
-    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let reference = img.reference_via(&proxy.addr);
 
     let mut a = node.via();
     let mut b = node.via();
@@ -630,7 +630,7 @@ async fn sigterm_drains_calls_in_flight_and_removes_the_socket() {
     let mut node = Node::start(None).await;
     let img = push_image(&node.registry, "drain/app", "v1", &[1024 * 1024], None).await;
     let proxy = node.slow_proxy(1024 * 1024).await;
-    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let reference = img.reference_via(&proxy.addr);
     let mut client = node.via();
     let pull = tokio::spawn(async move { client.pull_image(pull_request(&reference)).await });
     wait_for("pull under way", Duration::from_secs(20), || async {

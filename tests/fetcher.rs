@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::daemon::metric_value;
-use common::faultproxy::{Fault, FaultProxy};
+use common::faultproxy::Fault;
 use common::node::Node;
 use common::registry::push_index;
 use common::*;
@@ -115,12 +115,11 @@ async fn cold_pull_is_fetched_by_pullgate_and_containerd_fetches_no_blob() {
 async fn truncated_body_is_resumed_with_a_range_request() {
     let node = Node::start(None).await;
     let img = push_image(&node.registry, "fault/trunc", "v1", &[2 << 20], None).await;
-    let proxy = FaultProxy::start(&node.registry.addr()).await;
-    node.containerd.add_host(&proxy.addr);
+    let proxy = node.fault_proxy().await;
     let layer = img.layer_digests[0].clone();
     proxy.inject(&layer, Fault::Truncate, 1);
 
-    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let reference = img.reference_via(&proxy.addr);
     let reply = node
         .via()
         .pull_image(pull_request(&reference))
@@ -143,12 +142,11 @@ async fn truncated_body_is_resumed_with_a_range_request() {
 async fn corrupt_blob_is_never_committed_and_fails_cleanly() {
     let node = Node::start_with(None, "retries = 1").await;
     let img = push_image(&node.registry, "fault/flip", "v1", &[512 << 10], None).await;
-    let proxy = FaultProxy::start(&node.registry.addr()).await;
-    node.containerd.add_host(&proxy.addr);
+    let proxy = node.fault_proxy().await;
     let layer = img.layer_digests[0].clone();
     proxy.inject(&layer, Fault::Flip, 100);
 
-    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let reference = img.reference_via(&proxy.addr);
     let err = node
         .via()
         .pull_image(pull_request(&reference))
@@ -179,12 +177,11 @@ async fn corrupt_blob_is_never_committed_and_fails_cleanly() {
 async fn stalled_registry_hits_the_no_progress_timeout() {
     let node = Node::start_with(None, "retries = 0\nno_progress_timeout = \"1s\"").await;
     let img = push_image(&node.registry, "fault/stall", "v1", &[1 << 20], None).await;
-    let proxy = FaultProxy::start(&node.registry.addr()).await;
-    node.containerd.add_host(&proxy.addr);
+    let proxy = node.fault_proxy().await;
     let layer = img.layer_digests[0].clone();
     proxy.inject(&layer, Fault::Stall, 1);
 
-    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let reference = img.reference_via(&proxy.addr);
     let started = std::time::Instant::now();
     let err = node
         .via()
@@ -223,7 +220,7 @@ async fn pullgate_killed_mid_blob_resumes_after_restart() {
     let size = 4 << 20;
     let img = push_image(&node.registry, "crash/app", "v1", &[size], None).await;
     let proxy = node.slow_proxy(1 << 20).await;
-    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let reference = img.reference_via(&proxy.addr);
     let layer = img.layer_digests[0].clone();
     let ingest = pullgate::fetch::ingest_ref(&layer);
 
@@ -313,9 +310,8 @@ async fn big_blobs_are_fetched_as_parallel_ranges_written_in_order() {
     let node = Node::start_with(None, "range_chunk_mib = 1\nrange_connections = 3").await;
     let size = (5 << 20) + 12345;
     let img = push_image(&node.registry, "ranges/app", "v1", &[size], None).await;
-    let proxy = FaultProxy::start(&node.registry.addr()).await;
-    node.containerd.add_host(&proxy.addr);
-    let reference = format!("{}/{}:{}", proxy.addr, img.repo, img.tag);
+    let proxy = node.fault_proxy().await;
+    let reference = img.reference_via(&proxy.addr);
     let reply = node
         .via()
         .pull_image(pull_request(&reference))

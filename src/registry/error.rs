@@ -52,21 +52,7 @@ impl RegistryError {
     }
 }
 
-/// Formats an error with its whole `source()` chain, "a: b: c" (reqwest puts the useful part, e.g.
-/// "connection refused", in the sources).
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+pub(crate) use crate::errors::chain;
 
 #[cfg(test)]
 mod tests {

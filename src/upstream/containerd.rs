@@ -83,22 +83,7 @@ impl Containerd {
         Status::unavailable(format!(
             "containerd is unreachable at {}: {}",
             self.socket.display(),
-            error_chain(err)
+            crate::errors::chain(err)
         ))
     }
-}
-
-/// "outer: inner: root cause" — transport errors hide the useful part (ENOENT, ECONNREFUSED).
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        source = e.source();
-    }
-    out
 }

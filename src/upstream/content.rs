@@ -137,7 +137,7 @@ impl ContentStore {
         expected: &str,
         lease: &str,
     ) -> Result<Option<ContentWriter>, Status> {
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(WRITE_WINDOW);
         tx.send(content::WriteContentRequest {
             action: content::WriteAction::Stat as i32,
             r#ref: reference.to_string(),
@@ -163,6 +163,7 @@ impl ContentStore {
             tx,
             responses,
             offset: first.offset.max(0) as u64,
+            pending: 0,
             total,
             expected: expected.to_string(),
         }))
@@ -238,57 +239,75 @@ fn ingest_status(s: content::Status) -> IngestStatus {
     }
 }
 
-/// One open ingest. Each request gets one response, as containerd's own client does it.
+/// Write requests in flight before waiting for containerd's answers: containerd answers each
+/// request in order, so writes are pipelined instead of paying a round trip per batch.
+const WRITE_WINDOW: usize = 8;
+
+/// One open ingest. containerd answers every request, in order.
 pub struct ContentWriter {
     tx: mpsc::Sender<content::WriteContentRequest>,
     responses: Streaming<content::WriteContentResponse>,
+    /// Bytes sent (acknowledged or not).
     offset: u64,
+    /// Requests whose answer has not been read yet.
+    pending: usize,
     total: u64,
     expected: String,
 }
 
 impl ContentWriter {
-    /// Bytes already in the ingest: where the download resumes.
+    /// Bytes already in the ingest when it was opened plus those sent since: where a download
+    /// continues.
     pub fn offset(&self) -> u64 {
         self.offset
     }
 
-    async fn round_trip(
-        &mut self,
-        req: content::WriteContentRequest,
-    ) -> Result<content::WriteContentResponse, Status> {
+    async fn send(&mut self, req: content::WriteContentRequest) -> Result<(), Status> {
         self.tx
             .send(req)
             .await
             .map_err(|_| Status::unavailable("containerd closed the write stream"))?;
-        match self.responses.message().await? {
-            Some(m) => Ok(m),
-            None => Err(Status::unavailable("containerd closed the write stream")),
-        }
+        self.pending += 1;
+        Ok(())
+    }
+
+    async fn receive(&mut self) -> Result<content::WriteContentResponse, Status> {
+        let m = self
+            .responses
+            .message()
+            .await?
+            .ok_or_else(|| Status::unavailable("containerd closed the write stream"))?;
+        self.pending -= 1;
+        Ok(m)
     }
 
     pub async fn write(&mut self, data: Bytes) -> Result<(), Status> {
         let len = data.len() as u64;
-        let resp = self
-            .round_trip(content::WriteContentRequest {
-                action: content::WriteAction::Write as i32,
-                offset: self.offset as i64,
-                data,
-                ..Default::default()
-            })
-            .await?;
+        self.send(content::WriteContentRequest {
+            action: content::WriteAction::Write as i32,
+            offset: self.offset as i64,
+            data,
+            ..Default::default()
+        })
+        .await?;
         self.offset += len;
-        if resp.offset as u64 != self.offset {
-            return Err(Status::internal(format!(
-                "containerd ingest at offset {} after writing up to {}",
-                resp.offset, self.offset
-            )));
+        while self.pending >= WRITE_WINDOW {
+            self.receive().await?;
         }
         Ok(())
     }
 
     /// Commits the ingest; containerd checks size and digest and refuses a mismatch.
     pub async fn commit(mut self) -> Result<(), Status> {
+        while self.pending > 0 {
+            let m = self.receive().await?;
+            if self.pending == 0 && m.offset as u64 != self.offset {
+                return Err(Status::internal(format!(
+                    "containerd ingest at offset {} after writing up to {}",
+                    m.offset, self.offset
+                )));
+            }
+        }
         let req = content::WriteContentRequest {
             action: content::WriteAction::Commit as i32,
             offset: self.offset as i64,
@@ -296,7 +315,8 @@ impl ContentWriter {
             expected: self.expected.clone(),
             ..Default::default()
         };
-        match self.round_trip(req).await {
+        self.send(req).await?;
+        match self.receive().await {
             Ok(_) => Ok(()),
             Err(s) if s.code() == Code::AlreadyExists => Ok(()),
             Err(s) => Err(s),

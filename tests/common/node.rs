@@ -49,6 +49,13 @@ impl Node {
         ContentStore::new(super::uds_channel_now(&self.containerd.socket()), "k8s.io")
     }
 
+    /// An HTTP proxy to the registry that breaks blob downloads on demand.
+    pub async fn fault_proxy(&self) -> super::faultproxy::FaultProxy {
+        let proxy = super::faultproxy::FaultProxy::start(&self.registry.addr()).await;
+        self.containerd.add_host(&proxy.addr);
+        proxy
+    }
+
     /// A slow path to the registry for pulls that must last a while.
     pub async fn slow_proxy(&self, bytes_per_sec: u64) -> SlowProxy {
         let proxy = SlowProxy::start(&self.registry.addr(), bytes_per_sec).await;

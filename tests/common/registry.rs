@@ -432,6 +432,11 @@ impl TestImage {
     }
 
     /// "127.0.0.1:PORT/repo@sha256:...".
+    /// The tag reference through another host (a proxy in front of the registry).
+    pub fn reference_via(&self, host: &str) -> String {
+        format!("{host}/{}:{}", self.repo, self.tag)
+    }
+
     pub fn digest_reference(&self) -> String {
         format!("{}/{}@{}", self.registry, self.repo, self.manifest_digest)
     }
