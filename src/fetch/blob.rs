@@ -273,6 +273,7 @@ async fn attempt_once(
             }
         }
         if let Some(e) = failure {
+            writer.flush().await.map_err(store_err)?;
             return Err(e);
         }
         if offset < blob.size {

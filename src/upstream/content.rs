@@ -297,8 +297,9 @@ impl ContentWriter {
         Ok(())
     }
 
-    /// Commits the ingest; containerd checks size and digest and refuses a mismatch.
-    pub async fn commit(mut self) -> Result<(), Status> {
+    /// Waits until containerd has stored everything sent so far, so that a download that stops
+    /// here (a broken body) resumes after it rather than before.
+    pub async fn flush(&mut self) -> Result<(), Status> {
         while self.pending > 0 {
             let m = self.receive().await?;
             if self.pending == 0 && m.offset as u64 != self.offset {
@@ -308,6 +309,12 @@ impl ContentWriter {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Commits the ingest; containerd checks size and digest and refuses a mismatch.
+    pub async fn commit(mut self) -> Result<(), Status> {
+        self.flush().await?;
         let req = content::WriteContentRequest {
             action: content::WriteAction::Commit as i32,
             offset: self.offset as i64,
