@@ -222,7 +222,7 @@ async fn pullgate_killed_mid_blob_resumes_after_restart() {
     let proxy = node.slow_proxy(1 << 20).await;
     let reference = img.reference_via(&proxy.addr);
     let layer = img.layer_digests[0].clone();
-    let ingest = pullgate::fetch::ingest_ref(&layer);
+    let ingest = pullgate::fetch::ingest_ref("application/vnd.oci.image.layer.v1.tar", &layer);
 
     let mut client = node.via();
     let req = pull_request(&reference);

@@ -4,19 +4,19 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::fakeserver::{FakeResponse, FakeServer};
 use common::registry::{push_index, push_index_platforms};
+use common::tokenauth::TokenServer;
 use common::*;
 use futures_util::StreamExt;
 use pullgate::registry::{
     Credentials, Descriptor, ImageRef, Platform, RegistryClient, RegistryConfig, RegistryError,
     Resolved, Source,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn client(config_path: &Path) -> RegistryClient {
     RegistryClient::new(RegistryConfig {
@@ -379,153 +379,6 @@ async fn index_resolves_to_the_requested_platform() {
     assert_matches_image(&r, &arm);
 }
 
-// ---------------------------------------------------------------------------------------------
-// A fake HTTP/1.1 server for failures a real registry does not produce.
-
-#[derive(Debug, Clone)]
-struct FakeRequest {
-    method: String,
-    /// Path and query.
-    target: String,
-    /// Lower-cased names.
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-}
-
-struct FakeResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl FakeResponse {
-    fn new(status: u16) -> FakeResponse {
-        FakeResponse {
-            status,
-            headers: Vec::new(),
-            body: Vec::new(),
-        }
-    }
-
-    fn header(mut self, k: &str, v: &str) -> FakeResponse {
-        self.headers.push((k.to_string(), v.to_string()));
-        self
-    }
-
-    fn body(mut self, b: impl Into<Vec<u8>>) -> FakeResponse {
-        self.body = b.into();
-        self
-    }
-}
-
-type Handler = Arc<dyn Fn(&FakeRequest) -> Option<FakeResponse> + Send + Sync>;
-
-/// Answers every request with `handler` (None: never answer); records requests.
-struct FakeServer {
-    addr: String,
-    requests: Arc<Mutex<Vec<FakeRequest>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FakeServer {
-    async fn start(handler: Handler) -> FakeServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let recorded = requests.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let (handler, recorded) = (handler.clone(), recorded.clone());
-                tokio::spawn(async move {
-                    let Some(req) = read_request(&mut sock).await else {
-                        return;
-                    };
-                    recorded.lock().unwrap().push(req.clone());
-                    let Some(resp) = handler(&req) else {
-                        tokio::time::sleep(Duration::from_secs(3600)).await;
-                        return;
-                    };
-                    let mut head = format!("HTTP/1.1 {} X\r\n", resp.status);
-                    for (k, v) in &resp.headers {
-                        head.push_str(&format!("{k}: {v}\r\n"));
-                    }
-                    head.push_str(&format!(
-                        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-                        resp.body.len()
-                    ));
-                    let _ = sock.write_all(head.as_bytes()).await;
-                    let _ = sock.write_all(&resp.body).await;
-                    let _ = sock.shutdown().await;
-                });
-            }
-        });
-        FakeServer {
-            addr,
-            requests,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn requests(&self) -> Vec<FakeRequest> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-impl Drop for FakeServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<FakeRequest> {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        let n = sock.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let method = first.next()?.to_string();
-    let target = first.next()?.to_string();
-    let headers: HashMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < len {
-        let n = sock.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            break;
-        }
-        body.extend_from_slice(&tmp[..n]);
-    }
-    Some(FakeRequest {
-        method,
-        target,
-        headers,
-        body,
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_mirrors_are_skipped_and_never_get_credentials() {
     let dir = tempdir();
@@ -731,137 +584,11 @@ async fn silent_registry_times_out() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bearer tokens end to end: a token server (FakeServer) issuing ES256 JWTs whose `x5c` carries a
-// self-signed certificate, and a distribution registry with `auth: token` trusting it.
-
-mod token {
-    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-    use base64::Engine;
-    use ring::rand::SystemRandom;
-    use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-
-    pub const SERVICE: &str = "pullgate-test-registry";
-    pub const ISSUER: &str = "pullgate-test-issuer";
-
-    pub struct Signer {
-        key: EcdsaKeyPair,
-        rng: SystemRandom,
-        cert_der: Vec<u8>,
-        pub cert_pem: String,
-    }
-
-    impl Signer {
-        pub fn new() -> Signer {
-            let rng = SystemRandom::new();
-            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                .expect("generate P-256 key");
-            let key =
-                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-                    .expect("load P-256 key");
-            let cert_key = rcgen::KeyPair::try_from(pkcs8.as_ref()).expect("rcgen key");
-            let mut params =
-                rcgen::CertificateParams::new(vec!["pullgate-test-token-signer".to_string()])
-                    .expect("cert params");
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, "pullgate test token signer");
-            let cert = params.self_signed(&cert_key).expect("self-signed cert");
-            Signer {
-                key,
-                rng,
-                cert_der: cert.der().to_vec(),
-                cert_pem: cert.pem(),
-            }
-        }
-
-        /// A registry JWT granting `actions` on each repository of `scopes`
-        /// (`repository:<name>:<actions>`), expiring `exp_in` seconds from now (may be < 0).
-        pub fn token(&self, subject: &str, scopes: &[String], exp_in: i64) -> String {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs() as i64;
-            let access: Vec<serde_json::Value> = scopes
-                .iter()
-                .filter_map(|s| {
-                    let mut parts = s.splitn(3, ':');
-                    let (kind, rest) = (parts.next()?, parts.next()?);
-                    let actions = parts.next()?;
-                    // The name may contain ':' only with a port, never here.
-                    Some(serde_json::json!({
-                        "type": kind,
-                        "name": rest,
-                        "actions": actions.split(',').collect::<Vec<_>>(),
-                    }))
-                })
-                .collect();
-            let header = serde_json::json!({
-                "typ": "JWT",
-                "alg": "ES256",
-                "x5c": [STANDARD.encode(&self.cert_der)],
-            });
-            let claims = serde_json::json!({
-                "iss": ISSUER,
-                "sub": subject,
-                "aud": SERVICE,
-                "exp": now + exp_in,
-                "nbf": now - 10,
-                "iat": now - 10,
-                "jti": format!("{now}-{}", rand::random::<u64>()),
-                "access": access,
-            });
-            let input = format!(
-                "{}.{}",
-                URL_SAFE_NO_PAD.encode(header.to_string()),
-                URL_SAFE_NO_PAD.encode(claims.to_string())
-            );
-            let sig = self.key.sign(&self.rng, input.as_bytes()).expect("sign");
-            format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
-        }
-    }
-
-    /// Percent-decoding for query strings and forms (`+` is a space).
-    pub fn decode(s: &str) -> String {
-        let b = s.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            match b[i] {
-                b'+' => out.push(b' '),
-                b'%' if i + 2 < b.len() => {
-                    let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz");
-                    match u8::from_str_radix(hex, 16) {
-                        Ok(v) => {
-                            out.push(v);
-                            i += 2;
-                        }
-                        Err(_) => out.push(b'%'),
-                    }
-                }
-                c => out.push(c),
-            }
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
-
-    /// `a=1&b=2` → pairs, decoded.
-    pub fn pairs(s: &str) -> Vec<(String, String)> {
-        s.split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (decode(k), decode(v))
-            })
-            .collect()
-    }
-}
+// Bearer tokens end to end: a token server (common::tokenauth) issuing ES256 JWTs whose `x5c`
+// carries a self-signed certificate, and a distribution registry with `auth: token` trusting it.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_auth_end_to_end() {
-    use base64::Engine;
-    use std::sync::atomic::{AtomicI64, Ordering};
-
     let dir = tempdir();
     let reg_dir = dir.path().join("registry");
     // Push through an open registry, then serve the same storage with token auth.
@@ -869,80 +596,8 @@ async fn bearer_token_auth_end_to_end() {
     let img = push_image(&open, "rc/tokens", "v1", &[250_000, 30_000], None).await;
     open.stop();
 
-    let signer = Arc::new(token::Signer::new());
-    // Lifetime (s) of the next token issued; the default is a normal one.
-    let next_exp = Arc::new(AtomicI64::new(300));
-    let good_basic = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode("tok-user:tok-pass")
-    );
-    let token_server = {
-        let (signer, next_exp) = (signer.clone(), next_exp.clone());
-        FakeServer::start(Arc::new(move |req| {
-            let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
-            if path != "/token" {
-                return Some(FakeResponse::new(404));
-            }
-            let exp = next_exp.swap(300, Ordering::SeqCst);
-            let json = |body: serde_json::Value| {
-                Some(
-                    FakeResponse::new(200)
-                        .header("Content-Type", "application/json")
-                        .body(body.to_string()),
-                )
-            };
-            match req.method.as_str() {
-                "GET" => {
-                    let params = token::pairs(query);
-                    let service = params.iter().find(|(k, _)| k == "service");
-                    assert_eq!(service.map(|(_, v)| v.as_str()), Some(token::SERVICE));
-                    let scopes: Vec<String> = params
-                        .iter()
-                        .filter(|(k, _)| k == "scope")
-                        .map(|(_, v)| v.clone())
-                        .collect();
-                    match req.headers.get("authorization") {
-                        None => json(serde_json::json!({
-                            "token": signer.token("", &[], exp), "expires_in": 300,
-                        })),
-                        Some(a) if *a == good_basic => json(serde_json::json!({
-                            "token": signer.token("tok-user", &scopes, exp), "expires_in": 300,
-                        })),
-                        Some(_) => Some(FakeResponse::new(401)),
-                    }
-                }
-                "POST" => {
-                    let form = token::pairs(&String::from_utf8_lossy(&req.body));
-                    let get = |k: &str| {
-                        form.iter()
-                            .find(|(fk, _)| fk == k)
-                            .map(|(_, v)| v.clone())
-                            .unwrap_or_default()
-                    };
-                    assert_eq!(get("grant_type"), "refresh_token");
-                    assert_eq!(get("service"), token::SERVICE);
-                    if get("refresh_token") != "good-refresh" {
-                        return Some(FakeResponse::new(401));
-                    }
-                    let scopes: Vec<String> = get("scope").split(' ').map(str::to_string).collect();
-                    json(serde_json::json!({
-                        "access_token": signer.token("refresh-user", &scopes, exp),
-                        "expires_in": 300,
-                    }))
-                }
-                _ => Some(FakeResponse::new(405)),
-            }
-        }))
-        .await
-    };
-    let registry = Registry::start_token_auth(
-        &reg_dir,
-        &format!("{}/token", token_server.url()),
-        token::SERVICE,
-        token::ISSUER,
-        &signer.cert_pem,
-    )
-    .await;
+    let token_server = TokenServer::start_with("tok-user", "tok-pass", Some("good-refresh")).await;
+    let registry = token_server.start_registry(&reg_dir).await;
     assert_eq!(registry.addr().split(':').next(), Some("127.0.0.1"));
     let c = client(&dir.path().join("certs.d"));
     // The same storage on the token registry's port.
@@ -977,7 +632,7 @@ async fn bearer_token_auth_end_to_end() {
     // A token the registry stops accepting (expired while cached) is replaced on the 401.
     // distribution allows 60 s of clock skew, so exp = now - 57 s is accepted for ~3 s.
     let c2 = client(&dir.path().join("certs.d"));
-    next_exp.store(-57, Ordering::SeqCst);
+    token_server.set_next_exp(-57);
     let r2 = c2.resolve(&image, &creds, &Platform::node()).await.unwrap();
     assert_eq!(gets(), 2);
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -1027,7 +682,7 @@ async fn bearer_token_auth_end_to_end() {
 
     // A registry token is used as is: no token server round trip.
     let before = token_server.requests().len();
-    let direct = Credentials::RegistryToken(signer.token(
+    let direct = Credentials::RegistryToken(token_server.signer().token(
         "direct",
         &["repository:rc/tokens:pull".to_string()],
         300,

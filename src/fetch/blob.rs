@@ -18,6 +18,7 @@ use super::FetchContext;
 use crate::metrics::{OutcomeLabels, SourceLabels};
 use crate::registry::digest::hex;
 use crate::registry::{Credentials, Descriptor, ImageRef, RegistryError, Source};
+use crate::upstream::content::ContentWriter;
 use crate::upstream::ContentStore;
 
 /// Bytes gathered per content write: few round trips to containerd, little memory.
@@ -43,17 +44,23 @@ impl BlobSpec {
     fn descriptor(&self) -> Descriptor {
         self.descriptor.clone()
     }
+
+    /// The ingest this blob is written through.
+    pub fn reference(&self) -> String {
+        ingest_ref(self.descriptor.media_type().as_ref(), &self.digest)
+    }
 }
 
 /// Stores a small blob already in memory (index, manifest), verified by the caller.
 pub async fn write_small(
     store: &ContentStore,
+    media_type: &str,
     digest: &str,
     data: bytes::Bytes,
     lease: &str,
 ) -> Result<(), Status> {
     if store.info(digest).await?.is_none() {
-        let reference = ingest_ref(digest);
+        let reference = ingest_ref(media_type, digest);
         let mut writer = store
             .writer(&reference, data.len() as u64, digest, lease)
             .await?;
@@ -120,12 +127,51 @@ impl BlobError {
     }
 }
 
-/// The ingest name: stable per digest, so a restarted pullgate resumes its own ingest.
-pub fn ingest_ref(digest: &str) -> String {
-    format!("pullgate-{digest}")
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+
+/// The ingest name, the one containerd's own fetch uses (`remotes.MakeRefKey`): while pullgate
+/// writes a blob, containerd finishing the same pull waits on this ingest's lock instead of
+/// downloading the blob a second time, and a restarted pullgate resumes its own ingest.
+pub fn ingest_ref(media_type: &str, digest: &str) -> String {
+    let kind =
+        if media_type.contains("manifest.list") || media_type.ends_with("image.index.v1+json") {
+            "index"
+        } else if media_type.contains("manifest") {
+            "manifest"
+        } else if media_type.contains("layer") || media_type.contains("rootfs.diff") {
+            "layer"
+        } else if media_type.contains("config") || media_type == DOCKER_CONFIG {
+            "config"
+        } else {
+            "unknown"
+        };
+    format!("{kind}-{digest}")
 }
 
-/// Downloads `blob` into the store under `lease`, unless it is there already.
+/// Takes the ingest lock of `blob` now, when nobody holds it: `Some` writer to download into
+/// later. `None` when the blob is present or another writer (a download of pullgate's own, or
+/// containerd's) holds the lock.
+pub async fn claim(
+    store: &ContentStore,
+    blob: &BlobSpec,
+    lease: &str,
+) -> Result<Option<ContentWriter>, Status> {
+    match store
+        .writer(&blob.reference(), blob.size, &blob.digest, lease)
+        .await
+    {
+        Err(s) if is_locked(&s) => Ok(None),
+        other => other,
+    }
+}
+
+fn is_locked(s: &Status) -> bool {
+    s.code() == Code::Unavailable && s.message().contains("locked")
+}
+
+/// Downloads `blob` into the store under `lease`, unless it is there already, into `claimed`
+/// when the caller took the ingest lock beforehand. The lock is kept across attempts, so nobody
+/// else starts the same download in between.
 pub async fn download(
     ctx: Arc<FetchContext>,
     image: ImageRef,
@@ -133,17 +179,19 @@ pub async fn download(
     blob: BlobSpec,
     lease: String,
     progress: Arc<BlobProgress>,
+    claimed: Option<ContentWriter>,
 ) -> Result<BlobOutcome, BlobError> {
     let store = &ctx.store;
     let store_err = |status: Status| BlobError::Store {
         digest: blob.digest.clone(),
         status,
     };
-    if store.info(&blob.digest).await.map_err(store_err)?.is_some() {
+    if claimed.is_none() && store.info(&blob.digest).await.map_err(store_err)?.is_some() {
         progress.set(blob.size);
+        count(&ctx, BlobOutcome::Present);
         return Ok(BlobOutcome::Present);
     }
-    let reference = ingest_ref(&blob.digest);
+    let mut writer = claimed;
     let mut last_error = None;
     for attempt in 0..=ctx.cfg.retries {
         if attempt > 0 {
@@ -151,25 +199,24 @@ pub async fn download(
             let backoff = Duration::from_millis(250 * (1 << attempt.min(5)));
             tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
         }
-        match attempt_once(&ctx, &image, &creds, &blob, &reference, &lease, &progress).await {
+        match attempt_once(&ctx, &image, &creds, &blob, &lease, &progress, &mut writer).await {
             Ok(outcome) => {
-                ctx.metrics
-                    .blobs
-                    .get_or_create(&OutcomeLabels {
-                        outcome: match outcome {
-                            BlobOutcome::Present => "present",
-                            BlobOutcome::Fetched => "fetched",
-                        },
-                    })
-                    .inc();
+                count(&ctx, outcome);
                 return Ok(outcome);
             }
             Err(e @ (BlobError::Fallback(_) | BlobError::Store { .. })) => return Err(e),
             Err(e) => {
                 warn!(digest = %blob.digest, attempt = attempt + 1, error = %e, "blob attempt failed");
                 if matches!(e, BlobError::Corrupt { .. }) {
-                    // Never resume on top of bad bytes.
-                    let _ = store.abort(&reference).await;
+                    // Never resume on top of bad bytes. Start over within the same ingest when
+                    // the writer is still open: the lock stays ours, so containerd keeps waiting
+                    // instead of downloading the bad blob itself.
+                    match writer.as_mut() {
+                        Some(w) => w.restart(),
+                        None => {
+                            let _ = store.abort(&blob.reference()).await;
+                        }
+                    }
                     progress.set(0);
                 }
                 last_error = Some(e);
@@ -180,7 +227,24 @@ pub async fn download(
         .blobs
         .get_or_create(&OutcomeLabels { outcome: "failed" })
         .inc();
-    Err(last_error.expect("at least one attempt"))
+    let error = last_error.expect("at least one attempt");
+    if matches!(error, BlobError::Corrupt { .. }) {
+        // Nothing of a corrupt blob stays behind for anyone to resume.
+        drop(writer);
+        let _ = store.abort(&blob.reference()).await;
+    }
+    Err(error)
+}
+
+fn count(ctx: &FetchContext, outcome: BlobOutcome) {
+    let outcome = match outcome {
+        BlobOutcome::Present => "present",
+        BlobOutcome::Fetched => "fetched",
+    };
+    ctx.metrics
+        .blobs
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
 }
 
 async fn attempt_once(
@@ -188,25 +252,24 @@ async fn attempt_once(
     image: &ImageRef,
     creds: &Credentials,
     blob: &BlobSpec,
-    reference: &str,
     lease: &str,
     progress: &BlobProgress,
+    slot: &mut Option<ContentWriter>,
 ) -> Result<BlobOutcome, BlobError> {
     let store_err = |status: Status| BlobError::Store {
         digest: blob.digest.clone(),
         status,
     };
-    let Some(mut writer) = open_writer(ctx, reference, blob, lease)
-        .await
-        .map_err(store_err)?
-    else {
+    if slot.is_none() {
+        *slot = open_writer(ctx, blob, lease).await.map_err(store_err)?;
+    }
+    let Some(writer) = slot.as_mut() else {
         progress.set(blob.size);
         return Ok(BlobOutcome::Present);
     };
     let mut offset = writer.offset();
     if offset > blob.size {
-        drop(writer);
-        let _ = ctx.store.abort(reference).await;
+        // Bigger than the blob: cannot be resumed (download() starts it over).
         return Err(BlobError::Corrupt {
             digest: blob.digest.clone(),
             cause: format!(
@@ -292,6 +355,7 @@ async fn attempt_once(
             });
         }
     }
+    let writer = slot.take().expect("writer checked above");
     match writer.commit().await {
         Ok(()) => Ok(BlobOutcome::Fetched),
         Err(s) if s.code() == Code::FailedPrecondition || s.code() == Code::InvalidArgument => {
@@ -438,26 +502,23 @@ async fn fetch_range(
 /// Opens the ingest; containerd may still hold the lock of an attempt that just ended.
 async fn open_writer(
     ctx: &FetchContext,
-    reference: &str,
     blob: &BlobSpec,
     lease: &str,
-) -> Result<Option<crate::upstream::content::ContentWriter>, Status> {
-    let mut tries = 0;
+) -> Result<Option<ContentWriter>, Status> {
+    let mut waited = false;
     loop {
-        match ctx
-            .store
-            .writer(reference, blob.size, &blob.digest, lease)
-            .await
-        {
-            Err(s)
-                if s.code() == Code::Unavailable
-                    && s.message().contains("locked")
-                    && tries < 50 =>
-            {
-                tries += 1;
+        match claim(&ctx.store, blob, lease).await? {
+            Some(w) => return Ok(Some(w)),
+            None if ctx.store.info(&blob.digest).await?.is_some() => return Ok(None),
+            None => {
+                // Another writer holds the ingest (containerd, or an earlier attempt whose stream
+                // containerd has not closed yet): wait for it to commit or give up.
+                if !waited {
+                    debug!(digest = %blob.digest, "ingest locked by another writer; waiting");
+                    waited = true;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            other => return other,
         }
     }
 }
@@ -475,5 +536,49 @@ fn registry_error(digest: &str, e: RegistryError) -> BlobError {
             digest: digest.to_string(),
             cause: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ingest_ref;
+
+    #[test]
+    fn ingest_refs_are_containerds() {
+        let d = "sha256:ab";
+        for (mt, want) in [
+            ("application/vnd.oci.image.index.v1+json", "index-sha256:ab"),
+            (
+                "application/vnd.docker.distribution.manifest.list.v2+json",
+                "index-sha256:ab",
+            ),
+            (
+                "application/vnd.oci.image.manifest.v1+json",
+                "manifest-sha256:ab",
+            ),
+            (
+                "application/vnd.docker.distribution.manifest.v2+json",
+                "manifest-sha256:ab",
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                "layer-sha256:ab",
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "layer-sha256:ab",
+            ),
+            (
+                "application/vnd.oci.image.config.v1+json",
+                "config-sha256:ab",
+            ),
+            (
+                "application/vnd.docker.container.image.v1+json",
+                "config-sha256:ab",
+            ),
+            ("application/vnd.example.other", "unknown-sha256:ab"),
+        ] {
+            assert_eq!(ingest_ref(mt, d), want, "{mt}");
+        }
     }
 }

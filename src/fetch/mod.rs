@@ -58,9 +58,9 @@ struct Fallback {
 }
 
 enum Prepared {
-    Ready,
+    /// Every missing blob is claimed; the future completes when all are in the store.
+    Ready(BoxFuture<'static, Result<(), BlobError>>),
     Fallback(Fallback),
-    Failed(tonic::Status),
 }
 
 impl LayerFetcher {
@@ -117,17 +117,13 @@ impl Puller for LayerFetcher {
             };
             let outcome = prepare(&ctx, &shared, &job, &lease, &progress).await;
             let reply = match outcome {
-                Prepared::Ready => finish.pull(job).await,
+                Prepared::Ready(downloads) => {
+                    finish_while_fetching(&ctx, downloads, &finish, job).await
+                }
                 Prepared::Fallback(f) => {
-                    warn!(reason = f.reason, detail = %f.detail,
-                          "fetcher cannot handle this pull; containerd fetches it");
-                    ctx.metrics
-                        .fetch_fallbacks
-                        .get_or_create(&ReasonLabels { reason: f.reason })
-                        .inc();
+                    count_fallback(&ctx, f);
                     finish.pull(job).await
                 }
-                Prepared::Failed(status) => CapturedReply::from_status(status),
             };
             // The image record now references the content; the lease has done its job.
             guard.release().await;
@@ -233,7 +229,10 @@ async fn prepare(
         .chain(std::iter::once(&resolved.manifest))
     {
         let digest = m.descriptor.digest().to_string();
-        if let Err(e) = blob::write_small(&ctx.store, &digest, m.bytes.clone(), lease).await {
+        let media_type = m.descriptor.media_type().to_string();
+        if let Err(e) =
+            blob::write_small(&ctx.store, &media_type, &digest, m.bytes.clone(), lease).await
+        {
             return fallback("content_api", e.message().to_string());
         }
     }
@@ -248,42 +247,104 @@ async fn prepare(
         bytes = total,
         "fetching into containerd's content store"
     );
-    let downloads = blobs.into_iter().map(|spec| {
-        let p = BlobProgress::new(spec.digest.clone(), spec.size);
-        progress.add(p.clone());
-        let (ctx, shared) = (ctx.clone(), shared.clone());
-        let (image, creds, lease) = (image.clone(), creds.clone(), lease.to_string());
-        async move {
-            let digest = spec.digest.clone();
-            let (res, joined) = shared
-                .run(&digest, {
-                    let (ctx, lease) = (ctx.clone(), lease.clone());
-                    move || blob::download(ctx, image, creds, spec, lease, p).boxed()
-                })
-                .await;
-            res?;
-            if joined {
-                ctx.metrics
-                    .blobs
-                    .get_or_create(&OutcomeLabels { outcome: "shared" })
-                    .inc();
-            }
-            // Present or written by another job: this job's lease must hold it too.
-            ctx.store
-                .lease_content(&lease, &digest)
-                .await
-                .map_err(|status| BlobError::Store { digest, status })
+    // Claim every missing blob now: containerd, asked to finish while the bytes are still
+    // coming, then waits on each ingest instead of fetching the blob itself, and unpacks each
+    // layer as soon as it is committed (as its own pull overlaps fetch and unpack).
+    let mut claimed = Vec::with_capacity(blobs.len());
+    for spec in &blobs {
+        match blob::claim(&ctx.store, spec, lease).await {
+            Ok(w) => claimed.push(w),
+            Err(s) => return fallback("content_api", s.message().to_string()),
         }
-    });
-    let result: Result<Vec<()>, BlobError> = futures_util::stream::iter(downloads)
-        .buffered(ctx.cfg.parallel_blobs)
-        .try_collect()
-        .await;
-    match result {
-        Ok(_) => Prepared::Ready,
-        Err(BlobError::Fallback(detail)) => fallback("registry", detail),
-        Err(e) => Prepared::Failed(e.status(&job.info.image)),
     }
+    // Built eagerly: each future owns what it needs and outlives this function.
+    let downloads: Vec<_> = blobs
+        .into_iter()
+        .zip(claimed)
+        .map(|(spec, writer)| {
+            let p = BlobProgress::new(spec.digest.clone(), spec.size);
+            progress.add(p.clone());
+            let (ctx, shared) = (ctx.clone(), shared.clone());
+            let (image, creds, lease) = (image.clone(), creds.clone(), lease.to_string());
+            async move {
+                let digest = spec.digest.clone();
+                let (res, joined) = shared
+                    .run(&digest, {
+                        let (ctx, lease) = (ctx.clone(), lease.clone());
+                        move || blob::download(ctx, image, creds, spec, lease, p, writer).boxed()
+                    })
+                    .await;
+                res?;
+                if joined {
+                    ctx.metrics
+                        .blobs
+                        .get_or_create(&OutcomeLabels { outcome: "shared" })
+                        .inc();
+                }
+                // Present or written by another job: this job's lease must hold it too.
+                ctx.store
+                    .lease_content(&lease, &digest)
+                    .await
+                    .map_err(|status| BlobError::Store { digest, status })
+            }
+        })
+        .collect();
+    let parallel = ctx.cfg.parallel_blobs;
+    Prepared::Ready(
+        futures_util::stream::iter(downloads)
+            .buffered(parallel)
+            .try_collect::<Vec<()>>()
+            .map(|r| r.map(|_| ()))
+            .boxed(),
+    )
+}
+
+/// Runs the downloads and containerd's finish side by side. A download failure containerd would
+/// hit too ends the pull with pullgate's error (containerd's call is cancelled first); one that
+/// containerd may get past (fallback) lets containerd fetch what is missing.
+async fn finish_while_fetching(
+    ctx: &FetchContext,
+    mut downloads: BoxFuture<'static, Result<(), BlobError>>,
+    finish: &ContainerdPuller,
+    job: PullJob,
+) -> CapturedReply {
+    let image = job.info.image.clone();
+    let started = std::time::Instant::now();
+    let mut forward = finish.pull(job);
+    let fetched = tokio::select! {
+        r = &mut downloads => r,
+        // containerd answered before the downloads ended: it failed on its own.
+        reply = &mut forward => return reply,
+    };
+    match fetched {
+        Ok(()) => {
+            debug!(elapsed = ?started.elapsed(), "all blobs in the content store");
+            forward.await
+        }
+        Err(BlobError::Fallback(detail)) => {
+            count_fallback(
+                ctx,
+                Fallback {
+                    reason: "registry",
+                    detail,
+                },
+            );
+            forward.await
+        }
+        Err(e) => {
+            drop(forward);
+            CapturedReply::from_status(e.status(&image))
+        }
+    }
+}
+
+fn count_fallback(ctx: &FetchContext, f: Fallback) {
+    warn!(reason = f.reason, detail = %f.detail,
+          "fetcher cannot handle this pull; containerd fetches it");
+    ctx.metrics
+        .fetch_fallbacks
+        .get_or_create(&ReasonLabels { reason: f.reason })
+        .inc();
 }
 
 fn fallback_reason(e: &RegistryError) -> &'static str {

@@ -297,6 +297,12 @@ impl ContentWriter {
         Ok(())
     }
 
+    /// Starts the ingest over, keeping its lock: containerd truncates it at the next write (which
+    /// is at offset 0). Used when what was written is bad.
+    pub fn restart(&mut self) {
+        self.offset = 0;
+    }
+
     /// Waits until containerd has stored everything sent so far, so that a download that stops
     /// here (a broken body) resumes after it rather than before.
     pub async fn flush(&mut self) -> Result<(), Status> {

@@ -15,12 +15,14 @@
 
 pub mod containerd;
 pub mod daemon;
+pub mod fakeserver;
 pub mod faultproxy;
 pub mod grpc;
 pub mod nginx;
 pub mod node;
 pub mod registry;
 pub mod slowproxy;
+pub mod tokenauth;
 
 use std::collections::HashSet;
 use std::future::Future;
