@@ -54,6 +54,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     pub method: String,
     pub code: &'static str,
@@ -73,6 +78,15 @@ pub struct Metrics {
     pub blobs: Family<OutcomeLabels, Counter>,
     pub blob_retries: Counter,
     pub fetch_fallbacks: Family<ReasonLabels, Counter>,
+    pub queue_length: Family<ClassLabels, Gauge>,
+    pub queue_wait: Family<ClassLabels, Histogram>,
+    pub class_bytes: Family<ClassLabels, Counter>,
+    pub class_rate: Family<ClassLabels, Gauge>,
+    pub promotions: Counter,
+    pub prewarm_jobs: Family<StateLabels, Gauge>,
+    pub p2p_gate_open: Gauge,
+    pub lane_running: Gauge,
+    pub lane_waiting: Gauge,
 }
 
 impl Default for Metrics {
@@ -155,9 +169,72 @@ impl Metrics {
             "Pulls left to containerd's own fetch because pullgate's fetcher could not handle them",
             fetch_fallbacks.clone(),
         );
+        let queue_length = Family::<ClassLabels, Gauge>::default();
+        registry.register(
+            "queue_length",
+            "Jobs not yet fetching (waiting for the P2P gate, resolving, queued), by class",
+            queue_length.clone(),
+        );
+        let queue_wait = Family::<ClassLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0,
+            ])
+        });
+        registry.register(
+            "queue_wait_seconds",
+            "Time a job waited for its turn to fetch once resolved, by class at admission",
+            queue_wait.clone(),
+        );
+        let class_bytes = Family::<ClassLabels, Counter>::default();
+        registry.register(
+            "class_bytes",
+            "Blob bytes received from registries and mirrors, by class of the job",
+            class_bytes.clone(),
+        );
+        let class_rate = Family::<ClassLabels, Gauge>::default();
+        registry.register(
+            "class_rate_bytes_per_second",
+            "Receive rate over the last second, by class",
+            class_rate.clone(),
+        );
+        let promotions = Counter::default();
+        registry.register(
+            "promotions",
+            "Prewarm jobs promoted to urgent because a pod started waiting for them",
+            promotions.clone(),
+        );
+        let prewarm_jobs = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "prewarm_jobs",
+            "Live prewarm jobs by state",
+            prewarm_jobs.clone(),
+        );
+        let p2p_gate_open = Gauge::default();
+        registry.register(
+            "p2p_gate_open",
+            "1 when the P2P gate lets prewarm start",
+            p2p_gate_open.clone(),
+        );
+        let lane_running = Gauge::default();
+        registry.register(
+            "lane_running",
+            "Images fetching in the large-image lane (0 or 1)",
+            lane_running.clone(),
+        );
+        let lane_waiting = Gauge::default();
+        registry.register(
+            "lane_waiting",
+            "Large images waiting for the lane",
+            lane_waiting.clone(),
+        );
         // Export both classes from the start, so dashboards and alerts see zeros, not gaps.
         for class in [Class::Urgent, Class::Prewarm] {
-            let _ = pull_duration.get_or_create(&ClassLabels::new(class));
+            let l = ClassLabels::new(class);
+            let _ = pull_duration.get_or_create(&l);
+            let _ = queue_length.get_or_create(&l);
+            let _ = queue_wait.get_or_create(&l);
+            let _ = class_bytes.get_or_create(&l);
+            let _ = class_rate.get_or_create(&l);
         }
         Metrics {
             registry,
@@ -172,6 +249,15 @@ impl Metrics {
             blobs,
             blob_retries,
             fetch_fallbacks,
+            queue_length,
+            queue_wait,
+            class_bytes,
+            class_rate,
+            promotions,
+            prewarm_jobs,
+            p2p_gate_open,
+            lane_running,
+            lane_waiting,
         }
     }
 

@@ -1,0 +1,593 @@
+//! One scheduler for every byte pullgate fetches.
+//!
+//! ```text
+//! job ──enter──▶ [waiting-for-p2p] ──▶ resolving ──admit(size)──▶ queued ──▶ fetching ──▶ finishing
+//!                   prewarm only          │                         │          │              │
+//!                                         ▼                         ▼          ▼              ▼
+//!                                  gate (P2P ready)     prewarm cap, large lane   stream slots, unpack slots
+//!                                                                              bandwidth buckets
+//! ```
+//! Urgent jobs (a pod waits) pass every queue at once; prewarm jobs are admitted by priority,
+//! then configured order, then arrival, at most `max_prewarm_jobs` at a time. Images of at least
+//! `large_image_bytes` go through a lane one at a time in a deterministic order (priority,
+//! configured order, reference): the lane does not start an image while one that sorts before it
+//! is still being resolved, so every node walks the same sequence.
+
+pub mod bandwidth;
+mod priority;
+pub mod slots;
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::watch;
+
+pub use bandwidth::{Bandwidth, Limits};
+pub use priority::{ClassRank, Priority};
+pub use slots::{SlotPermit, Slots};
+
+use crate::jobs::{JobBoard, JobRecord, JobState};
+use crate::metrics::{ClassLabels, Metrics};
+use crate::pull::Class;
+
+/// Admission limits (reloadable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// Prewarm images fetched at once (0: unlimited).
+    pub max_prewarm_jobs: usize,
+    /// Images at least this big go through the large-image lane (0: no lane).
+    pub large_image_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Size not known yet (waiting for the gate or resolving).
+    Unsized,
+    Waiting,
+    Running,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: Arc<JobRecord>,
+    seq: u64,
+    phase: Phase,
+    large: bool,
+    holds_lane: bool,
+}
+
+impl Entry {
+    fn queue_key(&self) -> (Reverse<Priority>, u32, u64) {
+        (
+            Reverse(self.record.priority()),
+            self.record.origin.order(),
+            self.seq,
+        )
+    }
+
+    fn lane_key(&self) -> (Reverse<Priority>, u32, &str, u64) {
+        (
+            Reverse(self.record.priority()),
+            self.record.origin.order(),
+            &self.record.image,
+            self.seq,
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: BTreeMap<u64, Entry>,
+    seq: u64,
+}
+
+pub struct Scheduler {
+    state: Mutex<State>,
+    admission: Mutex<Admission>,
+    pub bandwidth: Arc<Bandwidth>,
+    /// Blob downloads in flight across all jobs.
+    pub streams: Arc<Slots>,
+    /// containerd finish steps (unpack and record) in flight.
+    pub unpacks: Arc<Slots>,
+    gate: watch::Receiver<bool>,
+    /// Bumped on every admission.
+    admitted: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+}
+
+/// What the scheduler is given at start.
+pub struct Setup {
+    pub admission: Admission,
+    pub limits: Limits,
+    pub max_blob_streams: usize,
+    pub max_unpacks: usize,
+    /// P2P readiness (true: open).
+    pub gate: watch::Receiver<bool>,
+}
+
+impl Scheduler {
+    pub fn new(setup: Setup, board: &JobBoard, metrics: Arc<Metrics>) -> Arc<Self> {
+        let s = Arc::new(Scheduler {
+            state: Default::default(),
+            admission: Mutex::new(setup.admission),
+            bandwidth: Arc::new(Bandwidth::new(setup.limits)),
+            streams: Slots::new(setup.max_blob_streams),
+            unpacks: Slots::new(setup.max_unpacks),
+            gate: setup.gate,
+            admitted: watch::channel(0).0,
+            metrics,
+        });
+        // Promotions and gate changes re-run the dispatch; the task ends with the scheduler.
+        let weak = Arc::downgrade(&s);
+        let (jobs, gate) = (board.subscribe(), s.gate.clone());
+        tokio::spawn(redispatch(weak, jobs, gate));
+        s
+    }
+
+    /// New admission limits (config reload).
+    pub fn set_admission(&self, a: Admission) {
+        *self.admission.lock().unwrap() = a;
+        self.dispatch();
+    }
+
+    pub fn gate_open(&self) -> bool {
+        *self.gate.borrow()
+    }
+
+    /// Registers a job; it leaves the scheduler when the ticket is dropped.
+    pub fn enter(self: &Arc<Self>, record: Arc<JobRecord>) -> Ticket {
+        let id = record.id;
+        {
+            let mut st = self.state.lock().unwrap();
+            st.seq += 1;
+            let seq = st.seq;
+            st.entries.insert(
+                id,
+                Entry {
+                    record: record.clone(),
+                    seq,
+                    phase: Phase::Unsized,
+                    large: false,
+                    holds_lane: false,
+                },
+            );
+        }
+        self.dispatch();
+        Ticket {
+            scheduler: self.clone(),
+            record,
+        }
+    }
+
+    /// Admits whatever may run now. Cheap; called on every change.
+    fn dispatch(&self) {
+        let adm = *self.admission.lock().unwrap();
+        let gate_open = self.gate_open();
+        let mut st = self.state.lock().unwrap();
+        let urgent = st
+            .entries
+            .values()
+            .filter(|e| e.record.priority().is_urgent())
+            .count();
+        self.bandwidth.set_urgent(urgent);
+
+        let mut lane_busy = st.entries.values().any(|e| e.holds_lane);
+        let mut running_prewarm = st
+            .entries
+            .values()
+            .filter(|e| e.phase == Phase::Running && !e.record.priority().is_urgent())
+            .count();
+        // The lane's next image: the first by lane order among prewarm images that are large or
+        // may turn out to be. An unsized one first in line holds the lane back.
+        let lane_next = st
+            .entries
+            .values()
+            .filter(|e| !e.record.priority().is_urgent())
+            .filter(|e| e.phase == Phase::Unsized || (e.phase == Phase::Waiting && e.large))
+            .filter(|_| adm.large_image_bytes > 0)
+            .min_by(|a, b| a.lane_key().cmp(&b.lane_key()))
+            .filter(|e| e.phase == Phase::Waiting)
+            .map(|e| e.record.id);
+
+        let mut waiting: Vec<_> = st
+            .entries
+            .values()
+            .filter(|e| e.phase == Phase::Waiting)
+            .map(|e| (e.queue_key(), e.record.id))
+            .collect();
+        waiting.sort();
+        let mut admitted = false;
+        for (_, id) in waiting {
+            let e = st.entries.get_mut(&id).expect("listed above");
+            if e.record.priority().is_urgent() {
+                e.phase = Phase::Running;
+                admitted = true;
+                continue;
+            }
+            if !gate_open {
+                continue;
+            }
+            if adm.max_prewarm_jobs > 0 && running_prewarm >= adm.max_prewarm_jobs {
+                break;
+            }
+            if e.large {
+                if lane_busy || lane_next != Some(id) {
+                    continue;
+                }
+                e.holds_lane = true;
+                lane_busy = true;
+            }
+            e.phase = Phase::Running;
+            running_prewarm += 1;
+            admitted = true;
+        }
+        drop(st);
+        if admitted {
+            self.admitted.send_modify(|g| *g += 1);
+        }
+    }
+
+    fn phase(&self, id: u64) -> Option<Phase> {
+        self.state.lock().unwrap().entries.get(&id).map(|e| e.phase)
+    }
+
+    /// Updates the scheduling gauges.
+    pub fn sample(&self, board: &JobBoard) {
+        let m = &self.metrics;
+        let st = self.state.lock().unwrap();
+        for class in [Class::Urgent, Class::Prewarm] {
+            let queued = st
+                .entries
+                .values()
+                .filter(|e| e.phase != Phase::Running && e.record.priority().class() == class)
+                .count();
+            m.queue_length
+                .get_or_create(&ClassLabels::new(class))
+                .set(queued as i64);
+        }
+        let lane_running = st.entries.values().filter(|e| e.holds_lane).count();
+        let lane_waiting = st
+            .entries
+            .values()
+            .filter(|e| e.large && e.phase == Phase::Waiting)
+            .count();
+        drop(st);
+        m.lane_running.set(lane_running as i64);
+        m.lane_waiting.set(lane_waiting as i64);
+        m.p2p_gate_open.set(i64::from(self.gate_open()));
+        let mut by_state = [0i64; JobState::ALL.len()];
+        for r in board.live() {
+            if !r.priority().is_urgent() {
+                let i = JobState::ALL.iter().position(|s| *s == r.state()).unwrap();
+                by_state[i] += 1;
+            }
+        }
+        for (i, s) in JobState::ALL.iter().enumerate() {
+            if !s.is_terminal() {
+                m.prewarm_jobs
+                    .get_or_create(&crate::metrics::StateLabels { state: s.as_str() })
+                    .set(by_state[i]);
+            }
+        }
+    }
+}
+
+async fn redispatch(
+    weak: Weak<Scheduler>,
+    mut jobs: watch::Receiver<u64>,
+    mut gate: watch::Receiver<bool>,
+) {
+    let mut gate_open = true;
+    loop {
+        tokio::select! {
+            r = jobs.changed() => if r.is_err() { return },
+            // Gate owner gone: its last value stands.
+            r = gate.changed(), if gate_open => gate_open = r.is_ok(),
+        }
+        match weak.upgrade() {
+            Some(s) => s.dispatch(),
+            None => return,
+        }
+    }
+}
+
+/// A job's place in the scheduler.
+pub struct Ticket {
+    scheduler: Arc<Scheduler>,
+    record: Arc<JobRecord>,
+}
+
+impl Ticket {
+    /// Holds a prewarm job until the P2P gate is open; returns at once for urgent work, and as
+    /// soon as a waiting job is promoted.
+    pub async fn wait_gate(&self) {
+        let mut gate = self.scheduler.gate.clone();
+        let mut prio = self.record.watch_priority();
+        let mut announced = false;
+        loop {
+            if *gate.borrow_and_update() || prio.borrow_and_update().is_urgent() {
+                if announced {
+                    self.record.set_state(JobState::Resolving);
+                }
+                return;
+            }
+            if !announced {
+                self.record.set_state(JobState::WaitingForP2p);
+                announced = true;
+            }
+            tokio::select! {
+                r = gate.changed() => if r.is_err() { return },
+                r = prio.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// Waits for the job's turn to fetch, now that its size is known (`None`: unknown, e.g.
+    /// containerd fetches it itself).
+    pub async fn admit(&self, size: Option<u64>) {
+        let s = &self.scheduler;
+        let id = self.record.id;
+        let mut admitted = s.admitted.subscribe();
+        {
+            let large_from = s.admission.lock().unwrap().large_image_bytes;
+            let mut st = s.state.lock().unwrap();
+            if let Some(e) = st.entries.get_mut(&id) {
+                e.large = large_from > 0 && size.is_some_and(|b| b >= large_from);
+                e.phase = Phase::Waiting;
+            }
+        }
+        if let Some(b) = size {
+            self.record.set_size(b);
+        }
+        s.dispatch();
+        let started = tokio::time::Instant::now();
+        if s.phase(id) != Some(Phase::Running) {
+            self.record.set_state(JobState::Queued);
+            while s.phase(id) != Some(Phase::Running) {
+                if admitted.changed().await.is_err() {
+                    break;
+                }
+            }
+        }
+        s.metrics
+            .queue_wait
+            .get_or_create(&ClassLabels::new(self.record.priority().class()))
+            .observe(started.elapsed().as_secs_f64());
+        self.record.set_state(JobState::Fetching);
+    }
+
+    /// Whether the job runs in the large-image lane.
+    pub fn in_lane(&self) -> bool {
+        let st = self.scheduler.state.lock().unwrap();
+        st.entries
+            .get(&self.record.id)
+            .is_some_and(|e| e.holds_lane)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.scheduler
+            .state
+            .lock()
+            .unwrap()
+            .entries
+            .remove(&self.record.id);
+        self.scheduler.dispatch();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::Origin;
+    use std::time::Duration;
+
+    struct World {
+        board: Arc<JobBoard>,
+        sched: Arc<Scheduler>,
+        gate: watch::Sender<bool>,
+        log: Arc<Mutex<Vec<String>>>,
+        next: u64,
+    }
+
+    impl World {
+        fn new(max_prewarm_jobs: usize, large_image_bytes: u64, gate_open: bool) -> Self {
+            let board = JobBoard::new();
+            let (gate, rx) = watch::channel(gate_open);
+            let sched = Scheduler::new(
+                Setup {
+                    admission: Admission {
+                        max_prewarm_jobs,
+                        large_image_bytes,
+                    },
+                    limits: Limits::default(),
+                    max_blob_streams: 0,
+                    max_unpacks: 0,
+                    gate: rx,
+                },
+                &board,
+                Arc::new(Metrics::new()),
+            );
+            World {
+                board,
+                sched,
+                gate,
+                log: Default::default(),
+                next: 1,
+            }
+        }
+
+        /// A job that resolves after `resolve`, then fetches for `fetch`; logs its start.
+        fn job(
+            &mut self,
+            image: &str,
+            origin: Origin,
+            p: Priority,
+            size: u64,
+            resolve: Duration,
+            fetch: Duration,
+        ) -> (Arc<JobRecord>, tokio::task::JoinHandle<()>) {
+            let id = self.next;
+            self.next += 1;
+            let record = self.board.create(id, image, origin, p, JobState::Resolving);
+            let (sched, log, r) = (self.sched.clone(), self.log.clone(), record.clone());
+            let image = image.to_string();
+            let task = tokio::spawn(async move {
+                let ticket = sched.enter(r.clone());
+                ticket.wait_gate().await;
+                tokio::time::sleep(resolve).await;
+                ticket.admit(Some(size)).await;
+                log.lock().unwrap().push(image);
+                tokio::time::sleep(fetch).await;
+                r.end(JobState::Done, "");
+            });
+            (record, task)
+        }
+
+        fn started(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    const S: Duration = Duration::from_secs(1);
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn prewarm_cap_admits_by_priority_then_order_then_arrival() {
+        let mut w = World::new(1, 0, true);
+        let (_, first) = w.job("first", Origin::Api, Priority::prewarm(0), 1, MS, S);
+        tokio::time::sleep(10 * MS).await;
+        let mut tasks = vec![first];
+        for (img, origin, level) in [
+            ("api-low", Origin::Api, 0),
+            ("cfg-1", Origin::Config(1), 0),
+            ("cfg-0", Origin::Config(0), 0),
+            ("api-high", Origin::Api, 7),
+        ] {
+            tasks.push(w.job(img, origin, Priority::prewarm(level), 1, MS, S).1);
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            w.started(),
+            vec!["first", "api-high", "cfg-0", "cfg-1", "api-low"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn urgent_bypasses_the_cap_and_a_promoted_job_starts_at_once() {
+        let mut w = World::new(1, 0, true);
+        let (_, a) = w.job("busy", Origin::Api, Priority::prewarm(0), 1, MS, 10 * S);
+        tokio::time::sleep(10 * MS).await;
+        let (queued, b) = w.job("queued", Origin::Api, Priority::prewarm(0), 1, MS, S);
+        let (_, c) = w.job("pod", Origin::Cri, Priority::urgent(0), 1, MS, S);
+        tokio::time::sleep(100 * MS).await;
+        assert_eq!(w.started(), vec!["busy", "pod"]);
+        assert_eq!(queued.state(), JobState::Queued);
+        assert!(w.sched.bandwidth.urgent_in_flight());
+        // A pod now waits for the queued prewarm image: promoted, admitted at once.
+        queued.set_priority(Priority::urgent(0));
+        tokio::time::sleep(MS).await;
+        assert_eq!(w.started(), vec!["busy", "pod", "queued"]);
+        for t in [a, b, c] {
+            t.await.unwrap();
+        }
+        assert!(!w.sched.bandwidth.urgent_in_flight());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_job_frees_its_slot() {
+        let mut w = World::new(1, 0, true);
+        let (_, a) = w.job("a", Origin::Api, Priority::prewarm(0), 1, MS, 100 * S);
+        tokio::time::sleep(10 * MS).await;
+        let (_, b) = w.job("b", Origin::Api, Priority::prewarm(0), 1, MS, S);
+        tokio::time::sleep(S).await;
+        assert_eq!(w.started(), vec!["a"]);
+        a.abort();
+        tokio::time::sleep(10 * MS).await;
+        assert_eq!(w.started(), vec!["a", "b"]);
+        b.await.unwrap();
+        assert!(w.sched.state.lock().unwrap().entries.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lane_runs_large_images_one_at_a_time_in_deterministic_order() {
+        // Resolution finishes in a different order from the lane order: the lane still follows
+        // (priority, configured order, reference), and small images pass beside it.
+        let mut w = World::new(0, 100, true);
+        let mut tasks = Vec::new();
+        for (img, origin, resolve) in [
+            ("zeta", Origin::Api, 5 * MS),
+            ("alpha", Origin::Api, 40 * MS),
+            ("cfg-b", Origin::Config(1), 10 * MS),
+            ("cfg-a", Origin::Config(0), 30 * MS),
+        ] {
+            tasks.push(w.job(img, origin, Priority::prewarm(0), 1000, resolve, S).1);
+        }
+        tasks.push(
+            w.job("small", Origin::Api, Priority::prewarm(0), 10, 20 * MS, S)
+                .1,
+        );
+        tokio::time::sleep(500 * MS).await;
+        assert_eq!(
+            w.started(),
+            vec!["small", "cfg-a"],
+            "one large image at a time"
+        );
+        assert_eq!(w.sched.streams.usage(), (0, 0));
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            w.started(),
+            vec!["small", "cfg-a", "cfg-b", "alpha", "zeta"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn urgent_large_image_bypasses_the_lane() {
+        let mut w = World::new(0, 100, true);
+        let (_, a) = w.job(
+            "big-prewarm",
+            Origin::Api,
+            Priority::prewarm(0),
+            1000,
+            MS,
+            10 * S,
+        );
+        tokio::time::sleep(10 * MS).await;
+        let (_, b) = w.job(
+            "big-prewarm-2",
+            Origin::Api,
+            Priority::prewarm(0),
+            1000,
+            MS,
+            S,
+        );
+        let (_, c) = w.job("big-pod", Origin::Cri, Priority::urgent(0), 1000, MS, S);
+        tokio::time::sleep(100 * MS).await;
+        assert_eq!(w.started(), vec!["big-prewarm", "big-pod"]);
+        for t in [a, b, c] {
+            t.await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_gate_holds_prewarm_but_not_urgent() {
+        let mut w = World::new(0, 0, false);
+        let (pre, a) = w.job("pre", Origin::Api, Priority::prewarm(0), 1, MS, S);
+        let (_, b) = w.job("pod", Origin::Cri, Priority::urgent(0), 1, MS, S);
+        tokio::time::sleep(5 * S).await;
+        assert_eq!(w.started(), vec!["pod"]);
+        assert_eq!(pre.state(), JobState::WaitingForP2p);
+        w.gate.send(true).unwrap();
+        tokio::time::sleep(10 * MS).await;
+        assert_eq!(w.started(), vec!["pod", "pre"]);
+        for t in [a, b] {
+            t.await.unwrap();
+        }
+    }
+}
