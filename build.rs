@@ -7,13 +7,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/events.proto",
         "proto/containerd/content.proto",
         "proto/containerd/leases.proto",
+        "proto/pullgate/v1/api.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
-        .build_server(false)
+        .build_server(true)
         // Blob chunks travel as `Bytes`: no copy between the HTTP body and the gRPC stream.
         .bytes(".containerd.services.content.v1.WriteContentRequest.data")
         .compile_fds(fds)?;

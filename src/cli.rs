@@ -28,6 +28,53 @@ pub enum Command {
         /// The config file to check.
         file: PathBuf,
     },
+    /// Pre-pull an image through pullgate's scheduler (prewarm class).
+    Prewarm {
+        /// Image reference, e.g. registry.example/ml/model:v3
+        image: String,
+        /// Priority among prewarm jobs, higher first
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// Show progress and wait until the image is pulled (exit 1 if it fails)
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List pull jobs: class, priority, state, progress, queue wait.
+    Jobs {
+        /// Include recently ended jobs
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Cancel a prewarm job (urgent jobs, which a pod waits for, are refused).
+    Cancel {
+        /// Job number, as `pullgate jobs` shows it
+        job: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Wait for pullgate state; exits 0 when reached, 1 on failure or timeout.
+    Wait {
+        /// Wait until every [[prewarm]] image of the config is present (e.g. in a systemd
+        /// ExecStartPre of kubelet, to hold pods until prewarm is done)
+        #[arg(long, required = true)]
+        prewarmed: bool,
+        /// Give up after this long, e.g. 10m
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ApiArgs {
+    /// pullgate's API socket
+    #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_API_SOCKET, env = "PULLGATE_API_SOCKET")]
+    pub api_socket: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,9 +120,37 @@ impl ServeArgs {
     }
 }
 
+/// Runs an API client command on a small runtime.
+fn client(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("pullgate: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn main() -> ExitCode {
+    use crate::api::client as api;
     let cli = Cli::parse();
     match cli.command {
+        Command::Prewarm {
+            image,
+            priority,
+            wait,
+            api: a,
+        } => client(api::prewarm(a.api_socket, image, priority, wait)),
+        Command::Jobs { all, api: a } => client(api::jobs(a.api_socket, all)),
+        Command::Cancel { job, api: a } => client(api::cancel(a.api_socket, job)),
+        Command::Wait {
+            prewarmed: _,
+            timeout,
+            api: a,
+        } => client(api::wait_prewarmed(a.api_socket, timeout)),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
@@ -102,7 +177,8 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(crate::daemon::run(cfg)) {
+            let reload = move || args.config();
+            match rt.block_on(crate::daemon::run(cfg, Box::new(reload))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

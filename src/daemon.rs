@@ -7,21 +7,31 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::api::{self, Api};
 use crate::config::Config;
 use crate::fetch::{FetchContext, LayerFetcher};
 use crate::frontdoor::{self, CriProxy};
-use crate::metrics::{self, Health, Metrics};
-use crate::pull::{ContainerdPuller, PullCoordinator, Puller};
+use crate::jobs::JobBoard;
+use crate::metrics::{self, ClassLabels, Health, Metrics};
+use crate::prewarm::gate::{P2pGate, ProbeKind};
+use crate::prewarm::Prewarmer;
+use crate::pull::{Class, ContainerdPuller, PullCoordinator, Puller};
+use crate::schedule::{Scheduler, Setup};
 use crate::registry::{Platform, RegistryClient, RegistryConfig};
 use crate::upstream::{Containerd, ContentStore};
 
 /// The pull path: pullgate's layer fetcher in front of containerd's finish, or containerd alone.
-async fn puller(cfg: &Config, containerd: &Containerd, metrics: &Arc<Metrics>) -> Arc<dyn Puller> {
+async fn puller(
+    cfg: &Config,
+    containerd: &Containerd,
+    metrics: &Arc<Metrics>,
+    scheduler: &Arc<Scheduler>,
+) -> Arc<dyn Puller> {
     let finish = ContainerdPuller::new(containerd.clone());
     if !cfg.fetch.enabled {
-        info!("layer fetcher disabled: containerd fetches images itself");
+        info!("layer fetcher disabled: containerd fetches images itself, unscheduled");
         return Arc::new(finish);
     }
     let registry = RegistryClient::new(RegistryConfig {
@@ -32,6 +42,7 @@ async fn puller(cfg: &Config, containerd: &Containerd, metrics: &Arc<Metrics>) -
     });
     let ctx = FetchContext {
         cfg: cfg.fetch.clone(),
+        scheduler: scheduler.clone(),
         store: ContentStore::new(containerd.channel(), cfg.containerd.namespace.clone()),
         registry,
         metrics: metrics.clone(),
@@ -42,20 +53,51 @@ async fn puller(cfg: &Config, containerd: &Containerd, metrics: &Arc<Metrics>) -
     Arc::new(fetcher)
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Reads the config again (file and flags) for SIGHUP.
+pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send>;
+
+pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let containerd = Containerd::new(&cfg.containerd);
-    let pulls = PullCoordinator::new(puller(&cfg, &containerd, &metrics).await, metrics.clone());
-    let health = Arc::new(Health {
-        metrics: metrics.clone(),
-        containerd: containerd.clone(),
-        serving: false.into(),
-    });
     let stop = CancellationToken::new();
 
     // Signals first, so that a SIGTERM during start-up is not lost.
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+
+    let board = JobBoard::new();
+    let gate = match cfg.p2p_gate.probe {
+        ProbeKind::None => P2pGate::always_open(),
+        _ => P2pGate::spawn(cfg.p2p_gate.clone(), containerd.clone(), stop.clone()),
+    };
+    let scheduler = Scheduler::new(
+        Setup {
+            admission: cfg.schedule.admission(),
+            limits: cfg.schedule.limits(),
+            max_blob_streams: cfg.schedule.max_blob_streams,
+            max_unpacks: cfg.schedule.max_unpacks,
+            gate: gate.subscribe(),
+        },
+        &board,
+        metrics.clone(),
+    );
+    let pulls = PullCoordinator::new(
+        puller(&cfg, &containerd, &metrics, &scheduler).await,
+        metrics.clone(),
+        board.clone(),
+    );
+    let health = Arc::new(Health {
+        metrics: metrics.clone(),
+        containerd: containerd.clone(),
+        serving: false.into(),
+    });
+    tokio::spawn(sample_loop(
+        scheduler.clone(),
+        board.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
 
     let metrics_task = if cfg.metrics.enabled {
         let task = metrics::serve(cfg.metrics.addr, health.clone(), stop.clone())
@@ -85,20 +127,50 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("cannot serve the CRI socket")?;
     let proxy = CriProxy::new(containerd, pulls.clone(), metrics);
     let draining = CancellationToken::new();
+    let prewarmer = Prewarmer::new(pulls.clone());
+    let api_task = if cfg.api.enabled {
+        let listener = frontdoor::socket::bind(&cfg.api.socket, cfg.api.socket_mode_bits())
+            .await
+            .context("cannot serve the API socket")?;
+        let api = Api {
+            coordinator: pulls.clone(),
+            board: board.clone(),
+            prewarmer: prewarmer.clone(),
+        };
+        info!(socket = %cfg.api.socket.display(), "serving pullgate's API");
+        let shutdown = draining.clone().cancelled_owned();
+        Some(tokio::spawn(async move {
+            if let Err(e) = api::serve(listener, api, shutdown).await {
+                warn!(error = %crate::errors::chain(&e), "API server failed");
+            }
+        }))
+    } else {
+        None
+    };
     let server = frontdoor::serve(listener, proxy, draining.clone().cancelled_owned());
     tokio::pin!(server);
     health.serving.store(true, Ordering::SeqCst);
     info!(socket = %cfg.server.socket.display(), upstream = %cfg.containerd.socket.display(),
           "serving CRI image service");
+    if !cfg.prewarm.is_empty() {
+        info!(images = cfg.prewarm.len(), "prewarm list loaded");
+    }
+    prewarmer.apply(&cfg.prewarm);
+    let mut running = cfg.clone();
 
-    let result = tokio::select! {
-        r = &mut server => r.context("CRI server failed"),
-        name = async {
-            tokio::select! {
-                _ = sigterm.recv() => "SIGTERM",
-                _ = sigint.recv() => "SIGINT",
+    let result = loop {
+        tokio::select! {
+            r = &mut server => break r.context("CRI server failed"),
+            _ = sighup.recv() => {
+                reload_config(&mut running, &reload, &scheduler, &prewarmer);
+                continue;
             }
-        } => {
+            name = async {
+                tokio::select! {
+                    _ = sigterm.recv() => "SIGTERM",
+                    _ = sigint.recv() => "SIGINT",
+                }
+            } => break {
             health.serving.store(false, Ordering::SeqCst);
             info!(signal = name, grace = ?cfg.server.shutdown_grace, pulls_in_flight = pulls.in_flight(),
                   "shutting down: no new calls, waiting for calls in flight");
@@ -111,13 +183,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     Ok(())
                 }
             }
+            },
         }
     };
+    prewarmer.stop();
 
     health.serving.store(false, Ordering::SeqCst);
     stop.cancel();
     if let Some(t) = metrics_task {
         let _ = t.await;
+    }
+    if let Some(t) = api_task {
+        t.abort();
+        if let Err(e) = std::fs::remove_file(&cfg.api.socket) {
+            warn!(socket = %cfg.api.socket.display(), error = %e, "could not remove API socket");
+        }
     }
     if let Err(e) = std::fs::remove_file(&cfg.server.socket) {
         warn!(socket = %cfg.server.socket.display(), error = %e, "could not remove socket");
@@ -143,6 +223,84 @@ async fn probe_loop(health: Arc<Health>, every: std::time::Duration, stop: Cance
                 Err(s) => warn!(error = s.message(), "containerd is down"),
             }
             was_up = Some(up);
+        }
+    }
+}
+
+/// SIGHUP: the prewarm list, scheduling limits and P2P-gate-free settings apply at once; other
+/// sections need a restart. An invalid file is refused and the running config kept.
+fn reload_config(
+    running: &mut Config,
+    reload: &Reload,
+    scheduler: &Arc<Scheduler>,
+    prewarmer: &Arc<Prewarmer>,
+) {
+    let new = match reload() {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "SIGHUP: config refused; the running config stays in force");
+            return;
+        }
+    };
+    let s = &new.schedule;
+    scheduler.bandwidth.set_limits(s.limits());
+    scheduler.streams.set_capacity(s.max_blob_streams);
+    scheduler.unpacks.set_capacity(s.max_unpacks);
+    scheduler.set_admission(s.admission());
+    prewarmer.apply(&new.prewarm);
+    let mut needs_restart = Vec::new();
+    if new.server != running.server {
+        needs_restart.push("server");
+    }
+    if new.containerd != running.containerd {
+        needs_restart.push("containerd");
+    }
+    if new.metrics != running.metrics {
+        needs_restart.push("metrics");
+    }
+    if new.log != running.log {
+        needs_restart.push("log");
+    }
+    if new.fetch != running.fetch {
+        needs_restart.push("fetch");
+    }
+    if new.api != running.api {
+        needs_restart.push("api");
+    }
+    if new.p2p_gate != running.p2p_gate {
+        needs_restart.push("p2p_gate");
+    }
+    info!(prewarm_images = new.prewarm.len(), "SIGHUP: config reloaded (schedule, prewarm)");
+    if !needs_restart.is_empty() {
+        warn!(sections = ?needs_restart, "SIGHUP: changes to these sections apply at the next restart");
+    }
+    // What is in force: the reloaded parts from the new file, the rest as started.
+    running.schedule = new.schedule;
+    running.prewarm = new.prewarm;
+}
+
+/// Scheduling gauges and per-class rates, once a second.
+async fn sample_loop(
+    scheduler: Arc<Scheduler>,
+    board: Arc<JobBoard>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut last = [0u64; 2];
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        scheduler.sample(&board);
+        for (i, class) in [Class::Urgent, Class::Prewarm].into_iter().enumerate() {
+            let now = scheduler.bandwidth.received(class);
+            metrics
+                .class_rate
+                .get_or_create(&ClassLabels::new(class))
+                .set((now - last[i]) as i64);
+            last[i] = now;
         }
     }
 }

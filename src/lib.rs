@@ -4,6 +4,7 @@
 //! Layout: [`frontdoor`] (the CRI socket), [`pull`] (reading, merging and running pulls),
 //! [`upstream`] (containerd), [`metrics`] (Prometheus and health), [`config`], [`cli`].
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -14,6 +15,7 @@ pub mod grpc;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;
+pub mod prewarm;
 pub mod proto;
 pub mod pull;
 pub mod registry;

@@ -32,3 +32,10 @@ pub mod containerd {
         }
     }
 }
+
+/// pullgate's own API (`pullgate.v1`).
+pub mod pullgate {
+    pub mod v1 {
+        tonic::include_proto!("pullgate.v1");
+    }
+}

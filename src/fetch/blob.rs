@@ -14,8 +14,9 @@ use tonic::{Code, Status};
 use tracing::{debug, warn};
 
 use super::progress::BlobProgress;
+use super::shared::Interest;
 use super::FetchContext;
-use crate::metrics::{OutcomeLabels, SourceLabels};
+use crate::metrics::{ClassLabels, OutcomeLabels, SourceLabels};
 use crate::registry::digest::hex;
 use crate::registry::{Credentials, Descriptor, ImageRef, RegistryError, Source};
 use crate::upstream::content::ContentWriter;
@@ -180,6 +181,7 @@ pub async fn download(
     lease: String,
     progress: Arc<BlobProgress>,
     claimed: Option<ContentWriter>,
+    interest: Arc<Interest>,
 ) -> Result<BlobOutcome, BlobError> {
     let store = &ctx.store;
     let store_err = |status: Status| BlobError::Store {
@@ -199,7 +201,17 @@ pub async fn download(
             let backoff = Duration::from_millis(250 * (1 << attempt.min(5)));
             tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
         }
-        match attempt_once(&ctx, &image, &creds, &blob, &lease, &progress, &mut writer).await {
+        let once = attempt_once(
+            &ctx,
+            &image,
+            &creds,
+            &blob,
+            &lease,
+            &progress,
+            &mut writer,
+            &interest,
+        );
+        match once.await {
             Ok(outcome) => {
                 count(&ctx, outcome);
                 return Ok(outcome);
@@ -255,6 +267,7 @@ async fn attempt_once(
     lease: &str,
     progress: &BlobProgress,
     slot: &mut Option<ContentWriter>,
+    interest: &Arc<Interest>,
 ) -> Result<BlobOutcome, BlobError> {
     let store_err = |status: Status| BlobError::Store {
         digest: blob.digest.clone(),
@@ -286,7 +299,7 @@ async fn attempt_once(
     let mut hasher = (offset == 0).then(Sha256::new);
     progress.set(offset);
     if offset < blob.size {
-        let mut chunks = body_chunks(ctx, image, creds, blob, offset);
+        let mut chunks = body_chunks(ctx, image, creds, blob, offset, interest);
         // HTTP bodies arrive in pieces of a few KiB; each containerd write is a round trip, so
         // pieces are gathered into batches. What is buffered when the body breaks is still
         // written: the next attempt resumes after it.
@@ -327,6 +340,10 @@ async fn attempt_once(
             while batch.len() >= WRITE_BATCH || (done && !batch.is_empty()) {
                 let data = batch.split_to(batch.len().min(WRITE_BATCH)).freeze();
                 let len = data.len() as u64;
+                ctx.scheduler
+                    .bandwidth
+                    .writing(|| interest.class(), len)
+                    .await;
                 writer.write(data).await.map_err(store_err)?;
                 offset += len;
                 progress.set(offset);
@@ -379,6 +396,7 @@ fn body_chunks<'a>(
     creds: &'a Credentials,
     blob: &'a BlobSpec,
     offset: u64,
+    interest: &'a Arc<Interest>,
 ) -> Chunks<'a> {
     let chunk = ctx.cfg.range_chunk_mib * (1 << 20);
     let connections = ctx.cfg.range_connections;
@@ -387,14 +405,14 @@ fn body_chunks<'a>(
             .step_by(chunk as usize)
             .map(move |start| start..(start + chunk).min(blob.size));
         return futures_util::stream::iter(ranges)
-            .map(move |range| fetch_range(ctx, image, creds, blob, range))
+            .map(move |range| fetch_range(ctx, image, creds, blob, range, interest))
             .buffered(connections)
             .boxed();
     }
     futures_util::stream::once(open(ctx, image, creds, blob, offset..blob.size))
         .map(move |opened| -> Chunks<'a> {
             match opened {
-                Ok((stream, source)) => stalls(ctx, blob, offset, stream)
+                Ok((stream, source)) => metered(ctx, blob, offset, stream, interest)
                     .map_ok(move |b| (b, source))
                     .boxed(),
                 Err(e) => futures_util::stream::once(async { Err(e) }).boxed(),
@@ -430,43 +448,57 @@ async fn open(
     Ok((body.stream, source))
 }
 
-/// A body stream that ends in `Stalled` when no byte arrives for `no_progress_timeout`.
-fn stalls<'a>(
+/// A body stream paced by the scheduler's bandwidth buckets, ending in `Stalled` when no byte
+/// arrives for `no_progress_timeout`. The stall clock runs only while the registry is asked for
+/// bytes, not while the stream waits for its bandwidth share: a paused prewarm stream is not a
+/// stalled one.
+fn metered<'a>(
     ctx: &'a FetchContext,
     blob: &'a BlobSpec,
     start: u64,
     stream: BoxStream<'static, Result<Bytes, RegistryError>>,
+    interest: &'a Arc<Interest>,
 ) -> BoxStream<'a, Result<Bytes, BlobError>> {
     let after = ctx.cfg.no_progress_timeout;
-    let mut at = start;
-    let mut failed = false;
-    tokio_stream::StreamExt::timeout(stream, after)
-        .map(move |item| {
-            let r = match item {
+    futures_util::stream::unfold(
+        (stream, start, false),
+        move |(mut stream, at, failed)| async move {
+            if failed {
+                return None;
+            }
+            let item = match tokio::time::timeout(after, stream.next()).await {
                 Err(_) => Err(BlobError::Stalled {
                     digest: blob.digest.clone(),
                     after,
                     offset: at,
                     size: blob.size,
                 }),
-                Ok(Err(e)) => Err(BlobError::Transport {
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => Err(BlobError::Transport {
                     digest: blob.digest.clone(),
                     cause: format!("stream broke at byte {at} of {}: {e}", blob.size),
                 }),
-                Ok(Ok(b)) => {
-                    at += b.len() as u64;
-                    Ok(b)
-                }
+                Ok(Some(Ok(b))) => Ok(b),
             };
-            r
-        })
-        // The first error ends the stream: what follows an error is not to be trusted.
-        .take_while(move |r| {
-            let go = !failed;
-            failed |= r.is_err();
-            futures_util::future::ready(go)
-        })
-        .boxed()
+            match item {
+                Ok(b) => {
+                    let n = b.len() as u64;
+                    ctx.metrics
+                        .class_bytes
+                        .get_or_create(&ClassLabels::new(interest.class()))
+                        .inc_by(n);
+                    ctx.scheduler
+                        .bandwidth
+                        .received_bytes(|| interest.class(), n)
+                        .await;
+                    Some((Ok(b), (stream, at + n, false)))
+                }
+                // The first error ends the stream: what follows an error is not to be trusted.
+                Err(e) => Some((Err(e), (stream, at, true))),
+            }
+        },
+    )
+    .boxed()
 }
 
 /// A whole range, in memory, checked for length.
@@ -476,11 +508,12 @@ async fn fetch_range(
     creds: &Credentials,
     blob: &BlobSpec,
     range: Range<u64>,
+    interest: &Arc<Interest>,
 ) -> Result<(Bytes, &'static str), BlobError> {
     let want = (range.end - range.start) as usize;
     let (stream, source) = open(ctx, image, creds, blob, range.clone()).await?;
     let mut buf = bytes::BytesMut::with_capacity(want);
-    let mut body = stalls(ctx, blob, range.start, stream);
+    let mut body = metered(ctx, blob, range.start, stream, interest);
     while let Some(b) = body.next().await {
         buf.extend_from_slice(&b?);
         if buf.len() > want {

@@ -12,7 +12,6 @@ mod blob;
 pub mod progress;
 mod shared;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -22,18 +21,21 @@ use tracing::{debug, info, warn};
 
 pub use blob::{ingest_ref, BlobError, BlobOutcome, BlobSpec};
 use progress::{BlobProgress, JobProgress};
-use shared::SharedDownloads;
+use shared::{Interest, SharedDownloads};
 
 use crate::config::FetchConfig;
 use crate::grpc::CapturedReply;
 use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels};
 use crate::pull::{ContainerdPuller, PullJob, Puller};
 use crate::registry::{Credentials, ImageRef, Platform, RegistryClient, RegistryError};
+use crate::jobs::JobState;
+use crate::schedule::{Scheduler, Ticket};
 use crate::upstream::ContentStore;
 
 /// What every download needs.
 pub struct FetchContext {
     pub cfg: FetchConfig,
+    pub scheduler: Arc<Scheduler>,
     pub store: ContentStore,
     pub registry: RegistryClient,
     pub metrics: Arc<Metrics>,
@@ -45,7 +47,6 @@ pub struct LayerFetcher {
     ctx: Arc<FetchContext>,
     finish: ContainerdPuller,
     shared: Arc<SharedDownloads>,
-    progress: Arc<Mutex<HashMap<u64, Arc<JobProgress>>>>,
     /// Leases left by an earlier pullgate process (crash, kill). They still protect unfinished
     /// ingests that a new pull resumes; they go once a pull has completed.
     stale_leases: Arc<Mutex<Vec<String>>>,
@@ -69,7 +70,6 @@ impl LayerFetcher {
             ctx: Arc::new(ctx),
             finish,
             shared: Arc::new(SharedDownloads::default()),
-            progress: Default::default(),
             stale_leases: Default::default(),
         }
     }
@@ -89,11 +89,6 @@ impl LayerFetcher {
             Err(e) => debug!(error = e.message(), "cannot list leases"),
         }
     }
-
-    /// Progress of a job in flight: (bytes done, bytes total).
-    pub fn progress(&self, job: u64) -> Option<(u64, u64)> {
-        self.progress.lock().unwrap().get(&job).map(|p| p.totals())
-    }
 }
 
 impl Puller for LayerFetcher {
@@ -101,30 +96,30 @@ impl Puller for LayerFetcher {
         let ctx = self.ctx.clone();
         let finish = self.finish.clone();
         let shared = self.shared.clone();
-        let progress_map = self.progress.clone();
         let stale_leases = self.stale_leases.clone();
         async move {
-            let progress = Arc::new(JobProgress::default());
-            progress_map
-                .lock()
-                .unwrap()
-                .insert(job.id, progress.clone());
-            let _forget = Forget(progress_map, job.id);
+            let progress = job.record.progress.clone();
+            // Leaves the scheduler (freeing its slots) however the pull ends.
+            let ticket = ctx.scheduler.enter(job.record.clone());
+            ticket.wait_gate().await;
             let lease = format!("pullgate-{}-{}", job.id, unique());
             let guard = LeaseGuard {
                 store: ctx.store.clone(),
                 id: Some(lease.clone()),
             };
-            let outcome = prepare(&ctx, &shared, &job, &lease, &progress).await;
+            let outcome = prepare(&ctx, &shared, &job, &lease, &progress, &ticket).await;
             let reply = match outcome {
                 Prepared::Ready(downloads) => {
                     finish_while_fetching(&ctx, downloads, &finish, job).await
                 }
                 Prepared::Fallback(f) => {
                     count_fallback(&ctx, f);
-                    finish.pull(job).await
+                    // containerd's own fetch cannot be paced, but it still takes its turn.
+                    ticket.admit(None).await;
+                    unpack(&ctx, &finish, job).await
                 }
             };
+            drop(ticket);
             // The image record now references the content; the lease has done its job.
             guard.release().await;
             if reply.status().code() == tonic::Code::Ok {
@@ -174,13 +169,19 @@ async fn delete_lease(store: &ContentStore, id: &str) {
     }
 }
 
-/// Drops a job's progress entry when the job ends or is cancelled.
-struct Forget(Arc<Mutex<HashMap<u64, Arc<JobProgress>>>>, u64);
-
-impl Drop for Forget {
-    fn drop(&mut self) {
-        self.0.lock().unwrap().remove(&self.1);
+/// containerd's finish step, once an unpack slot is free.
+fn unpack(
+    ctx: &Arc<FetchContext>,
+    finish: &ContainerdPuller,
+    job: PullJob,
+) -> BoxFuture<'static, CapturedReply> {
+    let unpacks = ctx.scheduler.unpacks.clone();
+    let finish = finish.clone();
+    async move {
+        let _slot = unpacks.acquire(job.record.watch_priority()).await;
+        finish.pull(job).await
     }
+    .boxed()
 }
 
 fn unique() -> u128 {
@@ -196,6 +197,7 @@ async fn prepare(
     job: &PullJob,
     lease: &str,
     progress: &JobProgress,
+    ticket: &Ticket,
 ) -> Prepared {
     let fallback = |reason, detail: String| Prepared::Fallback(Fallback { reason, detail });
     let image = match ImageRef::parse(&job.info.image) {
@@ -242,9 +244,11 @@ async fn prepare(
         .map(BlobSpec::from_descriptor)
         .collect();
     let total: u64 = blobs.iter().map(|b| b.size).sum();
+    ticket.admit(Some(total)).await;
     info!(
         blobs = blobs.len(),
         bytes = total,
+        lane = ticket.in_lane(),
         "fetching into containerd's content store"
     );
     // Claim every missing blob now: containerd, asked to finish while the bytes are still
@@ -266,12 +270,24 @@ async fn prepare(
             progress.add(p.clone());
             let (ctx, shared) = (ctx.clone(), shared.clone());
             let (image, creds, lease) = (image.clone(), creds.clone(), lease.to_string());
+            let priority = job.record.watch_priority();
             async move {
                 let digest = spec.digest.clone();
                 let (res, joined) = shared
-                    .run(&digest, {
+                    .run(&digest, priority.clone(), {
                         let (ctx, lease) = (ctx.clone(), lease.clone());
-                        move || blob::download(ctx, image, creds, spec, lease, p, writer).boxed()
+                        move |interest: Arc<Interest>| {
+                            async move {
+                                // Present blobs need no stream.
+                                let _slot = match writer.is_some() {
+                                    true => Some(ctx.scheduler.streams.acquire(priority).await),
+                                    false => None,
+                                };
+                                blob::download(ctx, image, creds, spec, lease, p, writer, interest)
+                                    .await
+                            }
+                            .boxed()
+                        }
                     })
                     .await;
                 res?;
@@ -303,14 +319,15 @@ async fn prepare(
 /// hit too ends the pull with pullgate's error (containerd's call is cancelled first); one that
 /// containerd may get past (fallback) lets containerd fetch what is missing.
 async fn finish_while_fetching(
-    ctx: &FetchContext,
+    ctx: &Arc<FetchContext>,
     mut downloads: BoxFuture<'static, Result<(), BlobError>>,
     finish: &ContainerdPuller,
     job: PullJob,
 ) -> CapturedReply {
     let image = job.info.image.clone();
+    let record = job.record.clone();
     let started = std::time::Instant::now();
-    let mut forward = finish.pull(job);
+    let mut forward = unpack(ctx, finish, job);
     let fetched = tokio::select! {
         r = &mut downloads => r,
         // containerd answered before the downloads ended: it failed on its own.
@@ -319,6 +336,7 @@ async fn finish_while_fetching(
     match fetched {
         Ok(()) => {
             debug!(elapsed = ?started.elapsed(), "all blobs in the content store");
+            record.set_state(JobState::Finishing);
             forward.await
         }
         Err(BlobError::Fallback(detail)) => {

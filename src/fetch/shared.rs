@@ -6,8 +6,44 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::future::{BoxFuture, Shared, WeakShared};
 use futures_util::FutureExt;
+use tokio::sync::watch;
 
 use super::blob::{BlobError, BlobOutcome};
+use crate::pull::Class;
+use crate::schedule::Priority;
+
+/// The jobs waiting for one download: it is paced as the most urgent of them, so a pod that needs
+/// a layer a prewarm job is downloading is not held to the prewarm rate.
+#[derive(Debug)]
+pub struct Interest {
+    jobs: Mutex<Vec<watch::Receiver<Priority>>>,
+}
+
+impl Interest {
+    pub fn new(first: watch::Receiver<Priority>) -> Arc<Self> {
+        Arc::new(Interest {
+            jobs: Mutex::new(vec![first]),
+        })
+    }
+
+    fn add(&self, job: watch::Receiver<Priority>) {
+        self.jobs.lock().unwrap().push(job);
+    }
+
+    pub fn priority(&self) -> Priority {
+        self.jobs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| *r.borrow())
+            .max()
+            .unwrap_or_default()
+    }
+
+    pub fn class(&self) -> Class {
+        self.priority().class()
+    }
+}
 
 type DownloadFuture = BoxFuture<'static, Result<BlobOutcome, BlobError>>;
 type Download = Shared<DownloadFuture>;
@@ -16,7 +52,7 @@ type Download = Shared<DownloadFuture>;
 /// itself is dropped (its connection closed), and the next job starts afresh.
 #[derive(Default)]
 pub struct SharedDownloads {
-    inflight: Mutex<HashMap<String, WeakShared<DownloadFuture>>>,
+    inflight: Mutex<HashMap<String, (WeakShared<DownloadFuture>, Arc<Interest>)>>,
 }
 
 impl SharedDownloads {
@@ -25,19 +61,27 @@ impl SharedDownloads {
     pub async fn run<F>(
         self: &Arc<Self>,
         digest: &str,
+        priority: watch::Receiver<Priority>,
         start: F,
     ) -> (Result<BlobOutcome, BlobError>, bool)
     where
-        F: FnOnce() -> DownloadFuture,
+        F: FnOnce(Arc<Interest>) -> DownloadFuture,
     {
         let (download, joined) = {
             let mut map = self.inflight.lock().unwrap();
-            match map.get(digest).and_then(WeakShared::upgrade) {
-                Some(d) => (d, true),
+            let running = map
+                .get(digest)
+                .and_then(|(w, i)| w.upgrade().map(|d| (d, i.clone())));
+            match running {
+                Some((d, interest)) => {
+                    interest.add(priority);
+                    (d, true)
+                }
                 None => {
                     let me = self.clone();
                     let key = digest.to_string();
-                    let fut = start();
+                    let interest = Interest::new(priority);
+                    let fut = start(interest.clone());
                     // The entry goes away with the download, whoever polled it last.
                     let d: Download = async move {
                         let r = fut.await;
@@ -47,7 +91,7 @@ impl SharedDownloads {
                     .boxed()
                     .shared();
                     if let Some(weak) = d.downgrade() {
-                        map.insert(digest.to_string(), weak);
+                        map.insert(digest.to_string(), (weak, interest));
                     }
                     (d, false)
                 }
@@ -62,6 +106,10 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    fn prio() -> watch::Receiver<Priority> {
+        watch::channel(Priority::prewarm(0)).1
+    }
+
     #[tokio::test]
     async fn concurrent_callers_share_one_download() {
         let shared = Arc::new(SharedDownloads::default());
@@ -75,7 +123,7 @@ mod tests {
             let rx = rx.clone();
             tasks.push(tokio::spawn(async move {
                 shared
-                    .run("sha256:x", move || {
+                    .run("sha256:x", prio(), move |_| {
                         starts.fetch_add(1, Ordering::SeqCst);
                         async move {
                             let _ = rx.await;
@@ -104,14 +152,14 @@ mod tests {
         let shared = Arc::new(SharedDownloads::default());
         let starts = Arc::new(AtomicUsize::new(0));
         let start = |starts: Arc<AtomicUsize>| {
-            move || {
+            move |_| {
                 starts.fetch_add(1, Ordering::SeqCst);
                 futures_util::future::pending::<Result<BlobOutcome, BlobError>>().boxed()
             }
         };
         let first = tokio::spawn({
             let (shared, starts) = (shared.clone(), starts.clone());
-            async move { shared.run("sha256:y", start(starts)).await }
+            async move { shared.run("sha256:y", prio(), start(starts)).await }
         });
         tokio::task::yield_now().await;
         first.abort();
@@ -119,7 +167,7 @@ mod tests {
         // Nobody holds the download any more: a new caller starts its own.
         let second = tokio::spawn({
             let (shared, starts) = (shared.clone(), starts.clone());
-            async move { shared.run("sha256:y", start(starts)).await }
+            async move { shared.run("sha256:y", prio(), start(starts)).await }
         });
         tokio::task::yield_now().await;
         assert_eq!(starts.load(Ordering::SeqCst), 2);

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use super::{ForwardRequest, PullJob, PullRequestInfo, Puller};
+use crate::jobs::{JobBoard, JobRecord, JobState};
+use crate::schedule::Priority;
 use crate::grpc::CapturedReply;
 use crate::metrics::{code_label, Metrics, ResultLabels};
 
@@ -38,9 +40,26 @@ impl MergeKey {
 
 struct Entry {
     id: u64,
-    waiters: usize,
+    /// Each attached requester's priority: the job runs at the highest.
+    waiters: Vec<(u64, Priority)>,
     cancel: CancellationToken,
     reply: watch::Receiver<Option<Arc<CapturedReply>>>,
+    record: Arc<JobRecord>,
+}
+
+impl Entry {
+    fn priority(&self) -> Option<Priority> {
+        self.waiters.iter().map(|(_, p)| *p).max()
+    }
+}
+
+/// Why a job could not be cancelled.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CancelError {
+    #[error("no job {0} in flight")]
+    NotFound(u64),
+    #[error("job {0} is urgent: a pod waits for it")]
+    Urgent(u64),
 }
 
 /// Where every intercepted pull goes; cheap to share behind an `Arc`.
@@ -48,22 +67,52 @@ pub struct PullCoordinator {
     jobs: Mutex<HashMap<MergeKey, Entry>>,
     puller: Arc<dyn Puller>,
     metrics: Arc<Metrics>,
+    board: Arc<JobBoard>,
     next_id: AtomicU64,
+    next_waiter: AtomicU64,
+}
+
+/// A requester attached to a job: [`Joined::reply`] waits for the answer; dropping it detaches.
+pub struct Joined {
+    pub id: u64,
+    /// True when the request joined a pull already in flight.
+    pub joined: bool,
+    pub record: Arc<JobRecord>,
+    reply: watch::Receiver<Option<Arc<CapturedReply>>>,
+    _waiter: Waiter,
+}
+
+impl Joined {
+    pub async fn reply(mut self) -> Arc<CapturedReply> {
+        match self.reply.wait_for(Option::is_some).await {
+            Ok(r) => r.clone().expect("waited for Some"),
+            // The job ended without a reply: it was cancelled (API), or every requester left.
+            Err(_) => Arc::new(CapturedReply::from_status(tonic::Status::cancelled(
+                format!("pull of {} cancelled", self.record.image),
+            ))),
+        }
+    }
 }
 
 impl PullCoordinator {
-    pub fn new(puller: Arc<dyn Puller>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(puller: Arc<dyn Puller>, metrics: Arc<Metrics>, board: Arc<JobBoard>) -> Arc<Self> {
         Arc::new(PullCoordinator {
             jobs: Mutex::new(HashMap::new()),
             puller,
             metrics,
+            board,
             next_id: AtomicU64::new(1),
+            next_waiter: AtomicU64::new(1),
         })
     }
 
     /// Number of upstream pulls in flight.
     pub fn in_flight(&self) -> usize {
         self.jobs.lock().unwrap().len()
+    }
+
+    pub fn board(&self) -> &Arc<JobBoard> {
+        &self.board
     }
 
     /// Pulls `info`, joining a matching pull in flight if there is one. Dropping the returned
@@ -73,52 +122,99 @@ impl PullCoordinator {
         info: PullRequestInfo,
         request: ForwardRequest,
     ) -> Arc<CapturedReply> {
+        self.join(info, request).reply().await
+    }
+
+    /// Attaches a requester to the pull of `info`, starting one if none is in flight. A job's
+    /// priority is the highest of its requesters': a pod joining a prewarm job promotes it.
+    pub fn join(self: &Arc<Self>, info: PullRequestInfo, request: ForwardRequest) -> Joined {
         let key = MergeKey::of(&info);
-        let (id, mut reply) = {
-            let mut jobs = self.jobs.lock().unwrap();
-            match jobs.get_mut(&key) {
-                Some(entry) => {
-                    entry.waiters += 1;
-                    self.metrics.pull_requests_merged.inc();
-                    info!(job = entry.id, image = %info.reference, class = %info.class,
-                          pod = info.pod.as_deref().unwrap_or("-"), waiters = entry.waiters,
-                          "pull request joined a pull in flight");
-                    (entry.id, entry.reply.clone())
+        let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let priority = info.priority();
+        let mut jobs = self.jobs.lock().unwrap();
+        let (id, reply, record, joined) = match jobs.get_mut(&key) {
+            Some(entry) => {
+                entry.waiters.push((waiter, priority));
+                self.metrics.pull_requests_merged.inc();
+                let before = entry.record.priority();
+                let now = entry.priority().expect("one waiter at least");
+                entry.record.set_priority(now);
+                if !before.is_urgent() && now.is_urgent() {
+                    self.metrics.promotions.inc();
+                    info!(job = entry.id, image = %info.reference,
+                          pod = info.pod.as_deref().unwrap_or("-"),
+                          "prewarm job promoted: a pod waits for it");
                 }
-                None => {
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let (tx, rx) = watch::channel(None);
-                    let cancel = CancellationToken::new();
-                    jobs.insert(
-                        key.clone(),
-                        Entry {
-                            id,
-                            waiters: 1,
-                            cancel: cancel.clone(),
-                            reply: rx.clone(),
-                        },
-                    );
-                    self.metrics.pulls_in_flight.set(jobs.len() as i64);
-                    let job = PullJob { id, info, request };
-                    tokio::spawn(self.clone().run(key.clone(), job, tx, cancel));
-                    (id, rx)
-                }
+                info!(job = entry.id, image = %info.reference, class = %info.class,
+                      pod = info.pod.as_deref().unwrap_or("-"), waiters = entry.waiters.len(),
+                      "pull request joined a pull in flight");
+                (entry.id, entry.reply.clone(), entry.record.clone(), true)
+            }
+            None => {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = watch::channel(None);
+                let cancel = CancellationToken::new();
+                let record = self.board.create(
+                    id,
+                    &info.reference,
+                    info.origin,
+                    priority,
+                    JobState::Resolving,
+                );
+                jobs.insert(
+                    key.clone(),
+                    Entry {
+                        id,
+                        waiters: vec![(waiter, priority)],
+                        cancel: cancel.clone(),
+                        reply: rx.clone(),
+                        record: record.clone(),
+                    },
+                );
+                self.metrics.pulls_in_flight.set(jobs.len() as i64);
+                let job = PullJob {
+                    id,
+                    info,
+                    request,
+                    record: record.clone(),
+                };
+                tokio::spawn(self.clone().run(key.clone(), job, tx, cancel));
+                (id, rx, record, false)
             }
         };
-        let _guard = Waiter {
-            coordinator: self,
-            key,
+        drop(jobs);
+        Joined {
             id,
-        };
-        let result = reply.wait_for(Option::is_some).await;
-        match result {
-            Ok(r) => r.clone().expect("waited for Some"),
-            // The job was dropped without a reply: only happens when it was cancelled, which
-            // only happens once no waiter is left, so no one reads this.
-            Err(_) => Arc::new(CapturedReply::from_status(tonic::Status::cancelled(
-                "pull cancelled",
-            ))),
+            joined,
+            record,
+            reply,
+            _waiter: Waiter {
+                coordinator: self.clone(),
+                key,
+                id,
+                waiter,
+            },
         }
+    }
+
+    /// Cancels a job for every requester (`pullgate cancel`). Urgent jobs are refused: a pod
+    /// waits for them.
+    pub fn cancel(&self, id: u64) -> Result<(), CancelError> {
+        let mut jobs = self.jobs.lock().unwrap();
+        let key = jobs
+            .iter()
+            .find(|(_, e)| e.id == id)
+            .map(|(k, _)| k.clone())
+            .ok_or(CancelError::NotFound(id))?;
+        let entry = &jobs[&key];
+        if entry.record.priority().is_urgent() {
+            return Err(CancelError::Urgent(id));
+        }
+        entry.record.end(JobState::Cancelled, "cancelled on request");
+        entry.cancel.cancel();
+        jobs.remove(&key);
+        self.metrics.pulls_in_flight.set(jobs.len() as i64);
+        Ok(())
     }
 
     async fn run(
@@ -129,9 +225,11 @@ impl PullCoordinator {
         cancel: CancellationToken,
     ) {
         let id = job.id;
+        let record = job.record.clone();
         let started = Instant::now();
         let span = tracing::info_span!("pull", job = id, image = %job.info.reference);
-        info!(parent: &span, class = %job.info.class, pod = job.info.pod.as_deref().unwrap_or("-"),
+        info!(parent: &span, class = %job.info.class, level = job.info.level,
+              origin = job.info.origin.as_str(), pod = job.info.pod.as_deref().unwrap_or("-"),
               authenticated = job.info.credentials.is_some(), "pull started");
         let pull = self.puller.pull(job).instrument(span.clone());
         let outcome = tokio::select! {
@@ -159,9 +257,11 @@ impl PullCoordinator {
                     .inc();
                 if code == tonic::Code::Ok {
                     info!(parent: &span, elapsed = ?elapsed, "pull finished");
+                    record.end(JobState::Done, "");
                 } else {
                     warn!(parent: &span, elapsed = ?elapsed, code = ?code,
                           error = status.message(), "pull failed");
+                    record.end(JobState::Failed, status.message());
                 }
                 let _ = tx.send(Some(Arc::new(reply)));
             }
@@ -172,13 +272,14 @@ impl PullCoordinator {
                         result: code_label(tonic::Code::Cancelled),
                     })
                     .inc();
-                info!(parent: &span, elapsed = ?elapsed,
-                      "pull cancelled: every requester went away");
+                record.end(JobState::Cancelled, "every requester went away");
+                info!(parent: &span, elapsed = ?elapsed, "pull cancelled");
             }
         }
+        self.board.retire(id);
     }
 
-    fn detach(&self, key: &MergeKey, id: u64) {
+    fn detach(&self, key: &MergeKey, id: u64, waiter: u64) {
         let mut jobs = self.jobs.lock().unwrap();
         let Some(entry) = jobs.get_mut(key) else {
             return;
@@ -186,25 +287,32 @@ impl PullCoordinator {
         if entry.id != id {
             return;
         }
-        entry.waiters -= 1;
-        if entry.waiters == 0 {
-            entry.cancel.cancel();
-            jobs.remove(key);
-            self.metrics.pulls_in_flight.set(jobs.len() as i64);
+        entry.waiters.retain(|(w, _)| *w != waiter);
+        match entry.priority() {
+            // The pod that promoted the job left: back to the priority of those still waiting.
+            Some(p) => {
+                entry.record.set_priority(p);
+            }
+            None => {
+                entry.cancel.cancel();
+                jobs.remove(key);
+                self.metrics.pulls_in_flight.set(jobs.len() as i64);
+            }
         }
     }
 }
 
 /// Detaches its requester from the job when dropped: on an answer and on cancellation alike.
-struct Waiter<'a> {
-    coordinator: &'a Arc<PullCoordinator>,
+struct Waiter {
+    coordinator: Arc<PullCoordinator>,
     key: MergeKey,
     id: u64,
+    waiter: u64,
 }
 
-impl Drop for Waiter<'_> {
+impl Drop for Waiter {
     fn drop(&mut self) {
-        self.coordinator.detach(&self.key, self.id);
+        self.coordinator.detach(&self.key, self.id, self.waiter);
     }
 }
 
@@ -257,6 +365,8 @@ mod tests {
             auth: None,
             runtime_handler: String::new(),
             annotations: Default::default(),
+            level: 0,
+            origin: crate::jobs::Origin::Cri,
         }
     }
 
@@ -277,7 +387,7 @@ mod tests {
     #[tokio::test]
     async fn same_image_and_credentials_merge() {
         let gate = Arc::new(Gate::default());
-        let c = PullCoordinator::new(Arc::new(gate.clone()), Arc::new(Metrics::new()));
+        let c = PullCoordinator::new(Arc::new(gate.clone()), Arc::new(Metrics::new()), JobBoard::new());
         let a = tokio::spawn({
             let c = c.clone();
             async move { c.pull(info("img", Some([1; 32])), fwd()).await }
@@ -298,7 +408,7 @@ mod tests {
     #[tokio::test]
     async fn other_credentials_or_anonymous_do_not_merge() {
         let gate = Arc::new(Gate::default());
-        let c = PullCoordinator::new(Arc::new(gate.clone()), Arc::new(Metrics::new()));
+        let c = PullCoordinator::new(Arc::new(gate.clone()), Arc::new(Metrics::new()), JobBoard::new());
         let mut tasks = Vec::new();
         for creds in [Some([1; 32]), Some([2; 32]), None] {
             let c = c.clone();
@@ -317,7 +427,7 @@ mod tests {
     #[tokio::test]
     async fn last_requester_leaving_cancels_the_pull() {
         let gate = Arc::new(Gate::default());
-        let c = PullCoordinator::new(Arc::new(gate.clone()), Arc::new(Metrics::new()));
+        let c = PullCoordinator::new(Arc::new(gate.clone()), Arc::new(Metrics::new()), JobBoard::new());
         let a = tokio::spawn({
             let c = c.clone();
             async move { c.pull(info("img", None), fwd()).await }

@@ -16,11 +16,14 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, Uri};
 
-pub use coordinator::PullCoordinator;
+pub use coordinator::{CancelError, Joined, PullCoordinator};
 pub use finish::ContainerdPuller;
-pub use request::{normalize_reference, BadRequest, Class, PullRequestInfo};
+pub use request::{normalize_reference, BadRequest, Class, PullRequestInfo, PRIORITY_ANNOTATION};
+
+use std::sync::Arc;
 
 use crate::grpc::CapturedReply;
+use crate::jobs::JobRecord;
 
 /// The gRPC path pullgate intercepts.
 pub const PULL_IMAGE_PATH: &str = "/runtime.v1.ImageService/PullImage";
@@ -41,6 +44,8 @@ pub struct PullJob {
     pub id: u64,
     pub info: PullRequestInfo,
     pub request: ForwardRequest,
+    /// The job's shared record: priority (raised by merges), state, progress.
+    pub record: Arc<JobRecord>,
 }
 
 /// Performs a pull and answers with containerd's complete reply. The returned future is dropped

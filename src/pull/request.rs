@@ -9,10 +9,16 @@ use oci_spec::distribution::Reference;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
+use crate::jobs::Origin;
 use crate::proto::runtime::v1::{AuthConfig, PullImageRequest};
+use crate::schedule::Priority;
 
 /// Sandbox annotation OpenKruise's kruise-daemon puts on the pulls it makes for ImagePullJobs.
 pub const KRUISE_PULL_ANNOTATION: &str = "apps.kruise.io/pulling-image-by";
+
+/// Sandbox (pod) annotation that moves a pull within its class: an integer, higher first
+/// (default 0). kruise-daemon's requests carry it for prewarm priority.
+pub const PRIORITY_ANNOTATION: &str = "pullgate.io/priority";
 
 /// Who is waiting for a pull.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,6 +73,10 @@ pub struct PullRequestInfo {
     pub runtime_handler: String,
     /// Sandbox annotations (pod annotations), for priority hints.
     pub annotations: BTreeMap<String, String>,
+    /// Level within the class, from [`PRIORITY_ANNOTATION`] or the prewarm source.
+    pub level: i32,
+    /// Where the request came from.
+    pub origin: Origin,
 }
 
 impl fmt::Debug for PullRequestInfo {
@@ -76,11 +86,17 @@ impl fmt::Debug for PullRequestInfo {
             .field("class", &self.class)
             .field("pod", &self.pod)
             .field("authenticated", &self.credentials.is_some())
+            .field("level", &self.level)
             .finish()
     }
 }
 
 impl PullRequestInfo {
+    /// This requester's priority.
+    pub fn priority(&self) -> Priority {
+        Priority::new(self.class, self.level)
+    }
+
     /// Decodes and validates the protobuf message of a `PullImage` call.
     pub fn decode(message: &[u8]) -> Result<PullRequestInfo, BadRequest> {
         let req = PullImageRequest::decode(message)
@@ -108,6 +124,11 @@ impl PullRequestInfo {
             None => (Class::Prewarm, None, BTreeMap::new()),
         };
         let credentials = req.auth.as_ref().and_then(fingerprint);
+        // A hint that is not an integer is ignored, not an error: the pod must still start.
+        let level = annotations
+            .get(PRIORITY_ANNOTATION)
+            .and_then(|v| v.trim().parse::<i32>().ok())
+            .unwrap_or(0);
         Ok(PullRequestInfo {
             image,
             reference,
@@ -117,6 +138,8 @@ impl PullRequestInfo {
             auth: req.auth.filter(|_| credentials.is_some()),
             runtime_handler: spec.runtime_handler,
             annotations,
+            level,
+            origin: Origin::Cri,
         })
     }
 }
@@ -245,6 +268,22 @@ mod tests {
             .insert(KRUISE_PULL_ANNOTATION.into(), "kruise-daemon".into());
         let info = PullRequestInfo::decode(&req("busybox", Some(kruise), None)).unwrap();
         assert_eq!(info.class, Class::Prewarm);
+    }
+
+    #[test]
+    fn priority_annotation_moves_a_pull_within_its_class() {
+        let mut p = pod();
+        p.annotations.insert(PRIORITY_ANNOTATION.into(), " -3 ".into());
+        let info = PullRequestInfo::decode(&req("busybox", Some(p.clone()), None)).unwrap();
+        assert_eq!(info.priority(), Priority::urgent(-3));
+        p.annotations
+            .insert(KRUISE_PULL_ANNOTATION.into(), "kruise-daemon".into());
+        p.annotations.insert(PRIORITY_ANNOTATION.into(), "9".into());
+        let info = PullRequestInfo::decode(&req("busybox", Some(p.clone()), None)).unwrap();
+        assert_eq!(info.priority(), Priority::prewarm(9));
+        p.annotations.insert(PRIORITY_ANNOTATION.into(), "high".into());
+        let info = PullRequestInfo::decode(&req("busybox", Some(p), None)).unwrap();
+        assert_eq!(info.level, 0, "a bad hint is ignored");
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! A counting semaphore served by priority (then arrival), whose waiters may change priority
 //! while they wait: tokio's semaphore is FIFO only.
+//!
+//! The cap holds prewarm work only: urgent work takes a slot at once, even above the cap. A
+//! prewarm stream paused for an urgent pull keeps its slot, so an urgent pull that waited for
+//! that slot would wait forever.
 
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
@@ -102,7 +106,8 @@ impl Slots {
                 let mut s = self.state.lock().unwrap();
                 let key = guard.key.unwrap();
                 let free = s.capacity == 0 || s.in_use < s.capacity;
-                if free && s.waiting.first() == Some(&key) {
+                let urgent = key.0 .0.is_urgent();
+                if urgent || (free && s.waiting.first() == Some(&key)) {
                     s.waiting.remove(&key);
                     s.in_use += 1;
                     guard.key = None;
@@ -173,7 +178,7 @@ mod tests {
             settle().await;
         }
         assert_eq!(slots.usage(), (1, 4));
-        senders[3].send(Priority::urgent(0)).unwrap();
+        senders[3].send(Priority::prewarm(9)).unwrap();
         settle().await;
         drop(first);
         for t in tasks {
@@ -187,10 +192,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn urgent_work_is_never_held_by_the_cap() {
+        let slots = Slots::new(1);
+        let _prewarm = slots.acquire(prio(Priority::prewarm(0)).1).await;
+        let _urgent = slots.acquire(prio(Priority::urgent(0)).1).await;
+        assert_eq!(slots.usage(), (2, 0));
+        // A waiting prewarm promoted to urgent goes at once.
+        let (tx, rx) = prio(Priority::prewarm(0));
+        let waiter = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.acquire(rx).await }
+        });
+        settle().await;
+        assert!(!waiter.is_finished());
+        tx.send(Priority::urgent(0)).unwrap();
+        let _p = waiter.await.unwrap();
+        assert_eq!(slots.usage(), (3, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_cancelled_waiter_leaves_the_queue() {
         let slots = Slots::new(1);
         let held = slots.acquire(prio(Priority::prewarm(0)).1).await;
-        let (_tx, rx) = prio(Priority::urgent(0));
+        let (_tx, rx) = prio(Priority::prewarm(1));
         let waiter = tokio::spawn({
             let slots = slots.clone();
             async move {

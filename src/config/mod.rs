@@ -9,6 +9,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod prewarm;
+pub mod units;
+
+pub use prewarm::{Policy, PrewarmEntry};
+pub use units::{Bytes, Share};
+
+pub use crate::prewarm::gate::{GateConfig, ProbeKind};
+
 /// Where `pullgate serve` looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pullgate/config.toml";
 
@@ -21,7 +29,91 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub fetch: FetchConfig,
+    pub schedule: ScheduleConfig,
+    pub api: ApiConfig,
+    pub p2p_gate: GateConfig,
+    pub prewarm: Vec<PrewarmEntry>,
 }
+
+/// The scheduler: priorities, bandwidth, concurrency, the large-image lane.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// Node bandwidth budget for blob downloads, bytes per second (0: unlimited).
+    pub bandwidth: Bytes,
+    /// What prewarm may use while no pod waits: a rate or a percentage of `bandwidth`
+    /// (0: all of the budget).
+    pub prewarm_bandwidth: Share,
+    /// What prewarm keeps while a pod waits (0: prewarm pauses, its connections kept open).
+    pub prewarm_floor: Bytes,
+    /// Prewarm writes into containerd's content store, bytes per second (0: unlimited).
+    pub prewarm_write_rate: Bytes,
+    /// Prewarm images fetched at once (0: unlimited).
+    pub max_prewarm_jobs: usize,
+    /// Blob downloads in flight across all jobs (0: unlimited), served by priority.
+    pub max_blob_streams: usize,
+    /// containerd finish steps (unpack, image record) at once (0: unlimited), by priority.
+    pub max_unpacks: usize,
+    /// Prewarm images at least this big are fetched one at a time, in the same order on every
+    /// node (0: no lane).
+    pub large_image_size: Bytes,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            bandwidth: Bytes(0),
+            prewarm_bandwidth: Share::Bytes(0),
+            prewarm_floor: Bytes(0),
+            prewarm_write_rate: Bytes(0),
+            max_prewarm_jobs: 2,
+            max_blob_streams: 16,
+            max_unpacks: 0,
+            large_image_size: Bytes(1 << 30),
+        }
+    }
+}
+
+impl ScheduleConfig {
+    pub fn limits(&self) -> crate::schedule::Limits {
+        crate::schedule::Limits {
+            node: self.bandwidth.0,
+            prewarm: self.prewarm_bandwidth.of(self.bandwidth.0),
+            prewarm_floor: self.prewarm_floor.0,
+            prewarm_write: self.prewarm_write_rate.0,
+        }
+    }
+
+    pub fn admission(&self) -> crate::schedule::Admission {
+        crate::schedule::Admission {
+            max_prewarm_jobs: self.max_prewarm_jobs,
+            large_image_bytes: self.large_image_size.0,
+        }
+    }
+}
+
+/// pullgate's own gRPC API (prewarm, jobs, cancel), used by the `pullgate` CLI.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub enabled: bool,
+    pub socket: PathBuf,
+    /// Octal file mode; the API can cancel and submit pulls, so root only by default.
+    pub socket_mode: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: PathBuf::from(DEFAULT_API_SOCKET),
+            socket_mode: "0600".into(),
+        }
+    }
+}
+
+/// Where the API listens and the CLI connects by default.
+pub const DEFAULT_API_SOCKET: &str = "/run/pullgate/api.sock";
 
 /// The CRI front door kubelet talks to.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -50,6 +142,12 @@ impl ServerConfig {
     /// The socket mode as permission bits (validated at load).
     pub fn socket_mode_bits(&self) -> u32 {
         parse_mode(&self.socket_mode).unwrap_or(0o660)
+    }
+}
+
+impl ApiConfig {
+    pub fn socket_mode_bits(&self) -> u32 {
+        parse_mode(&self.socket_mode).unwrap_or(0o600)
     }
 }
 
@@ -271,6 +369,49 @@ impl Config {
         if self.fetch.range_chunk_mib == 0 || self.fetch.range_chunk_mib > 1024 {
             return fail("fetch.range_chunk_mib", "must be between 1 and 1024".into());
         }
+        if parse_mode(&self.api.socket_mode).is_none() {
+            return fail("api.socket_mode", format!("{:?} is not an octal file mode", self.api.socket_mode));
+        }
+        if self.api.enabled {
+            if self.api.socket.as_os_str().is_empty() || self.api.socket.is_relative() {
+                return fail("api.socket", "must be an absolute path".to_string());
+            }
+            if self.api.socket == self.server.socket || self.api.socket == self.containerd.socket {
+                return fail("api.socket", "must differ from server.socket and containerd.socket".into());
+            }
+        }
+        let s = &self.schedule;
+        if let Share::Percent(_) = s.prewarm_bandwidth {
+            if s.bandwidth.0 == 0 {
+                return fail("schedule.prewarm_bandwidth", "a percentage needs schedule.bandwidth set".into());
+            }
+        }
+        if s.bandwidth.0 > 0 && s.prewarm_floor.0 > s.bandwidth.0 {
+            return fail("schedule.prewarm_floor", "must not exceed schedule.bandwidth".into());
+        }
+        if let Err(e) = self.p2p_gate.validate() {
+            return fail("p2p_gate", e);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.prewarm.iter().enumerate() {
+            let at = |what: &str| format!("prewarm[{i}] ({}): {what}", p.image);
+            let line = line_of_value(text, &p.image);
+            let reference = match crate::pull::normalize_reference(&p.image) {
+                Ok(r) => r,
+                Err(e) => return Err(format!("{line}{}", at(&e.to_string()))),
+            };
+            if !seen.insert(reference.clone()) {
+                return Err(format!("{line}{}", at(&format!("{reference} is listed twice"))));
+            }
+            if p.interval.is_zero() {
+                return Err(format!("{line}{}", at("interval must be greater than zero")));
+            }
+            if let Some(path) = &p.docker_config {
+                if path.is_relative() {
+                    return Err(format!("{line}{}", at("docker_config must be an absolute path")));
+                }
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return fail(
                 "log.level",
@@ -279,6 +420,15 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// "line N: " for the first line holding the string `value`.
+fn line_of_value(text: &str, value: &str) -> String {
+    let quoted = format!("{value:?}");
+    text.lines()
+        .position(|l| l.contains(&quoted))
+        .map(|i| format!("line {}: ", i + 1))
+        .unwrap_or_default()
 }
 
 /// Parses an octal mode such as "0660" or "660".
@@ -324,7 +474,7 @@ mod tests {
 
     #[test]
     fn shipped_example_config_is_valid_and_matches_defaults() {
-        let text = include_str!("../config/pullgate.toml");
+        let text = include_str!("../../config/pullgate.toml");
         assert_eq!(Config::parse(text).unwrap(), Config::default());
     }
 

@@ -1,0 +1,235 @@
+//! The `[[prewarm]]` entries of the config file: one task per entry pulls its image (once, or
+//! keeps it present), with per-attempt timeout, backoff and a deadline per round. A reload
+//! replaces the list: unchanged entries keep running, removed or changed ones stop once their
+//! pull in flight ends (work is never dropped by a reload).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::submit::Prewarm;
+use crate::config::{Policy, PrewarmEntry};
+use crate::jobs::Origin;
+use crate::pull::PullCoordinator;
+
+/// First backoff after a failed attempt; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+
+/// Where a configured image stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryStatus {
+    Pending,
+    /// Pulled successfully (this run); `keep` entries stay here while re-checks succeed.
+    Present,
+    /// The round was given up (backoff limit or deadline); `keep` entries try again next interval.
+    Failed(String),
+}
+
+struct Running {
+    entry: PrewarmEntry,
+    order: u32,
+    retire: CancellationToken,
+    status: Arc<Mutex<EntryStatus>>,
+}
+
+pub struct Prewarmer {
+    coordinator: Arc<PullCoordinator>,
+    running: Mutex<HashMap<String, Running>>,
+    /// Backoff unit: 10 s in production, shorter in tests.
+    backoff: Duration,
+}
+
+impl Prewarmer {
+    pub fn new(coordinator: Arc<PullCoordinator>) -> Arc<Self> {
+        Arc::new(Prewarmer {
+            coordinator,
+            running: Mutex::new(HashMap::new()),
+            backoff: FIRST_BACKOFF,
+        })
+    }
+
+    /// Makes the configured list the running one.
+    pub fn apply(&self, entries: &[PrewarmEntry]) {
+        let mut running = self.running.lock().unwrap();
+        let mut wanted = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            wanted.insert(e.image.clone(), (i as u32, e.clone()));
+        }
+        running.retain(|image, r| {
+            let keep = wanted
+                .get(image)
+                .is_some_and(|(order, e)| *e == r.entry && *order == r.order);
+            if !keep {
+                info!(image, "prewarm entry removed or changed: no new attempts");
+                r.retire.cancel();
+            }
+            keep
+        });
+        for (image, (order, entry)) in wanted {
+            if running.contains_key(&image) {
+                continue;
+            }
+            let retire = CancellationToken::new();
+            let status = Arc::new(Mutex::new(EntryStatus::Pending));
+            tokio::spawn(run_entry(
+                self.coordinator.clone(),
+                entry.clone(),
+                order,
+                retire.clone(),
+                status.clone(),
+                self.backoff,
+            ));
+            running.insert(
+                image,
+                Running {
+                    entry,
+                    order,
+                    retire,
+                    status,
+                },
+            );
+        }
+    }
+
+    /// Every configured image with its status, in config order.
+    pub fn status(&self) -> Vec<(String, EntryStatus)> {
+        let running = self.running.lock().unwrap();
+        let mut v: Vec<_> = running
+            .values()
+            .map(|r| (r.order, r.entry.image.clone(), r.status.lock().unwrap().clone()))
+            .collect();
+        v.sort_by_key(|(order, _, _)| *order);
+        v.into_iter().map(|(_, i, s)| (i, s)).collect()
+    }
+
+    /// Stops every entry (after their pulls in flight).
+    pub fn stop(&self) {
+        for r in self.running.lock().unwrap().values() {
+            r.retire.cancel();
+        }
+    }
+}
+
+async fn run_entry(
+    coordinator: Arc<PullCoordinator>,
+    entry: PrewarmEntry,
+    order: u32,
+    retire: CancellationToken,
+    status: Arc<Mutex<EntryStatus>>,
+    backoff_unit: Duration,
+) {
+    let prewarm = Prewarm {
+        image: entry.image.clone(),
+        level: entry.priority,
+        origin: Origin::Config(order),
+        docker_config: entry.docker_config.clone(),
+    };
+    loop {
+        let outcome = round(&coordinator, &prewarm, &entry, &retire, backoff_unit).await;
+        match &outcome {
+            Some(Ok(())) => *status.lock().unwrap() = EntryStatus::Present,
+            Some(Err(e)) => *status.lock().unwrap() = EntryStatus::Failed(e.clone()),
+            None => return,
+        }
+        if entry.policy == Policy::Once {
+            return;
+        }
+        // Spread re-checks so a fleet restarted together does not re-resolve together.
+        let jitter = entry
+            .interval
+            .mul_f64(rand::rng().random_range(0.0..0.1));
+        tokio::select! {
+            _ = retire.cancelled() => return,
+            _ = tokio::time::sleep(entry.interval + jitter) => {}
+        }
+    }
+}
+
+/// One round: attempts until success, the backoff limit or the deadline. `None`: retired.
+async fn round(
+    coordinator: &Arc<PullCoordinator>,
+    prewarm: &Prewarm,
+    entry: &PrewarmEntry,
+    retire: &CancellationToken,
+    backoff_unit: Duration,
+) -> Option<Result<(), String>> {
+    let started = tokio::time::Instant::now();
+    let mut backoff = backoff_unit;
+    let mut failures = 0;
+    loop {
+        if retire.is_cancelled() {
+            return None;
+        }
+        let joined = match prewarm.submit(coordinator) {
+            Ok(j) => j,
+            Err(e) => {
+                warn!(image = %entry.image, error = %e, "prewarm entry cannot be pulled");
+                return Some(Err(e));
+            }
+        };
+        let job = joined.id;
+        let attempt = joined.reply();
+        let limit = [entry.timeout, remaining(entry.deadline, started)]
+            .into_iter()
+            .filter(|d| !d.is_zero())
+            .min();
+        let result = match limit {
+            Some(l) => match tokio::time::timeout(l, attempt).await {
+                Ok(r) => r.status_result(),
+                Err(_) => Err(format!("attempt timed out after {l:?}")),
+            },
+            None => attempt.await.status_result(),
+        };
+        match result {
+            Ok(()) => {
+                info!(image = %entry.image, job, "prewarm image present");
+                return Some(Ok(()));
+            }
+            Err(e) => {
+                failures += 1;
+                let over_deadline =
+                    !entry.deadline.is_zero() && started.elapsed() + backoff >= entry.deadline;
+                if failures > entry.backoff_limit || over_deadline {
+                    warn!(image = %entry.image, job, failures, error = %e,
+                          "prewarm round given up");
+                    return Some(Err(e));
+                }
+                warn!(image = %entry.image, job, failures, retry_in = ?backoff, error = %e,
+                      "prewarm attempt failed");
+                tokio::select! {
+                    _ = retire.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn remaining(deadline: Duration, started: tokio::time::Instant) -> Duration {
+    if deadline.is_zero() {
+        return Duration::ZERO;
+    }
+    deadline
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(1))
+}
+
+trait StatusResult {
+    fn status_result(&self) -> Result<(), String>;
+}
+
+impl StatusResult for Arc<crate::grpc::CapturedReply> {
+    fn status_result(&self) -> Result<(), String> {
+        let s = self.status();
+        match s.code() {
+            tonic::Code::Ok => Ok(()),
+            c => Err(format!("{c:?}: {}", s.message())),
+        }
+    }
+}

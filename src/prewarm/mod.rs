@@ -1,0 +1,9 @@
+//! Prewarm sources of pullgate's own: the config file's `[[prewarm]]` list and requests from its
+//! API, plus the P2P gate that holds prewarm until the node's P2P component is ready.
+
+pub mod gate;
+pub mod manager;
+pub mod submit;
+
+pub use manager::{EntryStatus, Prewarmer};
+pub use submit::Prewarm;
