@@ -18,8 +18,8 @@ use crate::metrics::{self, ClassLabels, Health, Metrics};
 use crate::prewarm::gate::{P2pGate, ProbeKind};
 use crate::prewarm::Prewarmer;
 use crate::pull::{Class, ContainerdPuller, PullCoordinator, Puller};
-use crate::schedule::{Scheduler, Setup};
 use crate::registry::{Platform, RegistryClient, RegistryConfig};
+use crate::schedule::{Scheduler, Setup};
 use crate::upstream::{Containerd, ContentStore};
 
 /// The pull path: pullgate's layer fetcher in front of containerd's finish, or containerd alone.
@@ -270,7 +270,10 @@ fn reload_config(
     if new.p2p_gate != running.p2p_gate {
         needs_restart.push("p2p_gate");
     }
-    info!(prewarm_images = new.prewarm.len(), "SIGHUP: config reloaded (schedule, prewarm)");
+    info!(
+        prewarm_images = new.prewarm.len(),
+        "SIGHUP: config reloaded (schedule, prewarm)"
+    );
     if !needs_restart.is_empty() {
         warn!(sections = ?needs_restart, "SIGHUP: changes to these sections apply at the next restart");
     }

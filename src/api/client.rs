@@ -1,5 +1,6 @@
 //! The CLI's side of the API: `pullgate prewarm`, `jobs`, `cancel` and `wait --prewarmed`.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -81,6 +82,9 @@ async fn follow(client: &mut Client, id: u64) -> ExitCode {
         Ok(s) => s.into_inner(),
         Err(s) => return fail(s.message()),
     };
+    // Bars on a terminal; plain lines (state changes, then every few seconds) in logs and CI.
+    let tty = std::io::stderr().is_terminal();
+    let mut printed: Option<(String, std::time::Instant)> = None;
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template(
         "{prefix:>14} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} {msg}",
@@ -100,6 +104,21 @@ async fn follow(client: &mut Client, id: u64) -> ExitCode {
         let Some(job) = msg.jobs.into_iter().next() else {
             continue;
         };
+        if !tty {
+            let due = printed.as_ref().is_none_or(|(state, at)| {
+                *state != job.state || at.elapsed() >= Duration::from_secs(2)
+            });
+            if due {
+                let pct = (job.bytes_done * 100)
+                    .checked_div(job.bytes_total)
+                    .unwrap_or(0);
+                eprintln!(
+                    "job {}: {} {}/{} bytes ({pct}%)",
+                    job.id, job.state, job.bytes_done, job.bytes_total
+                );
+                printed = Some((job.state.clone(), std::time::Instant::now()));
+            }
+        }
         total.set_length(job.bytes_total);
         total.set_position(job.bytes_done);
         total.set_message(format!("{} ({} {})", job.state, job.class, job.priority));
@@ -163,14 +182,9 @@ pub fn table(jobs: &[pb::Job]) -> String {
         "IMAGE".into(),
     ]];
     for j in jobs {
-        let pct = if j.bytes_total > 0 {
-            format!(
-                "{:>3}% of {}",
-                j.bytes_done * 100 / j.bytes_total,
-                human(j.bytes_total)
-            )
-        } else {
-            "-".into()
+        let pct = match (j.bytes_done * 100).checked_div(j.bytes_total) {
+            Some(p) => format!("{p:>3}% of {}", human(j.bytes_total)),
+            None => "-".into(),
         };
         let image = if j.message.is_empty() {
             j.image.clone()

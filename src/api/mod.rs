@@ -91,7 +91,9 @@ impl Pullgate for Api {
             origin: Origin::Api,
             docker_config: None,
         };
-        let joined = prewarm.submit(&self.coordinator).map_err(Status::invalid_argument)?;
+        let joined = prewarm
+            .submit(&self.coordinator)
+            .map_err(Status::invalid_argument)?;
         let resp = pb::SubmitResponse {
             job_id: joined.id,
             image: joined.record.image.clone(),
@@ -135,10 +137,7 @@ impl Pullgate for Api {
 
     type WatchStream = WatchStream;
 
-    async fn watch(
-        &self,
-        req: Request<pb::WatchRequest>,
-    ) -> Result<Response<WatchStream>, Status> {
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let req = req.into_inner();
         let every = Duration::from_millis(u64::from(req.interval_ms.clamp(50, 60_000)));
         let every = if req.interval_ms == 0 {

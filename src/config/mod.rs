@@ -370,24 +370,36 @@ impl Config {
             return fail("fetch.range_chunk_mib", "must be between 1 and 1024".into());
         }
         if parse_mode(&self.api.socket_mode).is_none() {
-            return fail("api.socket_mode", format!("{:?} is not an octal file mode", self.api.socket_mode));
+            return fail(
+                "api.socket_mode",
+                format!("{:?} is not an octal file mode", self.api.socket_mode),
+            );
         }
         if self.api.enabled {
             if self.api.socket.as_os_str().is_empty() || self.api.socket.is_relative() {
                 return fail("api.socket", "must be an absolute path".to_string());
             }
             if self.api.socket == self.server.socket || self.api.socket == self.containerd.socket {
-                return fail("api.socket", "must differ from server.socket and containerd.socket".into());
+                return fail(
+                    "api.socket",
+                    "must differ from server.socket and containerd.socket".into(),
+                );
             }
         }
         let s = &self.schedule;
         if let Share::Percent(_) = s.prewarm_bandwidth {
             if s.bandwidth.0 == 0 {
-                return fail("schedule.prewarm_bandwidth", "a percentage needs schedule.bandwidth set".into());
+                return fail(
+                    "schedule.prewarm_bandwidth",
+                    "a percentage needs schedule.bandwidth set".into(),
+                );
             }
         }
         if s.bandwidth.0 > 0 && s.prewarm_floor.0 > s.bandwidth.0 {
-            return fail("schedule.prewarm_floor", "must not exceed schedule.bandwidth".into());
+            return fail(
+                "schedule.prewarm_floor",
+                "must not exceed schedule.bandwidth".into(),
+            );
         }
         if let Err(e) = self.p2p_gate.validate() {
             return fail("p2p_gate", e);
@@ -401,14 +413,23 @@ impl Config {
                 Err(e) => return Err(format!("{line}{}", at(&e.to_string()))),
             };
             if !seen.insert(reference.clone()) {
-                return Err(format!("{line}{}", at(&format!("{reference} is listed twice"))));
+                return Err(format!(
+                    "{line}{}",
+                    at(&format!("{reference} is listed twice"))
+                ));
             }
             if p.interval.is_zero() {
-                return Err(format!("{line}{}", at("interval must be greater than zero")));
+                return Err(format!(
+                    "{line}{}",
+                    at("interval must be greater than zero")
+                ));
             }
             if let Some(path) = &p.docker_config {
                 if path.is_relative() {
-                    return Err(format!("{line}{}", at("docker_config must be an absolute path")));
+                    return Err(format!(
+                        "{line}{}",
+                        at("docker_config must be an absolute path")
+                    ));
                 }
             }
         }
@@ -538,5 +559,61 @@ format = "json"
             Config::parse("[server]\nsocket = \"/a.sock\"\n[containerd]\nsocket = \"/a.sock\"\n")
                 .unwrap_err();
         assert!(err.contains("must differ"), "{err}");
+    }
+
+    #[test]
+    fn schedule_and_prewarm_are_read() {
+        let cfg = Config::parse(
+            r#"
+[schedule]
+bandwidth = "100MB/s"
+prewarm_bandwidth = "30%"
+prewarm_floor = "1MiB"
+large_image_size = "512MiB"
+[p2p_gate]
+probe = "tcp"
+target = "127.0.0.1:65001"
+[[prewarm]]
+image = "busybox"
+priority = 3
+policy = "keep"
+interval = "1h"
+[[prewarm]]
+image = "registry.example/ml/model:v3"
+"#,
+        )
+        .unwrap();
+        let l = cfg.schedule.limits();
+        assert_eq!(
+            (l.node, l.prewarm, l.prewarm_floor),
+            (100_000_000, 30_000_000, 1 << 20)
+        );
+        assert_eq!(cfg.schedule.admission().large_image_bytes, 512 << 20);
+        assert_eq!(cfg.prewarm.len(), 2);
+        assert_eq!(cfg.prewarm[0].policy, Policy::Keep);
+        assert_eq!(cfg.prewarm[1].policy, Policy::Once);
+        assert_eq!(cfg.prewarm[1].interval, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn bad_schedule_and_prewarm_values_are_named() {
+        let err = Config::parse("[schedule]\nprewarm_bandwidth = \"30%\"\n").unwrap_err();
+        assert!(err.contains("schedule.prewarm_bandwidth"), "{err}");
+        let err = Config::parse("[schedule]\nbandwidth = \"fast\"\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("fast"), "{err}");
+        let err = Config::parse("[[prewarm]]\nimage = \"Bad Ref\"\n").unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("prewarm[0]"),
+            "{err}"
+        );
+        let err = Config::parse(
+            "[[prewarm]]\nimage = \"busybox\"\n[[prewarm]]\nimage = \"docker.io/library/busybox:latest\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("listed twice"), "{err}");
+        let err = Config::parse("[[prewarm]]\nimage = \"a\"\npolicy = \"always\"\n").unwrap_err();
+        assert!(err.contains("policy") && err.contains("line 3"), "{err}");
+        let err = Config::parse("[p2p_gate]\nprobe = \"http\"\n").unwrap_err();
+        assert!(err.contains("p2p_gate"), "{err}");
     }
 }

@@ -54,7 +54,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "Gi" | "GiB" => 1 << 30,
         "T" | "TB" => 1_000_000_000_000,
         "Ti" | "TiB" => 1 << 40,
-        u => return Err(format!("{s:?}: unknown unit {u:?} (use B, KB, MB, GB, KiB, MiB, GiB)")),
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
     };
     Ok((n * mult as f64).round() as u64)
 }

@@ -170,15 +170,21 @@ fn is_locked(s: &Status) -> bool {
     s.code() == Code::Unavailable && s.message().contains("locked")
 }
 
-/// Downloads `blob` into the store under `lease`, unless it is there already, into `claimed`
-/// when the caller took the ingest lock beforehand. The lock is kept across attempts, so nobody
-/// else starts the same download in between.
+/// Where a job's blobs come from and the lease they are stored under.
+#[derive(Clone, Debug)]
+pub struct BlobSource {
+    pub image: ImageRef,
+    pub creds: Credentials,
+    pub lease: String,
+}
+
+/// Downloads `blob` into the store under the source's lease, unless it is there already, into
+/// `claimed` when the caller took the ingest lock beforehand. The lock is kept across attempts, so
+/// nobody else starts the same download in between.
 pub async fn download(
     ctx: Arc<FetchContext>,
-    image: ImageRef,
-    creds: Credentials,
+    src: BlobSource,
     blob: BlobSpec,
-    lease: String,
     progress: Arc<BlobProgress>,
     claimed: Option<ContentWriter>,
     interest: Arc<Interest>,
@@ -201,16 +207,7 @@ pub async fn download(
             let backoff = Duration::from_millis(250 * (1 << attempt.min(5)));
             tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
         }
-        let once = attempt_once(
-            &ctx,
-            &image,
-            &creds,
-            &blob,
-            &lease,
-            &progress,
-            &mut writer,
-            &interest,
-        );
+        let once = attempt_once(&ctx, &src, &blob, &progress, &mut writer, &interest);
         match once.await {
             Ok(outcome) => {
                 count(&ctx, outcome);
@@ -261,14 +258,13 @@ fn count(ctx: &FetchContext, outcome: BlobOutcome) {
 
 async fn attempt_once(
     ctx: &FetchContext,
-    image: &ImageRef,
-    creds: &Credentials,
+    src: &BlobSource,
     blob: &BlobSpec,
-    lease: &str,
     progress: &BlobProgress,
     slot: &mut Option<ContentWriter>,
     interest: &Arc<Interest>,
 ) -> Result<BlobOutcome, BlobError> {
+    let (image, creds, lease) = (&src.image, &src.creds, src.lease.as_str());
     let store_err = |status: Status| BlobError::Store {
         digest: blob.digest.clone(),
         status,

@@ -25,10 +25,10 @@ use shared::{Interest, SharedDownloads};
 
 use crate::config::FetchConfig;
 use crate::grpc::CapturedReply;
+use crate::jobs::JobState;
 use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels};
 use crate::pull::{ContainerdPuller, PullJob, Puller};
 use crate::registry::{Credentials, ImageRef, Platform, RegistryClient, RegistryError};
-use crate::jobs::JobState;
 use crate::schedule::{Scheduler, Ticket};
 use crate::upstream::ContentStore;
 
@@ -283,8 +283,12 @@ async fn prepare(
                                     true => Some(ctx.scheduler.streams.acquire(priority).await),
                                     false => None,
                                 };
-                                blob::download(ctx, image, creds, spec, lease, p, writer, interest)
-                                    .await
+                                let src = blob::BlobSource {
+                                    image,
+                                    creds,
+                                    lease,
+                                };
+                                blob::download(ctx, src, spec, p, writer, interest).await
                             }
                             .boxed()
                         }
@@ -327,11 +331,25 @@ async fn finish_while_fetching(
     let image = job.info.image.clone();
     let record = job.record.clone();
     let started = std::time::Instant::now();
+    // Prewarm: containerd is asked only once the blobs are in, or as soon as the job is promoted.
+    // A paused prewarm holds its ingest locks for long, and containerd waiting on a locked ingest
+    // polls with a metadata write (and fsync) per try, slowing every other pull on the node.
+    let mut priority = record.watch_priority();
+    let mut early = None;
+    if !priority.borrow().is_urgent() {
+        tokio::select! {
+            r = &mut downloads => early = Some(r),
+            _ = priority.wait_for(|p| p.is_urgent()) => {}
+        }
+    }
     let mut forward = unpack(ctx, finish, job);
-    let fetched = tokio::select! {
-        r = &mut downloads => r,
-        // containerd answered before the downloads ended: it failed on its own.
-        reply = &mut forward => return reply,
+    let fetched = match early {
+        Some(r) => r,
+        None => tokio::select! {
+            r = &mut downloads => r,
+            // containerd answered before the downloads ended: it failed on its own.
+            reply = &mut forward => return reply,
+        },
     };
     match fetched {
         Ok(()) => {

@@ -47,12 +47,13 @@ impl Interest {
 
 type DownloadFuture = BoxFuture<'static, Result<BlobOutcome, BlobError>>;
 type Download = Shared<DownloadFuture>;
+type Running = (WeakShared<DownloadFuture>, Arc<Interest>);
 
 /// The map holds weak handles only: when every job waiting for a download is gone, the download
 /// itself is dropped (its connection closed), and the next job starts afresh.
 #[derive(Default)]
 pub struct SharedDownloads {
-    inflight: Mutex<HashMap<String, (WeakShared<DownloadFuture>, Arc<Interest>)>>,
+    inflight: Mutex<HashMap<String, Running>>,
 }
 
 impl SharedDownloads {

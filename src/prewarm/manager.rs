@@ -101,7 +101,13 @@ impl Prewarmer {
         let running = self.running.lock().unwrap();
         let mut v: Vec<_> = running
             .values()
-            .map(|r| (r.order, r.entry.image.clone(), r.status.lock().unwrap().clone()))
+            .map(|r| {
+                (
+                    r.order,
+                    r.entry.image.clone(),
+                    r.status.lock().unwrap().clone(),
+                )
+            })
             .collect();
         v.sort_by_key(|(order, _, _)| *order);
         v.into_iter().map(|(_, i, s)| (i, s)).collect()
@@ -140,9 +146,7 @@ async fn run_entry(
             return;
         }
         // Spread re-checks so a fleet restarted together does not re-resolve together.
-        let jitter = entry
-            .interval
-            .mul_f64(rand::rng().random_range(0.0..0.1));
+        let jitter = entry.interval.mul_f64(rand::rng().random_range(0.0..0.1));
         tokio::select! {
             _ = retire.cancelled() => return,
             _ = tokio::time::sleep(entry.interval + jitter) => {}

@@ -112,7 +112,12 @@ mod tests {
         let msg = PullImageRequest::decode(&fwd.body[5..]).unwrap();
         assert_eq!(len, fwd.body.len() - 5);
         assert_eq!(msg.image.unwrap().image, "busybox");
-        assert!(Prewarm { image: "Bad Ref".into(), ..p }.request().is_err());
+        assert!(Prewarm {
+            image: "Bad Ref".into(),
+            ..p
+        }
+        .request()
+        .is_err());
     }
 
     #[test]
@@ -120,8 +125,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         // "user:pw"
-        std::fs::write(&path, r#"{"auths":{"127.0.0.1:5000":{"auth":"dXNlcjpwdw=="}}}"#)
-            .unwrap();
+        std::fs::write(
+            &path,
+            r#"{"auths":{"127.0.0.1:5000":{"auth":"dXNlcjpwdw=="}}}"#,
+        )
+        .unwrap();
         let p = Prewarm {
             image: "127.0.0.1:5000/app:1".into(),
             level: 0,
@@ -130,7 +138,10 @@ mod tests {
         };
         let (info, _) = p.request().unwrap();
         let auth = info.auth.unwrap();
-        assert_eq!((auth.username.as_str(), auth.password.as_str()), ("user", "pw"));
+        assert_eq!(
+            (auth.username.as_str(), auth.password.as_str()),
+            ("user", "pw")
+        );
         assert!(info.credentials.is_some());
     }
 }

@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use super::{ForwardRequest, PullJob, PullRequestInfo, Puller};
-use crate::jobs::{JobBoard, JobRecord, JobState};
-use crate::schedule::Priority;
 use crate::grpc::CapturedReply;
+use crate::jobs::{JobBoard, JobRecord, JobState};
 use crate::metrics::{code_label, Metrics, ResultLabels};
+use crate::schedule::Priority;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct MergeKey {
@@ -210,7 +210,9 @@ impl PullCoordinator {
         if entry.record.priority().is_urgent() {
             return Err(CancelError::Urgent(id));
         }
-        entry.record.end(JobState::Cancelled, "cancelled on request");
+        entry
+            .record
+            .end(JobState::Cancelled, "cancelled on request");
         entry.cancel.cancel();
         jobs.remove(&key);
         self.metrics.pulls_in_flight.set(jobs.len() as i64);
@@ -387,7 +389,11 @@ mod tests {
     #[tokio::test]
     async fn same_image_and_credentials_merge() {
         let gate = Arc::new(Gate::default());
-        let c = PullCoordinator::new(Arc::new(gate.clone()), Arc::new(Metrics::new()), JobBoard::new());
+        let c = PullCoordinator::new(
+            Arc::new(gate.clone()),
+            Arc::new(Metrics::new()),
+            JobBoard::new(),
+        );
         let a = tokio::spawn({
             let c = c.clone();
             async move { c.pull(info("img", Some([1; 32])), fwd()).await }
@@ -408,7 +414,11 @@ mod tests {
     #[tokio::test]
     async fn other_credentials_or_anonymous_do_not_merge() {
         let gate = Arc::new(Gate::default());
-        let c = PullCoordinator::new(Arc::new(gate.clone()), Arc::new(Metrics::new()), JobBoard::new());
+        let c = PullCoordinator::new(
+            Arc::new(gate.clone()),
+            Arc::new(Metrics::new()),
+            JobBoard::new(),
+        );
         let mut tasks = Vec::new();
         for creds in [Some([1; 32]), Some([2; 32]), None] {
             let c = c.clone();
@@ -427,7 +437,11 @@ mod tests {
     #[tokio::test]
     async fn last_requester_leaving_cancels_the_pull() {
         let gate = Arc::new(Gate::default());
-        let c = PullCoordinator::new(Arc::new(gate.clone()), Arc::new(Metrics::new()), JobBoard::new());
+        let c = PullCoordinator::new(
+            Arc::new(gate.clone()),
+            Arc::new(Metrics::new()),
+            JobBoard::new(),
+        );
         let a = tokio::spawn({
             let c = c.clone();
             async move { c.pull(info("img", None), fwd()).await }

@@ -273,7 +273,8 @@ mod tests {
     #[test]
     fn priority_annotation_moves_a_pull_within_its_class() {
         let mut p = pod();
-        p.annotations.insert(PRIORITY_ANNOTATION.into(), " -3 ".into());
+        p.annotations
+            .insert(PRIORITY_ANNOTATION.into(), " -3 ".into());
         let info = PullRequestInfo::decode(&req("busybox", Some(p.clone()), None)).unwrap();
         assert_eq!(info.priority(), Priority::urgent(-3));
         p.annotations
@@ -281,7 +282,8 @@ mod tests {
         p.annotations.insert(PRIORITY_ANNOTATION.into(), "9".into());
         let info = PullRequestInfo::decode(&req("busybox", Some(p.clone()), None)).unwrap();
         assert_eq!(info.priority(), Priority::prewarm(9));
-        p.annotations.insert(PRIORITY_ANNOTATION.into(), "high".into());
+        p.annotations
+            .insert(PRIORITY_ANNOTATION.into(), "high".into());
         let info = PullRequestInfo::decode(&req("busybox", Some(p), None)).unwrap();
         assert_eq!(info.level, 0, "a bad hint is ignored");
     }

@@ -39,7 +39,8 @@ impl Pullgate {
         std::fs::write(
             &config,
             format!(
-                "[fetch]\nhosts_dir = {:?}\n{fetch_toml}\n",
+                "[api]\nsocket = {:?}\n[fetch]\nhosts_dir = {:?}\n{fetch_toml}\n",
+                dir.join("api.sock"),
                 containerd.dir().join("certs.d")
             ),
         )
@@ -112,6 +113,43 @@ impl Pullgate {
 
     pub fn socket(&self) -> PathBuf {
         self.socket.clone()
+    }
+
+    /// pullgate's own API socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.socket.with_file_name("api.sock")
+    }
+
+    /// The config file it was started with (rewrite it, then SIGHUP, to reload).
+    pub fn config_path(&self) -> PathBuf {
+        self.config.clone()
+    }
+
+    /// Runs `pullgate ARGS --api-socket <this daemon's>`: (exit code, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self
+            .cli_command(args)
+            .output()
+            .await
+            .expect("run pullgate CLI");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The CLI command, to spawn and watch.
+    pub fn cli_command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(binary());
+        cmd.args(args)
+            .arg("--api-socket")
+            .arg(self.api_socket())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
     }
 
     pub fn metrics_addr(&self) -> &str {

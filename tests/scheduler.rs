@@ -1,0 +1,420 @@
+//! End-to-end tests of the scheduler on a real containerd and registry: urgent pulls before
+//! prewarm, promotion, bandwidth caps, `keep` prewarm entries, the P2P gate, the CLI and SIGHUP.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::node::Node;
+use common::*;
+use pullgate::api::client::connect;
+use pullgate::proto::pullgate::v1 as api;
+use pullgate::proto::runtime::v1::*;
+
+const MB: usize = 1_000_000;
+
+fn spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    })
+}
+
+async fn present(node: &Node, image: &str) -> bool {
+    node.direct()
+        .image_status(ImageStatusRequest {
+            image: spec(image),
+            verbose: false,
+        })
+        .await
+        .map(|r| r.into_inner().image.is_some())
+        .unwrap_or(false)
+}
+
+async fn jobs(node: &Node, all: bool) -> Vec<api::Job> {
+    let mut c = connect(&node.pullgate.api_socket()).await.unwrap();
+    c.list(api::ListRequest { all })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+}
+
+async fn job_of(node: &Node, image: &str) -> Option<api::Job> {
+    jobs(node, true)
+        .await
+        .into_iter()
+        .rev()
+        .find(|j| j.image.ends_with(image.split_once('/').unwrap().1))
+}
+
+async fn submit(node: &Node, image: &str, priority: i32) -> u64 {
+    let mut c = connect(&node.pullgate.api_socket()).await.unwrap();
+    c.submit(api::SubmitRequest {
+        image: image.to_string(),
+        priority,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .job_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urgent_pull_during_four_big_prewarms_finishes_first_and_prewarms_complete() {
+    // A 40 MB/s node link: four 24 MB prewarms need ~2.4 s, the 6 MB pod image alone ~0.15 s.
+    let node = Node::start_with(
+        None,
+        "[schedule]\nbandwidth = \"40MB\"\nmax_prewarm_jobs = 4\n",
+    )
+    .await;
+    let mut prewarms = Vec::new();
+    for i in 0..4 {
+        let img = push_image(
+            &node.registry,
+            &format!("big/p{i}"),
+            "v1",
+            &[12 * MB, 12 * MB],
+            None,
+        )
+        .await;
+        prewarms.push(img);
+    }
+    let pod_img = push_image(&node.registry, "pod/app", "v1", &[3 * MB, 3 * MB], None).await;
+    for p in &prewarms {
+        submit(&node, &p.reference(), 0).await;
+    }
+    wait_for("prewarm bytes flowing", Duration::from_secs(20), || async {
+        node.pullgate
+            .metric("pullgate_class_bytes_total{class=\"prewarm\"}")
+            .await
+            > 4.0 * MB as f64
+    })
+    .await;
+    node.via()
+        .pull_image(pull_request(&pod_img.reference()))
+        .await
+        .expect("urgent pull");
+    let unfinished = {
+        let all = jobs(&node, false).await;
+        all.iter().filter(|j| j.class == "prewarm").count()
+    };
+    assert_eq!(
+        unfinished, 4,
+        "the pod's pull finished while all four prewarms were still running"
+    );
+    for p in &prewarms {
+        let r = p.reference();
+        wait_for("prewarm completes", Duration::from_secs(60), || async {
+            present(&node, &r).await
+        })
+        .await;
+    }
+    for p in &prewarms {
+        let j = job_of(&node, &p.reference()).await.unwrap();
+        assert_eq!(j.state, "done", "{j:?}");
+    }
+    let log = node.pullgate.log();
+    assert!(!log.contains("panicked"), "{}", tail(&log, 30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_waiting_for_a_prewarm_image_promotes_the_job_without_refetching() {
+    // Prewarm is held to 4 MB/s; the pod's pull of the same image joins and promotes it.
+    let node = Node::start_with(None, "[schedule]\nprewarm_bandwidth = \"4MB\"\n").await;
+    let img = push_image(
+        &node.registry,
+        "promo/app",
+        "v1",
+        &[8 * MB, 8 * MB, 8 * MB],
+        None,
+    )
+    .await;
+    let id = submit(&node, &img.reference(), 0).await;
+    wait_for("prewarm fetching", Duration::from_secs(20), || async {
+        jobs(&node, false)
+            .await
+            .iter()
+            .any(|j| j.id == id && j.bytes_done > 2 * MB as u64)
+    })
+    .await;
+    let started = Instant::now();
+    node.via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .expect("pod pull");
+    let took = started.elapsed();
+    assert_eq!(node.pullgate.metric("pullgate_promotions_total").await, 1.0);
+    assert_eq!(
+        node.pullgate
+            .metric("pullgate_pull_requests_merged_total")
+            .await,
+        1.0
+    );
+    // Each blob was fetched once: the promoted job kept the bytes it had.
+    assert_eq!(
+        node.registry.blob_gets_ok(&img.repo),
+        img.blob_count(),
+        "{:?}",
+        node.registry.requests()
+    );
+    let j = job_of(&node, &img.reference()).await.unwrap();
+    assert_eq!(
+        (j.state.as_str(), j.class.as_str()),
+        ("done", "urgent"),
+        "{j:?}"
+    );
+    // At the prewarm rate the remaining >18 MB would need >4 s.
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prewarm_throughput_stays_within_5_percent_of_its_cap() {
+    let cap = 8_000_000.0;
+    let node = Node::start_with(None, "[schedule]\nprewarm_bandwidth = \"8MB\"\n").await;
+    let img = push_image(&node.registry, "cap/app", "v1", &[24 * MB, 24 * MB], None).await;
+    let metric = "pullgate_class_bytes_total{class=\"prewarm\"}";
+    submit(&node, &img.reference(), 0).await;
+    // Samples of (time, bytes) while the pull runs; the rate is taken between the first sample
+    // past 10 % and the last one before 90 %, away from start-up and the tail.
+    let total = (48 * MB) as f64;
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let b = node.pullgate.metric(metric).await;
+        samples.push((Instant::now(), b));
+        if b >= 0.9 * total || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let window: Vec<_> = samples
+        .iter()
+        .filter(|(_, b)| *b >= 0.1 * total && *b <= 0.9 * total)
+        .collect();
+    assert!(window.len() >= 10, "too few samples: {samples:?}");
+    let (t0, b0) = window.first().unwrap();
+    let (t1, b1) = window.last().unwrap();
+    let rate = (b1 - b0) / t1.duration_since(*t0).as_secs_f64();
+    assert!(
+        (rate - cap).abs() <= 0.05 * cap,
+        "prewarm rate {:.2} MB/s, cap 8 MB/s",
+        rate / 1e6
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_entry_repulls_an_image_removed_behind_pullgates_back() {
+    let dir = tempdir();
+    let registry = Registry::start(&dir.path().join("registry"), None).await;
+    let img = push_image(&registry, "keep/app", "v1", &[MB], None).await;
+    let containerd = Containerd::start(&dir.path().join("ctd"), &[&registry]).await;
+    let pullgate = common::daemon::Pullgate::start(
+        &dir.path().join("pg"),
+        &containerd,
+        &format!(
+            "[[prewarm]]\nimage = {:?}\npolicy = \"keep\"\ninterval = \"1s\"\n",
+            img.reference()
+        ),
+    )
+    .await;
+    let node = Node {
+        pullgate,
+        containerd,
+        registry,
+        dir,
+    };
+    wait_for(
+        "prewarm pulls the image",
+        Duration::from_secs(30),
+        || async { present(&node, &img.reference()).await },
+    )
+    .await;
+    node.direct()
+        .remove_image(RemoveImageRequest {
+            image: spec(&img.reference()),
+        })
+        .await
+        .unwrap();
+    assert!(!present(&node, &img.reference()).await);
+    wait_for("keep re-pulls it", Duration::from_secs(30), || async {
+        present(&node, &img.reference()).await
+    })
+    .await;
+    assert!(node.registry.blob_gets_ok(&img.repo) >= 2 * img.blob_count());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2p_gate_holds_prewarm_until_the_probe_answers_and_urgent_never_waits() {
+    let port = free_port();
+    let node = Node::start_with(
+        None,
+        &format!(
+            "[p2p_gate]\nprobe = \"tcp\"\ntarget = \"127.0.0.1:{port}\"\ninterval = \"100ms\"\n"
+        ),
+    )
+    .await;
+    let pre = push_image(&node.registry, "gate/pre", "v1", &[MB], None).await;
+    let pod = push_image(&node.registry, "gate/pod", "v1", &[MB], None).await;
+    let (code, out, err) = node.pullgate.cli(&["prewarm", &pre.reference()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    wait_for("job waits for p2p", Duration::from_secs(10), || async {
+        job_of(&node, &pre.reference())
+            .await
+            .is_some_and(|j| j.state == "waiting-for-p2p")
+    })
+    .await;
+    let (_, table, _) = node.pullgate.cli(&["jobs"]).await;
+    assert!(table.contains("waiting-for-p2p"), "{table}");
+    assert_eq!(node.pullgate.metric("pullgate_p2p_gate_open").await, 0.0);
+    // Urgent work passes a closed gate.
+    node.via()
+        .pull_image(pull_request(&pod.reference()))
+        .await
+        .expect("urgent pull with the gate closed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!present(&node, &pre.reference()).await);
+    assert_eq!(node.registry.blob_gets(&pre.repo), 0);
+    // The P2P agent comes up.
+    let _agent = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    wait_for("prewarm completes", Duration::from_secs(30), || async {
+        present(&node, &pre.reference()).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_shows_progress_and_wait_prewarmed_exits_when_done() {
+    // 2 MB/s for prewarm: the configured 8 MB image takes about 4 s.
+    let dir = tempdir();
+    let registry = Registry::start(&dir.path().join("registry"), None).await;
+    let cfg_img = push_image(&registry, "cli/configured", "v1", &[4 * MB, 4 * MB], None).await;
+    let cli_img = push_image(&registry, "cli/adhoc", "v1", &[3 * MB], None).await;
+    let containerd = Containerd::start(&dir.path().join("ctd"), &[&registry]).await;
+    let pullgate = common::daemon::Pullgate::start(
+        &dir.path().join("pg"),
+        &containerd,
+        &format!(
+            "[schedule]\nprewarm_bandwidth = \"2MB\"\n[[prewarm]]\nimage = {:?}\n",
+            cfg_img.reference()
+        ),
+    )
+    .await;
+    let node = Node {
+        pullgate,
+        containerd,
+        registry,
+        dir,
+    };
+    let mut wait = node
+        .pullgate
+        .cli_command(&["wait", "--prewarmed", "--timeout", "60s"])
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        wait.try_wait().unwrap().is_none(),
+        "wait --prewarmed exited before the image was there"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(60), wait.wait())
+        .await
+        .expect("wait --prewarmed exits")
+        .unwrap();
+    assert!(status.success());
+    assert!(present(&node, &cfg_img.reference()).await);
+
+    let (code, out, err) = node
+        .pullgate
+        .cli(&["prewarm", &cli_img.reference(), "--priority", "5", "--wait"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("fetching") && err.contains('%'),
+        "progress shown: {err}"
+    );
+    assert!(out.contains("done in"), "{out}");
+    let (code, table, _) = node.pullgate.cli(&["jobs", "--all"]).await;
+    assert_eq!(code, 0);
+    let row = table
+        .lines()
+        .find(|l| l.contains("cli/adhoc"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("done") && row.contains("prewarm") && row.contains(" 5 "),
+        "{row}"
+    );
+    // Cancelling an ended job is a clean error.
+    let (code, _, err) = node.pullgate.cli(&["cancel", "999"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no job 999"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_prewarm_and_leaves_nothing_behind() {
+    let node = Node::start_with(None, "[schedule]\nprewarm_bandwidth = \"2MB\"\n").await;
+    let img = push_image(&node.registry, "cancel/app", "v1", &[16 * MB], None).await;
+    let id = submit(&node, &img.reference(), 0).await;
+    wait_for("prewarm fetching", Duration::from_secs(20), || async {
+        jobs(&node, false)
+            .await
+            .iter()
+            .any(|j| j.id == id && j.bytes_done > 0)
+    })
+    .await;
+    let (code, out, err) = node.pullgate.cli(&["cancel", &id.to_string()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let j = job_of(&node, &img.reference()).await.unwrap();
+    assert_eq!(j.state, "cancelled");
+    let content = node.content();
+    wait_for("lease released", Duration::from_secs(10), || async {
+        content.pullgate_leases().await.unwrap().is_empty()
+    })
+    .await;
+    assert!(!present(&node, &img.reference()).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_broken_config_keeps_the_old_one_and_a_good_one_applies() {
+    let node = Node::start(None).await;
+    let a = push_image(&node.registry, "hup/a", "v1", &[MB], None).await;
+    let b = push_image(&node.registry, "hup/b", "v1", &[MB], None).await;
+    let path = node.pullgate.config_path();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let with = |images: &[&str]| {
+        let mut text = original.clone();
+        for i in images {
+            text.push_str(&format!("[[prewarm]]\nimage = {i:?}\n"));
+        }
+        text
+    };
+    std::fs::write(&path, with(&[&a.reference()])).unwrap();
+    node.pullgate.signal(libc::SIGHUP);
+    wait_for("a prewarmed", Duration::from_secs(30), || async {
+        present(&node, &a.reference()).await
+    })
+    .await;
+
+    std::fs::write(&path, "[schedule\nbandwidth = ").unwrap();
+    node.pullgate.signal(libc::SIGHUP);
+    wait_for("reload refused", Duration::from_secs(10), || async {
+        node.pullgate.log().contains("config refused")
+    })
+    .await;
+    let (code, out, err) = node
+        .pullgate
+        .cli(&["wait", "--prewarmed", "--timeout", "5s"])
+        .await;
+    assert_eq!(code, 0, "old config still in force: {out}{err}");
+    assert!(out.contains("all 1 prewarm images present"), "{out}");
+
+    std::fs::write(&path, with(&[&a.reference(), &b.reference()])).unwrap();
+    node.pullgate.signal(libc::SIGHUP);
+    let (code, out, err) = node
+        .pullgate
+        .cli(&["wait", "--prewarmed", "--timeout", "30s"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(present(&node, &b.reference()).await);
+    // The daemon kept serving throughout.
+    assert_eq!(node.pullgate.http_get("/readyz").await.unwrap().0, 200);
+}
