@@ -474,4 +474,42 @@ mod tests {
         gate.release.notify_waiters();
         d.await.unwrap();
     }
+
+    #[tokio::test]
+    async fn a_pod_joining_a_prewarm_promotes_it_and_leaving_demotes_it() {
+        let gate = Arc::new(Gate::default());
+        let metrics = Arc::new(Metrics::new());
+        let c = PullCoordinator::new(Arc::new(gate.clone()), metrics.clone(), JobBoard::new());
+        let mut pre = info("img", None);
+        pre.class = Class::Prewarm;
+        pre.level = 3;
+        let prewarm = c.join(pre, fwd());
+        let record = prewarm.record.clone();
+        assert_eq!(record.priority(), Priority::prewarm(3));
+        let pod = c.join(info("img", None), fwd());
+        assert!(pod.joined);
+        assert_eq!(pod.id, prewarm.id);
+        assert_eq!(record.priority(), Priority::urgent(0));
+        assert_eq!(metrics.promotions.get(), 1);
+        drop(pod);
+        assert_eq!(
+            record.priority(),
+            Priority::prewarm(3),
+            "back to its prewarm priority"
+        );
+        settle().await;
+        assert_eq!(
+            gate.started.load(Ordering::SeqCst),
+            1,
+            "one upstream pull throughout"
+        );
+        // Cancelling: urgent jobs are refused, prewarm ones end for every requester.
+        let pod = c.join(info("img", None), fwd());
+        assert_eq!(c.cancel(pod.id), Err(CancelError::Urgent(pod.id)));
+        drop(pod);
+        assert_eq!(c.cancel(record.id), Ok(()));
+        let reply = prewarm.reply().await;
+        assert_eq!(reply.status().code(), tonic::Code::Cancelled);
+        assert_eq!(record.state(), JobState::Cancelled);
+    }
 }
