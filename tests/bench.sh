@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Side-by-side pull benchmark (pullgate vs containerd direct); prints a markdown table.
-# Needs root. `tests/bench.sh --quick` is the small smoke version CI runs.
+# The side-by-side benchmark suite (pullgate vs containerd direct): builds its own world in a
+# private network namespace (shaped loopback), prints a markdown table and writes it, with the
+# urgent-under-prewarm timeline PNG, to target/bench/. Needs root.
+#   tests/bench.sh                 every scenario, full size (about 15 minutes on 2 cores)
+#   tests/bench.sh --quick         small sizes, one round: the smoke test CI runs
+#   tests/bench.sh urgent p2p      only these scenarios
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/deps.sh
-if [ ! -x /usr/sbin/nginx ]; then
+missing=()
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v tc >/dev/null && command -v ip >/dev/null || missing+=(iproute2)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends nginx >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-exec cargo bench --bench pull -- "$@"
+# Build with the network, run without it: the namespace has only its own loopback.
+cargo bench --locked --bench suite --no-run
+exec unshare --net -- bash -c 'ip link set lo up && exec cargo bench --locked --offline --bench suite -- "$@"' bench "$@"

@@ -211,6 +211,9 @@ pub struct FetchConfig {
     /// lease protected once it expires.
     #[serde(with = "humantime_serde")]
     pub lease_expiry: Duration,
+    /// Ask containerd to finish urgent pulls while blobs still download (it waits on pullgate's
+    /// ingests). Off: containerd is asked once every blob is in, faster on containerd 1.6.
+    pub overlap_unpack: bool,
 }
 
 impl Default for FetchConfig {
@@ -226,6 +229,7 @@ impl Default for FetchConfig {
             request_timeout: Duration::from_secs(30),
             retries: 4,
             lease_expiry: Duration::from_secs(3600),
+            overlap_unpack: false,
         }
     }
 }

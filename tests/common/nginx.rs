@@ -19,13 +19,41 @@ impl Nginx {
     /// Proxies `127.0.0.1:PORT` to `upstream`, each client connection capped at `rate`
     /// (nginx syntax: "16m" = 16 MiB/s).
     pub async fn start_rate_limited(dir: &Path, upstream: &str, rate: &str) -> Nginx {
+        let location = format!(
+            "proxy_pass http://{upstream};\n      proxy_http_version 1.1;\n      \
+             proxy_set_header Host $http_host;\n      limit_rate {rate};"
+        );
+        Nginx::start(dir, "", &location, false).await
+    }
+
+    /// A shared, bounded cache in front of `upstream`, as a P2P or pull-through cache would be:
+    /// `max_size` below what the nodes pull, `proxy_cache_lock` so concurrent misses of one blob
+    /// make one upstream request. Blobs are content-addressed, so the URI is the key.
+    pub async fn start_cache(dir: &Path, upstream: &str, max_size: &str) -> Nginx {
+        let d = dir.display();
+        let http = format!(
+            "proxy_cache_path {d}/cache levels=1:2 keys_zone=blobs:10m max_size={max_size} \
+             inactive=1h use_temp_path=off;"
+        );
+        let location = format!(
+            "proxy_pass http://{upstream};\n      proxy_http_version 1.1;\n      \
+             proxy_set_header Host $http_host;\n      proxy_cache blobs;\n      \
+             proxy_cache_key $uri;\n      proxy_cache_valid 200 1h;\n      \
+             proxy_cache_lock on;\n      proxy_cache_lock_timeout 300s;\n      \
+             proxy_cache_lock_age 300s;\n      proxy_buffering on;"
+        );
+        Nginx::start(dir, &http, &location, true).await
+    }
+
+    async fn start(dir: &Path, http_extra: &str, location: &str, master: bool) -> Nginx {
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let d = dir.display();
+        let master = if master { "on" } else { "off" };
         let conf = format!(
             r#"daemon off;
-master_process off;
+master_process {master};
 worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
@@ -37,13 +65,11 @@ http {{
   fastcgi_temp_path {d}/tmp/fastcgi;
   uwsgi_temp_path {d}/tmp/uwsgi;
   scgi_temp_path {d}/tmp/scgi;
+  {http_extra}
   server {{
     listen {addr};
     location / {{
-      proxy_pass http://{upstream};
-      proxy_http_version 1.1;
-      proxy_set_header Host $http_host;
-      limit_rate {rate};
+      {location}
     }}
   }}
 }}

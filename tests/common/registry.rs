@@ -25,6 +25,8 @@ pub struct AccessLogEntry {
     /// Path and query, as sent.
     pub path: String,
     pub status: u16,
+    /// Response body bytes written.
+    pub bytes: u64,
     pub user_agent: String,
 }
 
@@ -44,7 +46,9 @@ impl AccessLogEntry {
             return None;
         }
         let after = rest[end + 1..].trim_start();
-        let status: u16 = after.split(' ').next()?.parse().ok()?;
+        let mut fields = after.split(' ');
+        let status: u16 = fields.next()?.parse().ok()?;
+        let bytes: u64 = fields.next().and_then(|b| b.parse().ok()).unwrap_or(0);
         // user agent = last quoted field
         let user_agent = {
             let t = after.trim_end();
@@ -58,6 +62,7 @@ impl AccessLogEntry {
             method,
             path,
             status,
+            bytes,
             user_agent,
         })
     }

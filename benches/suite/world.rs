@@ -1,0 +1,45 @@
+//! The bench's world: it runs inside a network namespace of its own (`tests/bench.sh` starts it
+//! with `unshare --net`), whose loopback it shapes with `tc` to model a node's link. Everything
+//! lives on 127.0.0.1 in that namespace and goes away with the process.
+
+use std::process::Command;
+
+/// Whether this process has a network namespace to itself (only `lo`, and we may shape it).
+pub fn in_private_netns() -> bool {
+    let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().count() == 1 && text.contains(": lo:")
+}
+
+fn tc(args: &str) {
+    let status = Command::new("tc")
+        .args(args.split_whitespace())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run tc (apt-get install iproute2): {e}"));
+    assert!(status.success(), "tc {args} failed");
+}
+
+/// Root htb on `lo`: unshaped by default; classes added per shaped port.
+pub fn init_shaping() {
+    let _ = Command::new("tc")
+        .args(["qdisc", "del", "dev", "lo", "root"])
+        .status();
+    tc("qdisc add dev lo root handle 1: htb default 99 r2q 1000");
+    tc("class add dev lo parent 1: classid 1:99 htb rate 100gbit");
+}
+
+/// Caps what the server on `port` sends (its egress: source port `port`) at `bytes_per_sec`,
+/// as a node's link or a registry's uplink would. `id` picks the htb class (1..98).
+pub fn shape_port(id: u32, port: u16, bytes_per_sec: u64) {
+    let bits = bytes_per_sec * 8;
+    tc(&format!(
+        "class replace dev lo parent 1: classid 1:{id} htb rate {bits}bit ceil {bits}bit \
+         burst 256k cburst 256k"
+    ));
+    tc(&format!(
+        "filter replace dev lo parent 1: protocol ip prio {id} u32 match ip sport {port} 0xffff \
+         flowid 1:{id}"
+    ));
+}
