@@ -38,6 +38,7 @@ async fn main() {
     )
     .await;
     let batch = push_image(&registry, "demo/batch", "v1", &[16 << 20], None).await;
+    let model = push_image(&registry, "demo/model", "v1", &[24 << 20, 8 << 20], None).await;
     println!(
         "pushed {} ({} bytes) and {} ({} bytes)",
         web.reference(),
@@ -90,6 +91,20 @@ async fn main() {
         registry.blob_gets(&batch.repo) as f64 / batch.blob_count() as f64
     );
 
+    // pullgate's own prewarm, through its CLI and API, with progress; then the job table.
+    println!(
+        "$ pullgate prewarm {} --priority 5 --wait",
+        model.reference()
+    );
+    let (code, out, err) = pullgate
+        .cli(&["prewarm", &model.reference(), "--priority", "5", "--wait"])
+        .await;
+    print!("{err}{out}");
+    assert_eq!(code, 0, "pullgate prewarm failed");
+    println!("$ pullgate jobs --all");
+    let (_, table, _) = pullgate.cli(&["jobs", "--all"]).await;
+    print!("{table}");
+
     let images = image_client(&pullgate.socket())
         .list_images(ListImagesRequest { filter: None })
         .await
@@ -115,6 +130,7 @@ async fn main() {
         "pullgate_upstream_pulls_total{result=\"ok\"}",
         "pullgate_blobs_total{outcome=\"fetched\"}",
         "pullgate_fetched_bytes_total{source=\"registry\"}",
+        "pullgate_class_bytes_total{class=\"prewarm\"}",
         "pullgate_upstream_up",
     ] {
         println!("  {sample} {}", metric_value(&metrics, sample));
@@ -132,6 +148,11 @@ async fn main() {
     println!(
         "  crictl --image-endpoint unix://{} images",
         pullgate.socket().display()
+    );
+    println!(
+        "  {} jobs --all --api-socket {}",
+        common::daemon::binary().display(),
+        pullgate.api_socket().display()
     );
     println!(
         "  crictl --image-endpoint unix://{} pull {}",

@@ -303,7 +303,7 @@ pub async fn p2p_cache(o: &Opts) -> Vec<Row> {
     let (layer, upstream, cache, stagger) = if o.quick {
         (3 * MB, 20 * MB as u64, "15m", 0.1)
     } else {
-        (33 * MB, 100 * MB as u64, "150m", 0.5)
+        (33 * MB, 100 * MB as u64, "150m", 2.0)
     };
     let name = format!(
         "P2P cache reuse: 4 nodes × 4 images of {} MB, shared cache {cache}B, upstream {} MB/s",

@@ -31,12 +31,19 @@ pub fn init_shaping() {
 }
 
 /// Caps what the server on `port` sends (its egress: source port `port`) at `bytes_per_sec`,
-/// as a node's link or a registry's uplink would. `id` picks the htb class (1..98).
+/// as a node's link or a registry's uplink would. `id` picks the htb class (1..98). The link's
+/// queue is fq_codel, Linux's default qdisc: htb's own default leaf is a FIFO of `lo`'s 1000
+/// 64 KiB packets, a 64 MB queue no real link has, in which every new flow would wait over a
+/// second behind the data already queued.
 pub fn shape_port(id: u32, port: u16, bytes_per_sec: u64) {
     let bits = bytes_per_sec * 8;
     tc(&format!(
         "class replace dev lo parent 1: classid 1:{id} htb rate {bits}bit ceil {bits}bit \
          burst 256k cburst 256k"
+    ));
+    tc(&format!(
+        "qdisc replace dev lo parent 1:{id} handle {}: fq_codel",
+        id + 100
     ));
     tc(&format!(
         "filter replace dev lo parent 1: protocol ip prio {id} u32 match ip sport {port} 0xffff \

@@ -110,7 +110,7 @@ impl Puller for LayerFetcher {
             let outcome = prepare(&ctx, &shared, &job, &lease, &progress, &ticket).await;
             let reply = match outcome {
                 Prepared::Ready(downloads) => {
-                    finish_while_fetching(&ctx, downloads, &finish, job).await
+                    finish_while_fetching(&ctx, downloads, &finish, job, &ticket).await
                 }
                 Prepared::Fallback(f) => {
                     count_fallback(&ctx, f);
@@ -327,6 +327,7 @@ async fn finish_while_fetching(
     mut downloads: BoxFuture<'static, Result<(), BlobError>>,
     finish: &ContainerdPuller,
     job: PullJob,
+    ticket: &Ticket,
 ) -> CapturedReply {
     let image = job.info.image.clone();
     let record = job.record.clone();
@@ -357,6 +358,7 @@ async fn finish_while_fetching(
     match fetched {
         Ok(()) => {
             debug!(elapsed = ?started.elapsed(), "all blobs in the content store");
+            ticket.fetched();
             record.set_state(JobState::Finishing);
             forward.await
         }

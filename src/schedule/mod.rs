@@ -357,6 +357,21 @@ impl Ticket {
         self.record.set_state(JobState::Fetching);
     }
 
+    /// The job's blobs are all in: it leaves the scheduler (prewarm slot, lane, urgent share of
+    /// the link) while containerd unpacks, which takes no network.
+    pub fn fetched(&self) {
+        let removed = self
+            .scheduler
+            .state
+            .lock()
+            .unwrap()
+            .entries
+            .remove(&self.record.id);
+        if removed.is_some() {
+            self.scheduler.dispatch();
+        }
+    }
+
     /// Whether the job runs in the large-image lane.
     pub fn in_lane(&self) -> bool {
         let st = self.scheduler.state.lock().unwrap();
@@ -573,6 +588,26 @@ mod tests {
         for t in [a, b, c] {
             t.await.unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fetched_job_frees_its_slot_and_the_link_while_containerd_unpacks() {
+        let mut w = World::new(1, 0, true);
+        let (rec, _) = w.job("pod", Origin::Cri, Priority::urgent(0), 1, MS, 100 * S);
+        let (_, b) = w.job("pre", Origin::Api, Priority::prewarm(0), 1, MS, S);
+        tokio::time::sleep(10 * MS).await;
+        assert!(w.sched.bandwidth.urgent_in_flight());
+        // Stand-in for the fetcher: the pod's blobs are in, containerd unpacks.
+        let ticket = Ticket {
+            scheduler: w.sched.clone(),
+            record: rec,
+        };
+        ticket.fetched();
+        assert!(
+            !w.sched.bandwidth.urgent_in_flight(),
+            "prewarm may use the link again"
+        );
+        b.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
