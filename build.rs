@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/events.proto",
         "proto/containerd/content.proto",
         "proto/containerd/leases.proto",
+        "proto/containerd/types.proto",
+        "proto/containerd/snapshots.proto",
+        "proto/containerd/diff.proto",
         "proto/pullgate/v1/api.proto",
     ];
     for f in &files {

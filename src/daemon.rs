@@ -20,6 +20,7 @@ use crate::prewarm::Prewarmer;
 use crate::pull::{Class, ContainerdPuller, PullCoordinator, Puller};
 use crate::registry::{Platform, RegistryClient, RegistryConfig};
 use crate::schedule::{Scheduler, Setup};
+use crate::upstream::snapshots::SnapshotStore;
 use crate::upstream::{Containerd, ContentStore};
 
 /// The pull path: pullgate's layer fetcher in front of containerd's finish, or containerd alone.
@@ -40,14 +41,16 @@ async fn puller(
         user_agent: format!("pullgate/{}", env!("CARGO_PKG_VERSION")),
         mirror_credentials: cfg.fetch.mirror_credentials,
     });
-    let ctx = FetchContext {
-        cfg: cfg.fetch.clone(),
-        scheduler: scheduler.clone(),
-        store: ContentStore::new(containerd.channel(), cfg.containerd.namespace.clone()),
+    let namespace = cfg.containerd.namespace.clone();
+    let ctx = FetchContext::new(
+        cfg.fetch.clone(),
+        scheduler.clone(),
+        ContentStore::new(containerd.channel(), namespace.clone()),
+        SnapshotStore::new(containerd.channel(), namespace),
         registry,
-        metrics: metrics.clone(),
-        platform: Platform::node(),
-    };
+        metrics.clone(),
+        Platform::node(),
+    );
     let fetcher = LayerFetcher::new(ctx, finish);
     fetcher.adopt_stale_leases().await;
     Arc::new(fetcher)

@@ -9,8 +9,11 @@ pub mod runtime {
     }
 }
 
-/// containerd services.
+/// containerd services and their shared types.
 pub mod containerd {
+    pub mod types {
+        tonic::include_proto!("containerd.types");
+    }
     pub mod version {
         pub mod v1 {
             tonic::include_proto!("containerd.services.version.v1");
@@ -26,6 +29,16 @@ pub mod containerd {
             tonic::include_proto!("containerd.services.leases.v1");
         }
     }
+    pub mod snapshots {
+        pub mod v1 {
+            tonic::include_proto!("containerd.services.snapshots.v1");
+        }
+    }
+    pub mod diff {
+        pub mod v1 {
+            tonic::include_proto!("containerd.services.diff.v1");
+        }
+    }
     pub mod events {
         pub mod v1 {
             tonic::include_proto!("containerd.services.events.v1");
@@ -38,4 +51,10 @@ pub mod pullgate {
     pub mod v1 {
         tonic::include_proto!("pullgate.v1");
     }
+}
+
+/// Generated code names `containerd.types` relative to `containerd.services.*.v1`, three levels
+/// up; this tree leaves out the `services` level, so the path lands here.
+pub mod types {
+    pub use super::containerd::types::*;
 }

@@ -111,6 +111,96 @@ async fn cold_pull_is_fetched_by_pullgate_and_containerd_fetches_no_blob() {
     assert_no_leftovers(&node).await;
 }
 
+/// The chain IDs of an image's layers, from its config in containerd's content store.
+async fn chain_ids(node: &Node, config_digest: &str) -> Vec<String> {
+    use sha2::{Digest, Sha256};
+    let config = node
+        .content()
+        .read_small(config_digest, 1 << 20)
+        .await
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    let mut chain = String::new();
+    let mut out = Vec::new();
+    for d in config["rootfs"]["diff_ids"].as_array().unwrap() {
+        let d = d.as_str().unwrap();
+        chain = if chain.is_empty() {
+            d.to_string()
+        } else {
+            let h = Sha256::digest(format!("{chain} {d}").as_bytes());
+            format!(
+                "sha256:{}",
+                h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            )
+        };
+        out.push(chain.clone());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_are_unpacked_ahead_and_kept_by_the_image_alone() {
+    let node = Node::start(None).await;
+    let img = push_image(
+        &node.registry,
+        "ahead/app",
+        "v1",
+        &[2 << 20, 1 << 20, 300 << 10],
+        None,
+    )
+    .await;
+    let other = push_image(&node.registry, "ahead/other", "v1", &[100 << 10], None).await;
+    node.via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .unwrap();
+    let m = node.pullgate.metrics().await;
+    assert_eq!(
+        metric_value(&m, "pullgate_layers_unpacked_ahead_total"),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "pullgate_fetch_fallbacks_total{reason=\"unpack_ahead\"}"
+        ),
+        0.0
+    );
+    let chains = chain_ids(&node, &img.config_digest).await;
+    assert_eq!(chains.len(), 3);
+    let snaps = node.snapshots();
+    for c in &chains {
+        assert!(snaps.exists("native", c).await.unwrap(), "no snapshot {c}");
+    }
+    // The pull's lease is gone; a garbage collection (containerd runs one synchronously when
+    // an image is removed) keeps the snapshots: containerd's finish tied them to the image.
+    assert_no_leftovers(&node).await;
+    node.via()
+        .pull_image(pull_request(&other.reference()))
+        .await
+        .unwrap();
+    node.via()
+        .remove_image(RemoveImageRequest {
+            image: spec(&other.reference()),
+        })
+        .await
+        .unwrap();
+    for c in &chains {
+        assert!(snaps.exists("native", c).await.unwrap(), "{c} collected");
+    }
+    // Removing the image frees them like any unpacked image.
+    node.via()
+        .remove_image(RemoveImageRequest {
+            image: spec(&img.reference()),
+        })
+        .await
+        .unwrap();
+    for c in &chains {
+        assert!(!snaps.exists("native", c).await.unwrap(), "{c} left behind");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_body_is_resumed_with_a_range_request() {
     let node = Node::start(None).await;

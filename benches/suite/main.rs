@@ -131,8 +131,10 @@ async fn main() {
     let mode = if quick { "quick (smoke test)" } else { "full" };
     println!();
     println!(
-        "pullgate benchmark suite, {mode}, {} round(s) per arm, medians; {:.0} s in all",
+        "pullgate benchmark suite, {mode}, {} round(s) per arm, medians, {} snapshotter; {:.0} s \
+         in all",
         opts.rounds,
+        world::snapshotter(),
         started.elapsed().as_secs_f64()
     );
     println!();

@@ -28,7 +28,8 @@ struct Site {
 impl Site {
     async fn start(dir: &Path, hosts: &[String], pullgate: Option<&str>) -> Site {
         let _ = std::fs::remove_dir_all(dir);
-        let containerd = Containerd::start_with(&dir.join("ctd"), hosts, "").await;
+        let containerd =
+            Containerd::start_on(&dir.join("ctd"), hosts, "", world::snapshotter()).await;
         let pullgate = match pullgate {
             Some(toml) => Some(Pullgate::start(&dir.join("pg"), &containerd, toml).await),
             None => None,
@@ -298,12 +299,16 @@ pub async fn capped(o: &Opts) -> Vec<Row> {
 }
 
 /// Four nodes prewarm the same four images through one shared, bounded cache in front of a
-/// shaped upstream; nodes start a little apart, as a rollout reaches them.
+/// shaped upstream, as an ImagePullJob reaching every node would. Each node gets the images in
+/// its own order (a controller's events reach nodes in different orders) and limits prewarm to
+/// two images at a time. Direct: two workers per node pull in that order (kruise-daemon's
+/// `--max-workers-for-pull-image`, FIFO). pullgate: the same requests all go to pullgate, whose
+/// large-image lane fetches them one at a time in the same order on every node.
 pub async fn p2p_cache(o: &Opts) -> Vec<Row> {
     let (layer, upstream, cache, stagger) = if o.quick {
-        (3 * MB, 20 * MB as u64, "15m", 0.1)
+        (3 * MB, 20 * MB as u64, "15m", 0.05)
     } else {
-        (33 * MB, 100 * MB as u64, "150m", 2.0)
+        (33 * MB, 100 * MB as u64, "150m", 0.3)
     };
     let name = format!(
         "P2P cache reuse: 4 nodes × 4 images of {} MB, shared cache {cache}B, upstream {} MB/s",
@@ -342,10 +347,35 @@ pub async fn p2p_cache(o: &Opts) -> Vec<Row> {
         let before = blob_bytes(&registry, "p2p/");
         let t0 = Instant::now();
         let mut tasks = Vec::new();
-        for site in &sites {
-            for img in &imgs {
-                let (mut c, r) = (site.client(), img.reference_via(nginx.addr()));
-                tasks.push(tokio::spawn(async move { pull(&mut c, &r, false).await }));
+        for (n, site) in sites.iter().enumerate() {
+            // This node's order: a rotation of the four images.
+            let refs: Vec<String> = (0..imgs.len())
+                .map(|i| imgs[(n + i) % imgs.len()].reference_via(nginx.addr()))
+                .collect();
+            if arm == 0 {
+                let queue = std::sync::Arc::new(std::sync::Mutex::new(refs));
+                for _ in 0..2 {
+                    let (mut c, queue) = (site.client(), queue.clone());
+                    tasks.push(tokio::spawn(async move {
+                        loop {
+                            let next = {
+                                let mut q = queue.lock().unwrap();
+                                (!q.is_empty()).then(|| q.remove(0))
+                            };
+                            let Some(r) = next else { break };
+                            pull(&mut c, &r, false).await;
+                        }
+                    }));
+                }
+            } else {
+                for r in refs {
+                    let mut c = site.client();
+                    tasks.push(tokio::spawn(async move {
+                        pull(&mut c, &r, false).await;
+                    }));
+                    // Arrival order is the node's order; the lane orders them anyway.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             tokio::time::sleep(Duration::from_secs_f64(stagger)).await;
         }

@@ -25,28 +25,73 @@ fn tc(args: &str) {
 pub fn init_shaping() {
     let _ = Command::new("tc")
         .args(["qdisc", "del", "dev", "lo", "root"])
+        .stderr(std::process::Stdio::null())
         .status();
     tc("qdisc add dev lo root handle 1: htb default 99 r2q 1000");
-    tc("class add dev lo parent 1: classid 1:99 htb rate 100gbit");
+    tc("class add dev lo parent 1: classid 1:99 htb rate 100gbit quantum 200000");
 }
 
 /// Caps what the server on `port` sends (its egress: source port `port`) at `bytes_per_sec`,
 /// as a node's link or a registry's uplink would. `id` picks the htb class (1..98). The link's
-/// queue is fq_codel, Linux's default qdisc: htb's own default leaf is a FIFO of `lo`'s 1000
-/// 64 KiB packets, a 64 MB queue no real link has, in which every new flow would wait over a
-/// second behind the data already queued.
+/// queue is short: fq_codel (Linux's default qdisc) where the kernel has it, else a byte FIFO
+/// holding 20 ms of traffic. htb's own default leaf is a FIFO of `lo`'s 1000 64 KiB packets, a
+/// 64 MB queue no real link has, in which every new flow would wait over a second behind the
+/// data already queued.
 pub fn shape_port(id: u32, port: u16, bytes_per_sec: u64) {
     let bits = bytes_per_sec * 8;
     tc(&format!(
         "class replace dev lo parent 1: classid 1:{id} htb rate {bits}bit ceil {bits}bit \
          burst 256k cburst 256k"
     ));
-    tc(&format!(
-        "qdisc replace dev lo parent 1:{id} handle {}: fq_codel",
-        id + 100
-    ));
+    let handle = id + 100;
+    let fq_codel = Command::new("tc")
+        .args(["qdisc", "replace", "dev", "lo", "parent"])
+        .arg(format!("1:{id}"))
+        .args(["handle", &format!("{handle}:"), "fq_codel"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !fq_codel {
+        let limit = (bytes_per_sec / 50).max(256 * 1024);
+        tc(&format!(
+            "qdisc replace dev lo parent 1:{id} handle {handle}: bfifo limit {limit}"
+        ));
+    }
     tc(&format!(
         "filter replace dev lo parent 1: protocol ip prio {id} u32 match ip sport {port} 0xffff \
          flowid 1:{id}"
     ));
+}
+
+/// The snapshotter the simulated nodes unpack into: overlayfs, containerd's default and what a
+/// real node runs, when this kernel lets us mount it; else native (which copies each parent).
+pub fn snapshotter() -> &'static str {
+    static CHOICE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    CHOICE.get_or_init(|| {
+        let Ok(dir) = tempfile::tempdir() else {
+            return "native";
+        };
+        let p = |s: &str| dir.path().join(s);
+        for s in ["lower", "upper", "work", "merged"] {
+            let _ = std::fs::create_dir(p(s));
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            p("lower").display(),
+            p("upper").display(),
+            p("work").display()
+        );
+        let mounted = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(p("merged"))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if mounted {
+            let _ = Command::new("umount").arg(p("merged")).status();
+            "overlayfs"
+        } else {
+            "native"
+        }
+    })
 }

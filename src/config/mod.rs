@@ -211,9 +211,12 @@ pub struct FetchConfig {
     /// lease protected once it expires.
     #[serde(with = "humantime_serde")]
     pub lease_expiry: Duration,
-    /// Ask containerd to finish urgent pulls while blobs still download (it waits on pullgate's
-    /// ingests). Off: containerd is asked once every blob is in, faster on containerd 1.6.
-    pub overlap_unpack: bool,
+    /// Extract each layer into containerd's snapshotter as soon as it is in, while later layers
+    /// download (containerd's own pull overlaps the same way). Off: containerd unpacks
+    /// everything once every blob is in.
+    pub unpack_ahead: bool,
+    /// Snapshotter to unpack ahead into; empty: the one containerd's CRI plugin reports.
+    pub snapshotter: String,
 }
 
 impl Default for FetchConfig {
@@ -229,7 +232,8 @@ impl Default for FetchConfig {
             request_timeout: Duration::from_secs(30),
             retries: 4,
             lease_expiry: Duration::from_secs(3600),
-            overlap_unpack: false,
+            unpack_ahead: true,
+            snapshotter: String::new(),
         }
     }
 }

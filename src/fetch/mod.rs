@@ -11,12 +11,14 @@
 mod blob;
 pub mod progress;
 mod shared;
+mod unpack;
 
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt, TryStreamExt};
+use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 pub use blob::{ingest_ref, BlobError, BlobOutcome, BlobSpec};
@@ -30,6 +32,7 @@ use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels};
 use crate::pull::{ContainerdPuller, PullJob, Puller};
 use crate::registry::{Credentials, ImageRef, Platform, RegistryClient, RegistryError};
 use crate::schedule::{Scheduler, Ticket};
+use crate::upstream::snapshots::SnapshotStore;
 use crate::upstream::ContentStore;
 
 /// What every download needs.
@@ -37,9 +40,67 @@ pub struct FetchContext {
     pub cfg: FetchConfig,
     pub scheduler: Arc<Scheduler>,
     pub store: ContentStore,
+    pub snapshots: SnapshotStore,
     pub registry: RegistryClient,
     pub metrics: Arc<Metrics>,
     pub platform: Platform,
+    /// The snapshotter layers are unpacked ahead into, once known.
+    snapshotter: tokio::sync::OnceCell<String>,
+}
+
+impl FetchContext {
+    pub fn new(
+        cfg: FetchConfig,
+        scheduler: Arc<Scheduler>,
+        store: ContentStore,
+        snapshots: SnapshotStore,
+        registry: RegistryClient,
+        metrics: Arc<Metrics>,
+        platform: Platform,
+    ) -> Self {
+        FetchContext {
+            cfg,
+            scheduler,
+            store,
+            snapshots,
+            registry,
+            metrics,
+            platform,
+            snapshotter: Default::default(),
+        }
+    }
+
+    /// The snapshotter to unpack ahead into: configured, or asked of containerd's CRI plugin
+    /// (once). `None`: unpacking ahead is off or containerd did not say.
+    async fn snapshotter(&self) -> Option<String> {
+        if !self.cfg.unpack_ahead {
+            return None;
+        }
+        if !self.cfg.snapshotter.is_empty() {
+            return Some(self.cfg.snapshotter.clone());
+        }
+        let found = self
+            .snapshotter
+            .get_or_try_init(|| async {
+                let name = self.snapshots.cri_snapshotter().await?;
+                info!(
+                    snapshotter = name,
+                    "unpacking ahead into containerd's CRI snapshotter"
+                );
+                Ok::<_, tonic::Status>(name)
+            })
+            .await;
+        match found {
+            Ok(name) => Some(name.clone()),
+            Err(s) => {
+                debug!(
+                    error = s.message(),
+                    "cannot ask containerd for its snapshotter"
+                );
+                None
+            }
+        }
+    }
 }
 
 /// A [`Puller`] that fetches blobs itself, then lets containerd finish.
@@ -59,9 +120,15 @@ struct Fallback {
 }
 
 enum Prepared {
-    /// Every missing blob is claimed; the future completes when all are in the store.
-    Ready(BoxFuture<'static, Result<(), BlobError>>),
+    Ready(Downloads),
     Fallback(Fallback),
+}
+
+/// Every missing blob is claimed: `blobs` completes when all are in the store; `unpack`, when
+/// given, extracts layers as they arrive and must be polled alongside.
+struct Downloads {
+    blobs: BoxFuture<'static, Result<(), BlobError>>,
+    unpack: Option<BoxFuture<'static, ()>>,
 }
 
 impl LayerFetcher {
@@ -116,7 +183,7 @@ impl Puller for LayerFetcher {
                     count_fallback(&ctx, f);
                     // containerd's own fetch cannot be paced, but it still takes its turn.
                     ticket.admit(None).await;
-                    unpack(&ctx, &finish, job).await
+                    finish_in_containerd(&ctx, &finish, job).await
                 }
             };
             drop(ticket);
@@ -169,8 +236,8 @@ async fn delete_lease(store: &ContentStore, id: &str) {
     }
 }
 
-/// containerd's finish step, once an unpack slot is free.
-fn unpack(
+/// containerd's finish step (unpack what is left, record the image), once an unpack slot is free.
+fn finish_in_containerd(
     ctx: &Arc<FetchContext>,
     finish: &ContainerdPuller,
     job: PullJob,
@@ -251,9 +318,8 @@ async fn prepare(
         lane = ticket.in_lane(),
         "fetching into containerd's content store"
     );
-    // Claim every missing blob now: containerd, asked to finish while the bytes are still
-    // coming, then waits on each ingest instead of fetching the blob itself, and unpacks each
-    // layer as soon as it is committed (as its own pull overlaps fetch and unpack).
+    // Claim every missing blob now, so that nothing else (containerd included) starts a second
+    // download of it.
     let mut claimed = Vec::with_capacity(blobs.len());
     for spec in &blobs {
         match blob::claim(&ctx.store, spec, lease).await {
@@ -261,11 +327,35 @@ async fn prepare(
             Err(s) => return fallback("content_api", s.message().to_string()),
         }
     }
+    // One signal per blob (config first, then layers) for unpacking ahead.
+    let (committed_tx, mut committed_rx): (Vec<_>, Vec<_>) =
+        blobs.iter().map(|_| oneshot::channel::<()>()).unzip();
+    let unpack = ctx.cfg.unpack_ahead && !resolved.layers.is_empty();
+    let unpack = unpack.then(|| {
+        let layers = resolved
+            .layers
+            .iter()
+            .zip(committed_rx.drain(1..))
+            .map(|(d, committed)| unpack::PendingLayer {
+                descriptor: d.clone(),
+                committed,
+            })
+            .collect();
+        let job = unpack::UnpackJob {
+            config_digest: resolved.config.digest().to_string(),
+            config_committed: committed_rx.remove(0),
+            layers,
+            lease: lease.to_string(),
+            priority: job.record.watch_priority(),
+        };
+        unpack::run(ctx.clone(), job).boxed()
+    });
     // Built eagerly: each future owns what it needs and outlives this function.
     let downloads: Vec<_> = blobs
         .into_iter()
         .zip(claimed)
-        .map(|(spec, writer)| {
+        .zip(committed_tx)
+        .map(|((spec, writer), committed)| {
             let p = BlobProgress::new(spec.digest.clone(), spec.size);
             progress.add(p.clone());
             let (ctx, shared) = (ctx.clone(), shared.clone());
@@ -305,26 +395,34 @@ async fn prepare(
                 ctx.store
                     .lease_content(&lease, &digest)
                     .await
-                    .map_err(|status| BlobError::Store { digest, status })
+                    .map_err(|status| BlobError::Store { digest, status })?;
+                let _ = committed.send(());
+                Ok(())
             }
         })
         .collect();
     let parallel = ctx.cfg.parallel_blobs;
-    Prepared::Ready(
-        futures_util::stream::iter(downloads)
+    Prepared::Ready(Downloads {
+        blobs: futures_util::stream::iter(downloads)
             .buffered(parallel)
             .try_collect::<Vec<()>>()
             .map(|r| r.map(|_| ()))
             .boxed(),
-    )
+        unpack,
+    })
 }
 
-/// Runs the downloads and containerd's finish side by side. A download failure containerd would
-/// hit too ends the pull with pullgate's error (containerd's call is cancelled first); one that
+/// Runs the downloads (and the unpacking ahead beside them), then lets containerd finish. A
+/// download failure containerd would hit too ends the pull with pullgate's error; one that
 /// containerd may get past (fallback) lets containerd fetch what is missing.
+///
+/// containerd is asked only once the blobs are in: containerd waiting on an ingest lock pullgate
+/// holds polls with random backoff (up to 2 s) and a metadata write and fsync per try, which made
+/// small pulls 2-5x slower and let paused prewarm jobs slow every other pull on the node.
+/// Unpacking ahead gives back the overlap of fetch and unpack without that.
 async fn finish_while_fetching(
     ctx: &Arc<FetchContext>,
-    mut downloads: BoxFuture<'static, Result<(), BlobError>>,
+    downloads: Downloads,
     finish: &ContainerdPuller,
     job: PullJob,
     ticket: &Ticket,
@@ -332,35 +430,24 @@ async fn finish_while_fetching(
     let image = job.info.image.clone();
     let record = job.record.clone();
     let started = std::time::Instant::now();
-    // containerd is asked to finish once the blobs are in. containerd waiting on an ingest lock
-    // pullgate holds polls with random backoff (up to 2 s) and a metadata write and fsync per
-    // try: on containerd 1.6, which unpacks only after fetching anyway, overlapping made small
-    // pulls 2-5x slower, and paused prewarm jobs slowed every other pull on the node.
-    // `fetch.overlap_unpack` overlaps urgent jobs (and prewarm ones once promoted).
-    let overlap = ctx.cfg.overlap_unpack;
-    let mut priority = record.watch_priority();
-    let mut early = None;
-    if !overlap || !priority.borrow().is_urgent() {
+    let mut blobs = downloads.blobs;
+    let mut unpack = downloads.unpack.unwrap_or_else(|| async {}.boxed()).fuse();
+    let mut unpacked = false;
+    let fetched = loop {
         tokio::select! {
-            r = &mut downloads => early = Some(r),
-            _ = priority.wait_for(|p| p.is_urgent()), if overlap => {}
+            r = &mut blobs => break r,
+            _ = &mut unpack, if !unpacked => unpacked = true,
         }
-    }
-    let mut forward = unpack(ctx, finish, job);
-    let fetched = match early {
-        Some(r) => r,
-        None => tokio::select! {
-            r = &mut downloads => r,
-            // containerd answered before the downloads ended: it failed on its own.
-            reply = &mut forward => return reply,
-        },
     };
     match fetched {
         Ok(()) => {
             debug!(elapsed = ?started.elapsed(), "all blobs in the content store");
             ticket.fetched();
             record.set_state(JobState::Finishing);
-            forward.await
+            if !unpacked {
+                unpack.await;
+            }
+            finish_in_containerd(ctx, finish, job).await
         }
         Err(BlobError::Fallback(detail)) => {
             count_fallback(
@@ -370,12 +457,9 @@ async fn finish_while_fetching(
                     detail,
                 },
             );
-            forward.await
+            finish_in_containerd(ctx, finish, job).await
         }
-        Err(e) => {
-            drop(forward);
-            CapturedReply::from_status(e.status(&image))
-        }
+        Err(e) => CapturedReply::from_status(e.status(&image)),
     }
 }
 

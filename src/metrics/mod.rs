@@ -78,6 +78,7 @@ pub struct Metrics {
     pub blobs: Family<OutcomeLabels, Counter>,
     pub blob_retries: Counter,
     pub fetch_fallbacks: Family<ReasonLabels, Counter>,
+    pub layers_unpacked_ahead: Counter,
     pub queue_length: Family<ClassLabels, Gauge>,
     pub queue_wait: Family<ClassLabels, Histogram>,
     pub class_bytes: Family<ClassLabels, Counter>,
@@ -169,6 +170,12 @@ impl Metrics {
             "Pulls left to containerd's own fetch because pullgate's fetcher could not handle them",
             fetch_fallbacks.clone(),
         );
+        let layers_unpacked_ahead = Counter::default();
+        registry.register(
+            "layers_unpacked_ahead",
+            "Layers extracted into containerd's snapshotter by pullgate while later layers downloaded",
+            layers_unpacked_ahead.clone(),
+        );
         let queue_length = Family::<ClassLabels, Gauge>::default();
         registry.register(
             "queue_length",
@@ -249,6 +256,7 @@ impl Metrics {
             blobs,
             blob_retries,
             fetch_fallbacks,
+            layers_unpacked_ahead,
             queue_length,
             queue_wait,
             class_bytes,

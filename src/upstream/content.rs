@@ -81,6 +81,47 @@ impl ContentStore {
         }
     }
 
+    /// A small committed blob (an image config), read whole; refuses one over `limit` bytes.
+    pub async fn read_small(&self, digest: &str, limit: u64) -> Result<Vec<u8>, Status> {
+        let req = self.request(
+            content::ReadContentRequest {
+                digest: digest.to_string(),
+                offset: 0,
+                size: 0,
+            },
+            None,
+        );
+        let mut stream = self.content().read(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(m) = stream.message().await? {
+            out.extend_from_slice(&m.data);
+            if out.len() as u64 > limit {
+                return Err(Status::out_of_range(format!(
+                    "{digest} is over {limit} bytes"
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets one label on committed content (as containerd's unpacker does).
+    pub async fn set_label(&self, digest: &str, key: &str, value: &str) -> Result<(), Status> {
+        let req = self.request(
+            content::UpdateRequest {
+                info: Some(content::Info {
+                    digest: digest.to_string(),
+                    labels: HashMap::from([(key.to_string(), value.to_string())]),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec![format!("labels.{key}")],
+                }),
+            },
+            None,
+        );
+        self.content().update(req).await.map(|_| ())
+    }
+
     /// The unfinished ingest under `reference`, if any.
     pub async fn status(&self, reference: &str) -> Result<Option<IngestStatus>, Status> {
         let req = self.request(

@@ -2,6 +2,7 @@
 
 pub mod containerd;
 pub mod content;
+pub mod snapshots;
 
 pub use containerd::Containerd;
 pub use content::ContentStore;

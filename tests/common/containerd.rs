@@ -38,6 +38,16 @@ impl Containerd {
     /// Like `start`, with registry addresses ("127.0.0.1:PORT") given as strings (e.g. for a
     /// registry that is not started yet) and `extra_toml` appended to the generated config.
     pub async fn start_with(dir: &Path, registry_addrs: &[String], extra_toml: &str) -> Containerd {
+        Self::start_on(dir, registry_addrs, extra_toml, "native").await
+    }
+
+    /// Like `start_with`, with CRI unpacking into `snapshotter` ("native" or "overlayfs").
+    pub async fn start_on(
+        dir: &Path,
+        registry_addrs: &[String],
+        extra_toml: &str,
+        snapshotter: &str,
+    ) -> Containerd {
         std::fs::create_dir_all(dir)
             .unwrap_or_else(|e| panic!("Containerd: cannot create {}: {e}", dir.display()));
         let dir = dir
@@ -58,7 +68,7 @@ impl Containerd {
             write_hosts_toml(&dir, addr);
         }
         let config_path = dir.join("config.toml");
-        let mut config = containerd_config(&dir, &socket);
+        let mut config = containerd_config(&dir, &socket, snapshotter);
         config.push_str(extra_toml);
         std::fs::write(&config_path, config)
             .unwrap_or_else(|e| panic!("Containerd: cannot write config: {e}"));
@@ -256,21 +266,26 @@ fn write_hosts_toml(dir: &Path, addr: &str) {
         .unwrap_or_else(|e| panic!("Containerd: cannot write hosts.toml: {e}"));
 }
 
-fn containerd_config(dir: &Path, socket: &Path) -> String {
+fn containerd_config(dir: &Path, socket: &Path, snapshotter: &str) -> String {
     let p = |sub: &str| toml_str(&dir.join(sub).to_string_lossy());
+    let overlayfs = if snapshotter == "overlayfs" {
+        ""
+    } else {
+        "\"io.containerd.snapshotter.v1.overlayfs\","
+    };
     let sock = socket.to_string_lossy().into_owned();
     format!(
         r#"version = 2
 root = {root}
 state = {state}
 oom_score = 0
-# Snapshotters that cannot work here (or are not needed): CRI uses "native".
+# Snapshotters that cannot work here (or are not needed): CRI uses {snapshotter:?}.
 disabled_plugins = [
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.overlayfs",
+  {overlayfs}
   "io.containerd.tracing.processor.v1.otlp",
   "io.containerd.internal.v1.tracing",
 ]
@@ -304,7 +319,7 @@ disabled_plugins = [
       bin_dir = {cni_bin}
       conf_dir = {cni_conf}
     [plugins."io.containerd.grpc.v1.cri".containerd]
-      snapshotter = "native"
+      snapshotter = {snapshotter:?}
       disable_snapshot_annotations = true
       discard_unpacked_layers = false
     [plugins."io.containerd.grpc.v1.cri".registry]

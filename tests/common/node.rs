@@ -49,6 +49,13 @@ impl Node {
         ContentStore::new(super::uds_channel_now(&self.containerd.socket()), "k8s.io")
     }
 
+    pub fn snapshots(&self) -> pullgate::upstream::snapshots::SnapshotStore {
+        pullgate::upstream::snapshots::SnapshotStore::new(
+            super::uds_channel_now(&self.containerd.socket()),
+            "k8s.io",
+        )
+    }
+
     /// An HTTP proxy to the registry that breaks blob downloads on demand.
     pub async fn fault_proxy(&self) -> super::faultproxy::FaultProxy {
         let proxy = super::faultproxy::FaultProxy::start(&self.registry.addr()).await;
