@@ -21,6 +21,7 @@ use crate::metrics::ReasonLabels;
 use crate::proto::containerd::types;
 use crate::registry::digest::hex;
 use crate::registry::Descriptor;
+use crate::schedule::bandwidth::RECHECK;
 use crate::schedule::Priority;
 
 /// Largest image config read (containerd's own limit for configs is far above real ones).
@@ -104,6 +105,11 @@ async fn unpack(
         if !present {
             if layer.committed.await.is_err() {
                 return Ok(None);
+            }
+            // A prewarm extraction waits while a pod's pull is fetching: the node's CPU and
+            // disk go to the pod first, as its bandwidth does.
+            while !job.priority.borrow().is_urgent() && ctx.scheduler.bandwidth.urgent_in_flight() {
+                tokio::time::sleep(RECHECK).await;
             }
             let _slot = ctx.scheduler.unpacks.acquire(job.priority.clone()).await;
             extract(
