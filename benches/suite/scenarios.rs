@@ -83,6 +83,19 @@ async fn pull(client: &mut ImageServiceClient<Channel>, reference: &str, urgent:
     t.elapsed()
 }
 
+/// A prewarm pull as kruise-daemon makes it: a failed pull is retried (up to three times), and
+/// each failure is reported. On the shaped link containerd's own fetch now and then loses a
+/// connection to the registry ("connection reset by peer") when many streams share it.
+async fn prewarm_pull(client: &mut ImageServiceClient<Channel>, reference: &str) {
+    for attempt in 1..=3 {
+        match client.pull_image(prewarm_request(reference)).await {
+            Ok(_) => return,
+            Err(e) if attempt < 3 => eprintln!("  prewarm {reference} failed, retrying: {e}"),
+            Err(e) => panic!("prewarm pull of {reference} failed 3 times: {e}"),
+        }
+    }
+}
+
 fn skipped(name: &str) -> Vec<Row> {
     vec![Row {
         scenario: name.to_string(),
@@ -169,7 +182,7 @@ pub async fn urgent_under_prewarm(o: &Opts) -> Vec<Row> {
             let mut prewarms = Vec::new();
             for p in &pre {
                 let (mut c, r) = (site.client(), p.reference());
-                prewarms.push(tokio::spawn(async move { pull(&mut c, &r, false).await }));
+                prewarms.push(tokio::spawn(async move { prewarm_pull(&mut c, &r).await }));
             }
             tokio::time::sleep(Duration::from_secs_f64(settle)).await;
             let t = pull(&mut site.client(), &pod.reference(), true).await;
@@ -363,7 +376,7 @@ pub async fn p2p_cache(o: &Opts) -> Vec<Row> {
                                 (!q.is_empty()).then(|| q.remove(0))
                             };
                             let Some(r) = next else { break };
-                            pull(&mut c, &r, false).await;
+                            prewarm_pull(&mut c, &r).await;
                         }
                     }));
                 }
@@ -371,7 +384,7 @@ pub async fn p2p_cache(o: &Opts) -> Vec<Row> {
                 for r in refs {
                     let mut c = site.client();
                     tasks.push(tokio::spawn(async move {
-                        pull(&mut c, &r, false).await;
+                        prewarm_pull(&mut c, &r).await;
                     }));
                     // Arrival order is the node's order; the lane orders them anyway.
                     tokio::time::sleep(Duration::from_millis(20)).await;
