@@ -93,9 +93,10 @@ impl FetchContext {
         match found {
             Ok(name) => Some(name.clone()),
             Err(s) => {
-                debug!(
+                warn!(
                     error = s.message(),
-                    "cannot ask containerd for its snapshotter"
+                    "cannot ask containerd's CRI plugin for its snapshotter; containerd unpacks \
+                     this pull itself (set fetch.snapshotter to unpack ahead)"
                 );
                 None
             }
@@ -177,7 +178,7 @@ impl Puller for LayerFetcher {
             let outcome = prepare(&ctx, &shared, &job, &lease, &progress, &ticket).await;
             let reply = match outcome {
                 Prepared::Ready(downloads) => {
-                    finish_while_fetching(&ctx, downloads, &finish, job, &ticket).await
+                    fetch_then_finish(&ctx, downloads, &finish, job, &ticket).await
                 }
                 Prepared::Fallback(f) => {
                     count_fallback(&ctx, f);
@@ -420,7 +421,7 @@ async fn prepare(
 /// holds polls with random backoff (up to 2 s) and a metadata write and fsync per try, which made
 /// small pulls 2-5x slower and let paused prewarm jobs slow every other pull on the node.
 /// Unpacking ahead gives back the overlap of fetch and unpack without that.
-async fn finish_while_fetching(
+async fn fetch_then_finish(
     ctx: &Arc<FetchContext>,
     downloads: Downloads,
     finish: &ContainerdPuller,

@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
@@ -48,14 +47,7 @@ impl ContentStore {
     }
 
     fn request<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
-        let mut req = Request::new(msg);
-        if let Ok(v) = MetadataValue::try_from(self.namespace.as_str()) {
-            req.metadata_mut().insert("containerd-namespace", v);
-        }
-        if let Some(Ok(v)) = lease.map(MetadataValue::try_from) {
-            req.metadata_mut().insert("containerd-lease", v);
-        }
-        req
+        super::namespaced(msg, &self.namespace, lease)
     }
 
     fn content(&self) -> ContentClient<Channel> {

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -37,14 +36,7 @@ impl SnapshotStore {
     }
 
     fn request<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
-        let mut req = Request::new(msg);
-        if let Ok(v) = MetadataValue::try_from(self.namespace.as_str()) {
-            req.metadata_mut().insert("containerd-namespace", v);
-        }
-        if let Some(Ok(v)) = lease.map(MetadataValue::try_from) {
-            req.metadata_mut().insert("containerd-lease", v);
-        }
-        req
+        super::namespaced(msg, &self.namespace, lease)
     }
 
     fn snapshots(&self) -> SnapshotsClient<Channel> {
