@@ -13,20 +13,31 @@ pub fn in_private_netns() -> bool {
     text.lines().count() == 1 && text.contains(": lo:")
 }
 
+/// Runs `tc`; whether it succeeded. `quiet`: its complaint is not shown (an expected failure).
+fn run_tc(args: &str, quiet: bool) -> bool {
+    let mut cmd = Command::new("tc");
+    cmd.args(args.split_whitespace());
+    if quiet {
+        cmd.stderr(std::process::Stdio::null());
+    }
+    cmd.status()
+        .unwrap_or_else(|e| panic!("cannot run tc (apt-get install iproute2): {e}"))
+        .success()
+}
+
+/// `tc` that may fail.
+fn try_tc(args: &str) -> bool {
+    run_tc(args, true)
+}
+
+/// `tc` that must succeed.
 fn tc(args: &str) {
-    let status = Command::new("tc")
-        .args(args.split_whitespace())
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run tc (apt-get install iproute2): {e}"));
-    assert!(status.success(), "tc {args} failed");
+    assert!(run_tc(args, false), "tc {args} failed");
 }
 
 /// Root htb on `lo`: unshaped by default; classes added per shaped port.
 pub fn init_shaping() {
-    let _ = Command::new("tc")
-        .args(["qdisc", "del", "dev", "lo", "root"])
-        .stderr(std::process::Stdio::null())
-        .status();
+    try_tc("qdisc del dev lo root");
     tc("qdisc add dev lo root handle 1: htb default 99 r2q 1000");
     tc("class add dev lo parent 1: classid 1:99 htb rate 100gbit quantum 200000");
 }
@@ -44,14 +55,9 @@ pub fn shape_port(id: u32, port: u16, bytes_per_sec: u64) {
          burst 256k cburst 256k"
     ));
     let handle = id + 100;
-    let fq_codel = Command::new("tc")
-        .args(["qdisc", "replace", "dev", "lo", "parent"])
-        .arg(format!("1:{id}"))
-        .args(["handle", &format!("{handle}:"), "fq_codel"])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !fq_codel {
+    if !try_tc(&format!(
+        "qdisc replace dev lo parent 1:{id} handle {handle}: fq_codel"
+    )) {
         let limit = (bytes_per_sec / 50).max(256 * 1024);
         tc(&format!(
             "qdisc replace dev lo parent 1:{id} handle {handle}: bfifo limit {limit}"

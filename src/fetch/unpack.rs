@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, watch};
@@ -21,7 +20,6 @@ use crate::metrics::ReasonLabels;
 use crate::proto::containerd::types;
 use crate::registry::digest::hex;
 use crate::registry::Descriptor;
-use crate::schedule::bandwidth::RECHECK;
 use crate::schedule::Priority;
 
 /// Largest image config read (containerd's own limit for configs is far above real ones).
@@ -108,9 +106,10 @@ async fn unpack(
             }
             // A prewarm extraction waits while a pod's pull is fetching: the node's CPU and
             // disk go to the pod first, as its bandwidth does.
-            while !job.priority.borrow().is_urgent() && ctx.scheduler.bandwidth.urgent_in_flight() {
-                tokio::time::sleep(RECHECK).await;
-            }
+            ctx.scheduler
+                .bandwidth
+                .yield_to_urgent(|| job.priority.borrow().is_urgent())
+                .await;
             let _slot = ctx.scheduler.unpacks.acquire(job.priority.clone()).await;
             extract(
                 ctx,
@@ -148,7 +147,7 @@ async fn extract(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     labels.insert(SNAPSHOT_REF_LABEL.into(), chain_id.into());
-    let key = format!("extract-pullgate-{} {chain_id}", unique());
+    let key = format!("extract-pullgate-{} {chain_id}", super::unique());
     let mounts = match snaps
         .prepare(snapshotter, &key, parent, labels.clone(), lease)
         .await
@@ -236,13 +235,6 @@ fn chain_id(parent: &str, diff_id: &str) -> String {
     }
     let h = Sha256::digest(format!("{parent} {diff_id}").as_bytes());
     format!("sha256:{}", hex(&h))
-}
-
-fn unique() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

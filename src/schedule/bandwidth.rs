@@ -126,6 +126,15 @@ impl Bandwidth {
         self.urgent.load(Ordering::SeqCst) > 0
     }
 
+    /// Returns once no urgent job is in flight, or at once for urgent work (`is_urgent` is
+    /// re-read: a job promoted meanwhile stops waiting). Checked every [`RECHECK`], as paused
+    /// streams are.
+    pub async fn yield_to_urgent(&self, is_urgent: impl Fn() -> bool) {
+        while !is_urgent() && self.urgent_in_flight() {
+            tokio::time::sleep(RECHECK).await;
+        }
+    }
+
     /// Bytes received so far by class.
     pub fn received(&self, class: Class) -> u64 {
         self.received[class_index(class)].load(Ordering::Relaxed)
