@@ -202,6 +202,43 @@ async fn layers_are_unpacked_ahead_and_kept_by_the_image_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_unpack_ahead_is_left_to_containerd() {
+    // A snapshotter containerd does not have: every extraction fails at prepare.
+    let node = Node::start_with(None, "snapshotter = \"no-such-snapshotter\"\n").await;
+    let img = push_image(
+        &node.registry,
+        "ahead/broken",
+        "v1",
+        &[1 << 20, 200 << 10],
+        None,
+    )
+    .await;
+    node.via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .expect("containerd unpacks what pullgate could not");
+    let m = node.pullgate.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "pullgate_fetch_fallbacks_total{reason=\"unpack_ahead\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "pullgate_layers_unpacked_ahead_total"),
+        0.0
+    );
+    // containerd unpacked into its own snapshotter instead.
+    let snaps = node.snapshots();
+    for c in chain_ids(&node, &img.config_digest).await {
+        assert!(snaps.exists("native", &c).await.unwrap(), "no snapshot {c}");
+    }
+    assert_no_leftovers(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_body_is_resumed_with_a_range_request() {
     let node = Node::start(None).await;
     let img = push_image(&node.registry, "fault/trunc", "v1", &[2 << 20], None).await;
