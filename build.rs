@@ -10,8 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/types.proto",
         "proto/containerd/snapshots.proto",
         "proto/containerd/diff.proto",
-        "proto/pullgate/v1/api.proto",
     ];
+    let api = "proto/pullgate/v1/api.proto";
+    println!("cargo:rerun-if-changed={api}");
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -21,5 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Blob chunks travel as `Bytes`: no copy between the HTTP body and the gRPC stream.
         .bytes(".containerd.services.content.v1.WriteContentRequest.data")
         .compile_fds(fds)?;
+    // pullgate's own API: a request that does not decode is INVALID_ARGUMENT (src/api/codec.rs).
+    tonic_prost_build::configure()
+        .build_server(true)
+        .codec_path("crate::api::codec::ApiCodec")
+        .compile_fds(protox::compile([api], ["proto"])?)?;
     Ok(())
 }
