@@ -771,4 +771,105 @@ image = "registry.example/ml/model:v3"
         let err = Config::parse("[p2p_gate]\nprobe = \"http\"\n").unwrap_err();
         assert!(err.contains("p2p_gate"), "{err}");
     }
+
+    /// Each rule: a file, then fragments its error must contain (key, line, expected form).
+    #[test]
+    fn out_of_range_and_malformed_values_are_refused_with_the_expected_form() {
+        let cases: &[(&str, &[&str])] = &[
+            // Durations: ranges per key.
+            ("[fetch]\nlease_expiry = \"10000y\"\n", &["line 2: fetch.lease_expiry: 10000y is out of range: expected a duration between 1m and 7d, like \"1h\""]),
+            ("[fetch]\nlease_expiry = \"30s\"\n", &["fetch.lease_expiry: 30s is out of range"]),
+            ("[server]\nshutdown_grace = \"2h\"\n", &["server.shutdown_grace", "between 0s and 1h"]),
+            ("[containerd]\nconnect_timeout = \"1ms\"\n", &["containerd.connect_timeout", "between 10ms and 5m"]),
+            ("[containerd]\nhealth_interval = \"0s\"\n", &["containerd.health_interval: 0s is out of range", "between 100ms and 1h"]),
+            ("[fetch]\nno_progress_timeout = \"0s\"\n", &["fetch.no_progress_timeout", "between 1s and 1h"]),
+            ("[fetch]\nrequest_timeout = \"1d\"\n", &["fetch.request_timeout", "between 1s and 10m"]),
+            ("[metrics]\nheader_read_timeout = \"0s\"\n", &["metrics.header_read_timeout", "between 10ms and 10m"]),
+            ("[p2p_gate]\ninterval = \"0s\"\n", &["p2p_gate.interval", "between 10ms and 1h"]),
+            ("[p2p_gate]\ntimeout = \"1h\"\n", &["p2p_gate.timeout", "between 10ms and 5m"]),
+            ("[[prewarm]]\nimage = \"busybox\"\ninterval = \"0s\"\n", &["line 2: prewarm[0] (busybox): interval: 0s is out of range", "between 1s and 365d"]),
+            ("[[prewarm]]\nimage = \"busybox\"\ntimeout = \"30d\"\n", &["prewarm[0] (busybox): timeout", "expected 0 (no limit) or a duration between 1s and 7d"]),
+            ("[[prewarm]]\nimage = \"busybox\"\ndeadline = \"100d\"\n", &["prewarm[0] (busybox): deadline", "between 1s and 30d"]),
+            // Durations: wrong forms.
+            ("[fetch]\nlease_expiry = 1979-05-27T07:32:00Z\n", &["line 2", "a date or time is not a duration: expected a duration like \"30s\""]),
+            ("[fetch]\nlease_expiry = { a = 1 }\n", &["line 2", "a table is not a duration: expected a duration like \"30s\""]),
+            ("[fetch]\nlease_expiry = 5\n", &["line 2", "5 has no unit", "\"5s\""]),
+            ("[fetch]\nlease_expiry = \"soon\"\n", &["line 2", "\"soon\" is not a duration", "like \"30s\""]),
+            ("[fetch]\nlease_expiry = \"99999999999999999999999y\"\n", &["line 2", "is not a duration"]),
+            // Byte quantities and shares.
+            ("[schedule]\nbandwidth = \"300%\"\n", &["line 2", "a percentage is accepted only by schedule.prewarm_bandwidth", "\"64MiB\""]),
+            ("[schedule]\nbandwidth = 40000000\nprewarm_bandwidth = \"300%\"\n", &["line 3", "a percentage must be a whole number from 1% to 100%"]),
+            ("[schedule]\nbandwidth = 40000000\nprewarm_bandwidth = \"0%\"\n", &["from 1% to 100%"]),
+            ("[schedule]\nbandwidth = 99999999999999999999\n", &["line 2", "is too large: byte quantities go up to 18446744073709551615"]),
+            ("[schedule]\nbandwidth = \"99999999999T\"\n", &["line 2", "is too large"]),
+            ("[schedule]\nbandwidth = \"2TB\"\n", &["line 2: schedule.bandwidth: 2TB is out of range: expected 0 or a byte quantity between 1KB and 1TB"]),
+            ("[schedule]\nprewarm_write_rate = 10\n", &["schedule.prewarm_write_rate: 10 is out of range"]),
+            ("[schedule]\nprewarm_bandwidth = \"5TB/s\"\n", &["schedule.prewarm_bandwidth"]),
+            ("[schedule]\nprewarm_floor = 1\n", &["schedule.prewarm_floor"]),
+            ("[schedule]\nlarge_image_size = \"10TB\" # big\n", &["schedule.large_image_size: 10TB is out of range", "between 1MiB and 1TiB"]),
+            // Whole numbers: the range, never "i128".
+            ("[schedule]\nmax_blob_streams = 99999999999999999999\n", &["line 2", "max_blob_streams", "99999999999999999999 is out of range: expected a whole number from 0 to 4096"]),
+            ("[schedule]\nmax_prewarm_jobs = -1\n", &["from 0 to 1024"]),
+            ("[schedule]\nmax_unpacks = 2000\n", &["from 0 to 1024"]),
+            ("[fetch]\nparallel_blobs = 0\n", &["line 2", "from 1 to 64"]),
+            ("[fetch]\nrange_connections = 65\n", &["from 1 to 64"]),
+            ("[fetch]\nrange_chunk_mib = 4096\n", &["from 1 to 1024"]),
+            ("[fetch]\nretries = 99999999999\n", &["from 0 to 100"]),
+            ("[fetch]\nretries = 2.5\n", &["2.5 is not a whole number"]),
+            ("[fetch]\nretries = \"3\"\n", &["is a string", "without quotes"]),
+            ("[metrics]\nmax_connections = 0\n", &["from 1 to 65536"]),
+            ("[[prewarm]]\nimage = \"busybox\"\nbackoff_limit = 5000\n", &["from 0 to 1000"]),
+            ("[[prewarm]]\nimage = \"busybox\"\npriority = 9999999999\n", &["from -2147483648 to 2147483647"]),
+            // Paths that must be absolute.
+            ("[server]\nsocket = \"pullgate.sock\"\n", &["line 2: server.socket: \"pullgate.sock\" is a relative path: expected an absolute path, like \"/run/pullgate/pullgate.sock\""]),
+            ("[containerd]\nsocket = \"\"\n", &["containerd.socket: an empty path: expected an absolute path"]),
+            ("[fetch]\nhosts_dir = \"certs.d\"\n", &["line 2: fetch.hosts_dir", "relative path"]),
+            ("[api]\nsocket = \"api.sock\"\n", &["api.socket", "relative path"]),
+            ("[[prewarm]]\nimage = \"busybox\"\ndocker_config = \"auth.json\"\n", &["prewarm[0] (busybox): docker_config: \"auth.json\" is a relative path"]),
+        ];
+        for (text, wants) in cases {
+            let err = Config::parse(text).expect_err(text);
+            for want in *wants {
+                assert!(err.contains(want), "{text:?}\n  error: {err}\n  wanted: {want}");
+            }
+            assert!(!err.contains("i128"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_accepted() {
+        for text in [
+            "[fetch]\nlease_expiry = \"1m\"\n",
+            "[fetch]\nlease_expiry = \"7d\"\n",
+            "[server]\nshutdown_grace = \"0s\"\n",
+            "[containerd]\nconnect_timeout = \"10ms\"\n",
+            "[fetch]\nrequest_timeout = \"10m\"\n",
+            "[schedule]\nbandwidth = \"1TB\"\nprewarm_floor = \"1KB\"\n",
+            "[schedule]\nbandwidth = \"1KB/s\"\nprewarm_bandwidth = \"100%\"\n",
+            "[schedule]\nlarge_image_size = \"1TiB\"\n",
+            "[schedule]\nmax_blob_streams = 4096\n",
+            "[fetch]\nparallel_blobs = 64\nretries = 0\n",
+            "[api]\nenabled = false\nsocket = \"relative-but-unused.sock\"\n",
+            "[[prewarm]]\nimage = \"busybox\"\ninterval = \"1s\"\ntimeout = \"0s\"\npriority = -5\n",
+        ] {
+            Config::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes_show_in_config_notation() {
+        use units::{show_bytes, show_duration};
+        let cases = [
+            (Duration::from_secs(7 * 86_400), "7d"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::ZERO, "0s"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(show_duration(d), want);
+        }
+        for (b, want) in [(1000, "1KB"), (1 << 40, "1TiB"), (1_000_000_000_000, "1TB"), (7, "7")] {
+            assert_eq!(show_bytes(b), want);
+        }
+    }
 }
