@@ -19,8 +19,8 @@ fn check_config(path: &Path) -> (i32, String) {
         .arg(path)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -63,8 +63,14 @@ fn check_config_accepts_the_shipped_file_and_refuses_what_would_fail_at_use() {
         std::fs::write(&path, toml).unwrap();
         let (code, text) = check_config(&path);
         assert_eq!(code, 2, "{toml:?}: {text}");
-        assert!(text.contains(want), "{toml:?}\n  got: {text}\n  wanted: {want}");
-        assert!(!text.contains("i128") && !text.contains("panicked"), "{text}");
+        assert!(
+            text.contains(want),
+            "{toml:?}\n  got: {text}\n  wanted: {want}"
+        );
+        assert!(
+            !text.contains("i128") && !text.contains("panicked"),
+            "{text}"
+        );
     }
 }
 
@@ -148,7 +154,12 @@ fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
             Ok(0) => return true,
             // hyper may answer a timed-out partial request with an error status, then close.
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 return false
             }
             Err(_) => return true,
@@ -203,12 +214,24 @@ fn half_open_connections_are_closed_after_the_header_timeout_and_capped() {
 fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     let daemon = Daemon::start("header_read_timeout = \"500ms\"");
     let mut s = TcpStream::connect(&daemon.addr).unwrap();
-    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 512];
     let n = s.read(&mut buf).unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 503"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 503"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     let idle = Instant::now();
-    assert!(closed_by_server(&mut s, Duration::from_secs(5)), "idle keep-alive stayed open");
-    assert!(idle.elapsed() >= Duration::from_millis(400), "{:?}", idle.elapsed());
+    assert!(
+        closed_by_server(&mut s, Duration::from_secs(5)),
+        "idle keep-alive stayed open"
+    );
+    assert!(
+        idle.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        idle.elapsed()
+    );
 }

@@ -358,9 +358,21 @@ impl Config {
             );
         }
         let mut paths = vec![
-            ("server.socket", &self.server.socket, "/run/pullgate/pullgate.sock"),
-            ("containerd.socket", &self.containerd.socket, "/run/containerd/containerd.sock"),
-            ("fetch.hosts_dir", &self.fetch.hosts_dir, "/etc/containerd/certs.d"),
+            (
+                "server.socket",
+                &self.server.socket,
+                "/run/pullgate/pullgate.sock",
+            ),
+            (
+                "containerd.socket",
+                &self.containerd.socket,
+                "/run/containerd/containerd.sock",
+            ),
+            (
+                "fetch.hosts_dir",
+                &self.fetch.hosts_dir,
+                "/etc/containerd/certs.d",
+            ),
         ];
         if self.api.enabled {
             paths.push(("api.socket", &self.api.socket, DEFAULT_API_SOCKET));
@@ -438,17 +450,53 @@ impl Config {
         let (min, hour, day) = (s(60), s(3600), s(86_400));
         [
             // 0: calls in flight are cut at once.
-            ("server.shutdown_grace", self.server.shutdown_grace, DurationRange::new(Duration::ZERO, hour, "30s")),
-            ("containerd.connect_timeout", self.containerd.connect_timeout, DurationRange::new(ms(10), 5 * min, "5s")),
-            ("containerd.health_interval", self.containerd.health_interval, DurationRange::new(ms(100), hour, "5s")),
-            ("fetch.no_progress_timeout", self.fetch.no_progress_timeout, DurationRange::new(s(1), hour, "1m")),
-            ("fetch.request_timeout", self.fetch.request_timeout, DurationRange::new(s(1), 10 * min, "30s")),
+            (
+                "server.shutdown_grace",
+                self.server.shutdown_grace,
+                DurationRange::new(Duration::ZERO, hour, "30s"),
+            ),
+            (
+                "containerd.connect_timeout",
+                self.containerd.connect_timeout,
+                DurationRange::new(ms(10), 5 * min, "5s"),
+            ),
+            (
+                "containerd.health_interval",
+                self.containerd.health_interval,
+                DurationRange::new(ms(100), hour, "5s"),
+            ),
+            (
+                "fetch.no_progress_timeout",
+                self.fetch.no_progress_timeout,
+                DurationRange::new(s(1), hour, "1m"),
+            ),
+            (
+                "fetch.request_timeout",
+                self.fetch.request_timeout,
+                DurationRange::new(s(1), 10 * min, "30s"),
+            ),
             // The expiry becomes an RFC 3339 label on the lease; a week outlives any pull, and
             // far-future values would not format (year 10000) or overflow SystemTime.
-            ("fetch.lease_expiry", self.fetch.lease_expiry, DurationRange::new(min, 7 * day, "1h")),
-            ("metrics.header_read_timeout", self.metrics.header_read_timeout, DurationRange::new(ms(10), 10 * min, "10s")),
-            ("p2p_gate.interval", self.p2p_gate.interval, DurationRange::new(ms(10), hour, "2s")),
-            ("p2p_gate.timeout", self.p2p_gate.timeout, DurationRange::new(ms(10), 5 * min, "1s")),
+            (
+                "fetch.lease_expiry",
+                self.fetch.lease_expiry,
+                DurationRange::new(min, 7 * day, "1h"),
+            ),
+            (
+                "metrics.header_read_timeout",
+                self.metrics.header_read_timeout,
+                DurationRange::new(ms(10), 10 * min, "10s"),
+            ),
+            (
+                "p2p_gate.interval",
+                self.p2p_gate.interval,
+                DurationRange::new(ms(10), hour, "2s"),
+            ),
+            (
+                "p2p_gate.timeout",
+                self.p2p_gate.timeout,
+                DurationRange::new(ms(10), 5 * min, "1s"),
+            ),
         ]
     }
 
@@ -456,7 +504,11 @@ impl Config {
     fn sizes(&self) -> [(&'static str, u64, SizeRange); 5] {
         const KB: u64 = 1000;
         const TB: u64 = 1_000_000_000_000;
-        let rate = SizeRange { min: KB, max: TB, like: "100MB" };
+        let rate = SizeRange {
+            min: KB,
+            max: TB,
+            like: "100MB",
+        };
         let s = &self.schedule;
         let prewarm = match s.prewarm_bandwidth {
             Share::Bytes(b) => b,
@@ -464,10 +516,39 @@ impl Config {
         };
         [
             ("schedule.bandwidth", s.bandwidth.0, rate),
-            ("schedule.prewarm_bandwidth", prewarm, SizeRange { like: "20MB", ..rate }),
-            ("schedule.prewarm_floor", s.prewarm_floor.0, SizeRange { like: "1MB", ..rate }),
-            ("schedule.prewarm_write_rate", s.prewarm_write_rate.0, SizeRange { like: "50MB", ..rate }),
-            ("schedule.large_image_size", s.large_image_size.0, SizeRange { min: 1 << 20, max: 1 << 40, like: "1GiB" }),
+            (
+                "schedule.prewarm_bandwidth",
+                prewarm,
+                SizeRange {
+                    like: "20MB",
+                    ..rate
+                },
+            ),
+            (
+                "schedule.prewarm_floor",
+                s.prewarm_floor.0,
+                SizeRange {
+                    like: "1MB",
+                    ..rate
+                },
+            ),
+            (
+                "schedule.prewarm_write_rate",
+                s.prewarm_write_rate.0,
+                SizeRange {
+                    like: "50MB",
+                    ..rate
+                },
+            ),
+            (
+                "schedule.large_image_size",
+                s.large_image_size.0,
+                SizeRange {
+                    min: 1 << 20,
+                    max: 1 << 40,
+                    like: "1GiB",
+                },
+            ),
         ]
     }
 
@@ -487,9 +568,21 @@ impl Config {
             }
             // The interval gets up to 10 % jitter added: a bound keeps that sum finite.
             for (key, d, range) in [
-                ("interval", p.interval, DurationRange::new(s(1), 365 * day, "24h")),
-                ("timeout", p.timeout, DurationRange::new(s(1), 7 * day, "30m").or_zero()),
-                ("deadline", p.deadline, DurationRange::new(s(1), 30 * day, "2h").or_zero()),
+                (
+                    "interval",
+                    p.interval,
+                    DurationRange::new(s(1), 365 * day, "24h"),
+                ),
+                (
+                    "timeout",
+                    p.timeout,
+                    DurationRange::new(s(1), 7 * day, "30m").or_zero(),
+                ),
+                (
+                    "deadline",
+                    p.deadline,
+                    DurationRange::new(s(1), 30 * day, "2h").or_zero(),
+                ),
             ] {
                 if let Err(why) = range.check(d, None) {
                     return fail(format!("{key}: {why}"));
@@ -830,7 +923,10 @@ image = "registry.example/ml/model:v3"
         for (text, wants) in cases {
             let err = Config::parse(text).expect_err(text);
             for want in *wants {
-                assert!(err.contains(want), "{text:?}\n  error: {err}\n  wanted: {want}");
+                assert!(
+                    err.contains(want),
+                    "{text:?}\n  error: {err}\n  wanted: {want}"
+                );
             }
             assert!(!err.contains("i128"), "{err}");
         }
@@ -868,7 +964,12 @@ image = "registry.example/ml/model:v3"
         for (d, want) in cases {
             assert_eq!(show_duration(d), want);
         }
-        for (b, want) in [(1000, "1KB"), (1 << 40, "1TiB"), (1_000_000_000_000, "1TB"), (7, "7")] {
+        for (b, want) in [
+            (1000, "1KB"),
+            (1 << 40, "1TiB"),
+            (1_000_000_000_000, "1TB"),
+            (7, "7"),
+        ] {
             assert_eq!(show_bytes(b), want);
         }
     }

@@ -308,7 +308,11 @@ pub fn show_duration(d: Duration) -> String {
     ];
     let ms = d.as_millis();
     if ms == 0 {
-        return if d.is_zero() { "0s".into() } else { format!("{d:?}") };
+        return if d.is_zero() {
+            "0s".into()
+        } else {
+            format!("{d:?}")
+        };
     }
     let (unit, per) = UNITS
         .iter()

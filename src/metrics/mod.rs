@@ -380,11 +380,26 @@ mod tests {
     #[test]
     fn method_labels_are_bounded() {
         for (path, label) in [
-            ("/runtime.v1.ImageService/PullImage", "/runtime.v1.ImageService/PullImage"),
-            ("/runtime.v1.ImageService/ImageFsInfo", "/runtime.v1.ImageService/ImageFsInfo"),
-            ("/runtime.v1alpha2.ImageService/ListImages", "/runtime.v1alpha2.ImageService/ListImages"),
-            ("/runtime.v1.RuntimeService/Version", "/runtime.v1.RuntimeService/Version"),
-            ("/runtime.v1.RuntimeService/ListContainers", "/runtime.v1.RuntimeService/ListContainers"),
+            (
+                "/runtime.v1.ImageService/PullImage",
+                "/runtime.v1.ImageService/PullImage",
+            ),
+            (
+                "/runtime.v1.ImageService/ImageFsInfo",
+                "/runtime.v1.ImageService/ImageFsInfo",
+            ),
+            (
+                "/runtime.v1alpha2.ImageService/ListImages",
+                "/runtime.v1alpha2.ImageService/ListImages",
+            ),
+            (
+                "/runtime.v1.RuntimeService/Version",
+                "/runtime.v1.RuntimeService/Version",
+            ),
+            (
+                "/runtime.v1.RuntimeService/ListContainers",
+                "/runtime.v1.RuntimeService/ListContainers",
+            ),
             // An ImageService path with a RuntimeService method, and the other way round.
             ("/runtime.v1.ImageService/Version", "other"),
             ("/runtime.v1.RuntimeService/PullImage", "other"),
