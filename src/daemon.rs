@@ -103,7 +103,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     ));
 
     let metrics_task = if cfg.metrics.enabled {
-        let task = metrics::serve(cfg.metrics.addr, health.clone(), stop.clone())
+        let task = metrics::serve(&cfg.metrics, health.clone(), stop.clone())
             .await
             .with_context(|| format!("cannot serve metrics on {}", cfg.metrics.addr))?;
         info!(addr = %cfg.metrics.addr, "metrics, /healthz and /readyz served over HTTP");

@@ -49,10 +49,13 @@ pub struct ScheduleConfig {
     /// Prewarm writes into containerd's content store, bytes per second (0: unlimited).
     pub prewarm_write_rate: Bytes,
     /// Prewarm images fetched at once (0: unlimited).
+    #[serde(deserialize_with = "units::whole::<_, _, 0, 1024>")]
     pub max_prewarm_jobs: usize,
     /// Blob downloads in flight across all jobs (0: unlimited), served by priority.
+    #[serde(deserialize_with = "units::whole::<_, _, 0, 4096>")]
     pub max_blob_streams: usize,
     /// containerd finish steps (unpack, image record) at once (0: unlimited), by priority.
+    #[serde(deserialize_with = "units::whole::<_, _, 0, 1024>")]
     pub max_unpacks: usize,
     /// Prewarm images at least this big are fetched one at a time, in the same order on every
     /// node (0: no lane).
@@ -124,7 +127,7 @@ pub struct ServerConfig {
     /// File mode of the socket, as an octal string such as "0660".
     pub socket_mode: String,
     /// How long in-flight calls may run after SIGTERM/SIGINT before they are cut.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "units::duration")]
     pub shutdown_grace: Duration,
 }
 
@@ -160,10 +163,10 @@ pub struct ContainerdConfig {
     /// containerd namespace used for pullgate's own calls (the CRI plugin uses `k8s.io`).
     pub namespace: String,
     /// Timeout for establishing a connection to containerd.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "units::duration")]
     pub connect_timeout: Duration,
     /// How often containerd's liveness is probed for `/healthz` and `pullgate_upstream_up`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "units::duration")]
     pub health_interval: Duration,
 }
 
@@ -192,24 +195,28 @@ pub struct FetchConfig {
     /// Send the pull's registry credentials to mirrors too (containerd does not).
     pub mirror_credentials: bool,
     /// Blobs of one image fetched at the same time.
+    #[serde(deserialize_with = "units::whole::<_, _, 1, 64>")]
     pub parallel_blobs: usize,
     /// Blobs with at least twice this many MiB left are fetched as parallel ranged requests of
     /// this size, written in order.
+    #[serde(deserialize_with = "units::whole::<_, _, 1, 1024>")]
     pub range_chunk_mib: u64,
     /// Ranged requests in flight per blob; 1 fetches every blob as one stream.
+    #[serde(deserialize_with = "units::whole::<_, _, 1, 64>")]
     pub range_connections: usize,
     /// A blob stream that delivers no byte for this long is abandoned (like containerd's
     /// `image_pull_progress_timeout`).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "units::duration")]
     pub no_progress_timeout: Duration,
     /// Timeout for connecting and receiving response headers from a registry.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "units::duration")]
     pub request_timeout: Duration,
     /// Attempts per blob after the first (resuming where the last one stopped).
+    #[serde(deserialize_with = "units::whole::<_, _, 0, 100>")]
     pub retries: u32,
     /// Lifetime of the containerd lease a pull holds; after a crash containerd collects what the
     /// lease protected once it expires.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "units::duration")]
     pub lease_expiry: Duration,
     /// Extract each layer into containerd's snapshotter as soon as it is in, while later layers
     /// download (containerd's own pull overlaps the same way). Off: containerd unpacks
@@ -246,6 +253,13 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// HTTP listen address. Loopback by default: expose it deliberately.
     pub addr: SocketAddr,
+    /// A connection must send a request's complete headers within this long after it opens or
+    /// after its previous response (keep-alive idle), else it is closed.
+    #[serde(with = "units::duration")]
+    pub header_read_timeout: Duration,
+    /// Connections served at once; one over the cap is closed as soon as it is accepted.
+    #[serde(deserialize_with = "units::whole::<_, _, 1, 65536>")]
+    pub max_connections: usize,
 }
 
 impl Default for MetricsConfig {
@@ -253,6 +267,8 @@ impl Default for MetricsConfig {
         Self {
             enabled: true,
             addr: SocketAddr::from(([127, 0, 0, 1], 9782)),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 64,
         }
     }
 }
@@ -328,6 +344,8 @@ impl Config {
     }
 
     /// Checks values that the types alone do not; `text` (the file, if any) locates the key.
+    /// Every value that passes here can be used as is: no duration, size or path accepted here
+    /// makes an arithmetic overflow, a formatting failure or a relative-path surprise later.
     pub fn validate(&self, text: &str) -> Result<(), String> {
         let fail = |key: &str, why: String| Err(format!("{}{key}: {why}", line_of(text, key)));
         if parse_mode(&self.server.socket_mode).is_none() {
@@ -339,11 +357,30 @@ impl Config {
                 ),
             );
         }
-        if self.server.socket.as_os_str().is_empty() || self.server.socket.is_relative() {
-            return fail("server.socket", "must be an absolute path".to_string());
+        let mut paths = vec![
+            (
+                "server.socket",
+                &self.server.socket,
+                "/run/pullgate/pullgate.sock",
+            ),
+            (
+                "containerd.socket",
+                &self.containerd.socket,
+                "/run/containerd/containerd.sock",
+            ),
+            (
+                "fetch.hosts_dir",
+                &self.fetch.hosts_dir,
+                "/etc/containerd/certs.d",
+            ),
+        ];
+        if self.api.enabled {
+            paths.push(("api.socket", &self.api.socket, DEFAULT_API_SOCKET));
         }
-        if self.containerd.socket.as_os_str().is_empty() || self.containerd.socket.is_relative() {
-            return fail("containerd.socket", "must be an absolute path".to_string());
+        for (key, path, like) in paths {
+            if let Err(why) = absolute(path, like) {
+                return fail(key, why);
+            }
         }
         if self.server.socket == self.containerd.socket {
             return fail(
@@ -354,28 +391,15 @@ impl Config {
         if self.containerd.namespace.is_empty() {
             return fail("containerd.namespace", "must not be empty".into());
         }
-        for (key, d) in [
-            (
-                "containerd.connect_timeout",
-                self.containerd.connect_timeout,
-            ),
-            (
-                "containerd.health_interval",
-                self.containerd.health_interval,
-            ),
-        ] {
-            if d.is_zero() {
-                return fail(key, "must be greater than zero".into());
+        for (key, d, range) in self.durations() {
+            if let Err(why) = range.check(d, written(text, key)) {
+                return fail(key, why);
             }
         }
-        if self.fetch.parallel_blobs == 0 || self.fetch.parallel_blobs > 64 {
-            return fail("fetch.parallel_blobs", "must be between 1 and 64".into());
-        }
-        if self.fetch.range_connections == 0 || self.fetch.range_connections > 64 {
-            return fail("fetch.range_connections", "must be between 1 and 64".into());
-        }
-        if self.fetch.range_chunk_mib == 0 || self.fetch.range_chunk_mib > 1024 {
-            return fail("fetch.range_chunk_mib", "must be between 1 and 1024".into());
+        for (key, b, range) in self.sizes() {
+            if let Err(why) = range.check(b, written(text, key)) {
+                return fail(key, why);
+            }
         }
         if parse_mode(&self.api.socket_mode).is_none() {
             return fail(
@@ -383,16 +407,13 @@ impl Config {
                 format!("{:?} is not an octal file mode", self.api.socket_mode),
             );
         }
-        if self.api.enabled {
-            if self.api.socket.as_os_str().is_empty() || self.api.socket.is_relative() {
-                return fail("api.socket", "must be an absolute path".to_string());
-            }
-            if self.api.socket == self.server.socket || self.api.socket == self.containerd.socket {
-                return fail(
-                    "api.socket",
-                    "must differ from server.socket and containerd.socket".into(),
-                );
-            }
+        if self.api.enabled
+            && (self.api.socket == self.server.socket || self.api.socket == self.containerd.socket)
+        {
+            return fail(
+                "api.socket",
+                "must differ from server.socket and containerd.socket".into(),
+            );
         }
         let s = &self.schedule;
         if let Share::Percent(_) = s.prewarm_bandwidth {
@@ -412,35 +433,7 @@ impl Config {
         if let Err(e) = self.p2p_gate.validate() {
             return fail("p2p_gate", e);
         }
-        let mut seen = std::collections::HashSet::new();
-        for (i, p) in self.prewarm.iter().enumerate() {
-            let at = |what: &str| format!("prewarm[{i}] ({}): {what}", p.image);
-            let line = line_of_value(text, &p.image);
-            let reference = match crate::pull::normalize_reference(&p.image) {
-                Ok(r) => r,
-                Err(e) => return Err(format!("{line}{}", at(&e.to_string()))),
-            };
-            if !seen.insert(reference.clone()) {
-                return Err(format!(
-                    "{line}{}",
-                    at(&format!("{reference} is listed twice"))
-                ));
-            }
-            if p.interval.is_zero() {
-                return Err(format!(
-                    "{line}{}",
-                    at("interval must be greater than zero")
-                ));
-            }
-            if let Some(path) = &p.docker_config {
-                if path.is_relative() {
-                    return Err(format!(
-                        "{line}{}",
-                        at("docker_config must be an absolute path")
-                    ));
-                }
-            }
-        }
+        self.validate_prewarm(text)?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return fail(
                 "log.level",
@@ -449,6 +442,246 @@ impl Config {
         }
         Ok(())
     }
+
+    /// Every duration key with the range it accepts (documented in config/pullgate.toml).
+    fn durations(&self) -> [(&'static str, Duration, DurationRange); 9] {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        let (min, hour, day) = (s(60), s(3600), s(86_400));
+        [
+            // 0: calls in flight are cut at once.
+            (
+                "server.shutdown_grace",
+                self.server.shutdown_grace,
+                DurationRange::new(Duration::ZERO, hour, "30s"),
+            ),
+            (
+                "containerd.connect_timeout",
+                self.containerd.connect_timeout,
+                DurationRange::new(ms(10), 5 * min, "5s"),
+            ),
+            (
+                "containerd.health_interval",
+                self.containerd.health_interval,
+                DurationRange::new(ms(100), hour, "5s"),
+            ),
+            (
+                "fetch.no_progress_timeout",
+                self.fetch.no_progress_timeout,
+                DurationRange::new(s(1), hour, "1m"),
+            ),
+            (
+                "fetch.request_timeout",
+                self.fetch.request_timeout,
+                DurationRange::new(s(1), 10 * min, "30s"),
+            ),
+            // The expiry becomes an RFC 3339 label on the lease; a week outlives any pull, and
+            // far-future values would not format (year 10000) or overflow SystemTime.
+            (
+                "fetch.lease_expiry",
+                self.fetch.lease_expiry,
+                DurationRange::new(min, 7 * day, "1h"),
+            ),
+            (
+                "metrics.header_read_timeout",
+                self.metrics.header_read_timeout,
+                DurationRange::new(ms(10), 10 * min, "10s"),
+            ),
+            (
+                "p2p_gate.interval",
+                self.p2p_gate.interval,
+                DurationRange::new(ms(10), hour, "2s"),
+            ),
+            (
+                "p2p_gate.timeout",
+                self.p2p_gate.timeout,
+                DurationRange::new(ms(10), 5 * min, "1s"),
+            ),
+        ]
+    }
+
+    /// Every byte quantity key with the range it accepts; 0 means "unlimited" or "off" for all.
+    fn sizes(&self) -> [(&'static str, u64, SizeRange); 5] {
+        const KB: u64 = 1000;
+        const TB: u64 = 1_000_000_000_000;
+        let rate = SizeRange {
+            min: KB,
+            max: TB,
+            like: "100MB",
+        };
+        let s = &self.schedule;
+        let prewarm = match s.prewarm_bandwidth {
+            Share::Bytes(b) => b,
+            Share::Percent(_) => 0,
+        };
+        [
+            ("schedule.bandwidth", s.bandwidth.0, rate),
+            (
+                "schedule.prewarm_bandwidth",
+                prewarm,
+                SizeRange {
+                    like: "20MB",
+                    ..rate
+                },
+            ),
+            (
+                "schedule.prewarm_floor",
+                s.prewarm_floor.0,
+                SizeRange {
+                    like: "1MB",
+                    ..rate
+                },
+            ),
+            (
+                "schedule.prewarm_write_rate",
+                s.prewarm_write_rate.0,
+                SizeRange {
+                    like: "50MB",
+                    ..rate
+                },
+            ),
+            (
+                "schedule.large_image_size",
+                s.large_image_size.0,
+                SizeRange {
+                    min: 1 << 20,
+                    max: 1 << 40,
+                    like: "1GiB",
+                },
+            ),
+        ]
+    }
+
+    fn validate_prewarm(&self, text: &str) -> Result<(), String> {
+        let s = Duration::from_secs;
+        let day = s(86_400);
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.prewarm.iter().enumerate() {
+            let line = line_of_value(text, &p.image);
+            let fail = |what: String| Err(format!("{line}prewarm[{i}] ({}): {what}", p.image));
+            let reference = match crate::pull::normalize_reference(&p.image) {
+                Ok(r) => r,
+                Err(e) => return fail(e.to_string()),
+            };
+            if !seen.insert(reference.clone()) {
+                return fail(format!("{reference} is listed twice"));
+            }
+            // The interval gets up to 10 % jitter added: a bound keeps that sum finite.
+            for (key, d, range) in [
+                (
+                    "interval",
+                    p.interval,
+                    DurationRange::new(s(1), 365 * day, "24h"),
+                ),
+                (
+                    "timeout",
+                    p.timeout,
+                    DurationRange::new(s(1), 7 * day, "30m").or_zero(),
+                ),
+                (
+                    "deadline",
+                    p.deadline,
+                    DurationRange::new(s(1), 30 * day, "2h").or_zero(),
+                ),
+            ] {
+                if let Err(why) = range.check(d, None) {
+                    return fail(format!("{key}: {why}"));
+                }
+            }
+            if let Some(path) = &p.docker_config {
+                if let Err(why) = absolute(path, "/etc/pullgate/docker-config.json") {
+                    return fail(format!("docker_config: {why}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The durations a key accepts: `min..=max`, and 0 too where 0 means "no limit".
+#[derive(Clone, Copy)]
+struct DurationRange {
+    min: Duration,
+    max: Duration,
+    zero: bool,
+    like: &'static str,
+}
+
+impl DurationRange {
+    fn new(min: Duration, max: Duration, like: &'static str) -> Self {
+        DurationRange {
+            min,
+            max,
+            zero: false,
+            like,
+        }
+    }
+
+    fn or_zero(self) -> Self {
+        DurationRange { zero: true, ..self }
+    }
+
+    /// `written`: the value as the file spells it, shown back in the message.
+    fn check(&self, d: Duration, written: Option<String>) -> Result<(), String> {
+        if (self.zero && d.is_zero()) || (self.min..=self.max).contains(&d) {
+            return Ok(());
+        }
+        let shown = written.unwrap_or_else(|| units::show_duration(d));
+        let zero = if self.zero { "0 (no limit) or " } else { "" };
+        Err(format!(
+            "{shown} is out of range: expected {zero}a duration between {} and {}, like \"{}\"",
+            units::show_duration(self.min),
+            units::show_duration(self.max),
+            self.like
+        ))
+    }
+}
+
+/// The byte quantities a key accepts: 0 (unlimited, or off) or `min..=max`.
+#[derive(Clone, Copy)]
+struct SizeRange {
+    min: u64,
+    max: u64,
+    like: &'static str,
+}
+
+impl SizeRange {
+    fn check(&self, b: u64, written: Option<String>) -> Result<(), String> {
+        if b == 0 || (self.min..=self.max).contains(&b) {
+            return Ok(());
+        }
+        let shown = written.unwrap_or_else(|| b.to_string());
+        Err(format!(
+            "{shown} is out of range: expected 0 or a byte quantity between {} and {}, like \"{}\"",
+            units::show_bytes(self.min),
+            units::show_bytes(self.max),
+            self.like
+        ))
+    }
+}
+
+/// A path that must not depend on pullgate's working directory (a systemd unit's is `/`).
+fn absolute(path: &Path, like: &str) -> Result<(), String> {
+    if path.is_absolute() {
+        return Ok(());
+    }
+    let shown = if path.as_os_str().is_empty() {
+        "an empty path".to_string()
+    } else {
+        format!("{:?} is a relative path", path.display().to_string())
+    };
+    Err(format!("{shown}: expected an absolute path, like {like:?}"))
+}
+
+/// The value of `section.key` as the file writes it (quotes and trailing comment dropped).
+fn written(text: &str, dotted: &str) -> Option<String> {
+    let (i, _) = find_key(text, dotted)?;
+    let (_, value) = text.lines().nth(i)?.split_once('=')?;
+    let value = match value.trim().split_once(" #") {
+        Some((v, _)) => v,
+        None => value.trim(),
+    };
+    Some(value.trim().trim_matches('"').to_string())
 }
 
 /// "line N: " for the first line holding the string `value`.
@@ -468,6 +701,13 @@ fn parse_mode(s: &str) -> Option<u32> {
 
 /// "line N: " for the line that sets `section.key`, or "" when it is not set in the file.
 fn line_of(text: &str, dotted: &str) -> String {
+    find_key(text, dotted)
+        .map(|(i, _)| format!("line {}: ", i + 1))
+        .unwrap_or_default()
+}
+
+/// The index of the line that sets `section.key`, and that line.
+fn find_key<'t>(text: &'t str, dotted: &str) -> Option<(usize, &'t str)> {
     let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
     let mut current = String::new();
     for (i, line) in text.lines().enumerate() {
@@ -486,10 +726,10 @@ fn line_of(text: &str, dotted: &str) -> String {
             format!("{current}.{k}")
         };
         if full == dotted || (current == section && k == key) {
-            return format!("line {}: ", i + 1);
+            return Some((i, line));
         }
     }
-    String::new()
+    None
 }
 
 #[cfg(test)]
@@ -623,5 +863,114 @@ image = "registry.example/ml/model:v3"
         assert!(err.contains("policy") && err.contains("line 3"), "{err}");
         let err = Config::parse("[p2p_gate]\nprobe = \"http\"\n").unwrap_err();
         assert!(err.contains("p2p_gate"), "{err}");
+    }
+
+    /// Each rule: a file, then fragments its error must contain (key, line, expected form).
+    #[test]
+    fn out_of_range_and_malformed_values_are_refused_with_the_expected_form() {
+        let cases: &[(&str, &[&str])] = &[
+            // Durations: ranges per key.
+            ("[fetch]\nlease_expiry = \"10000y\"\n", &["line 2: fetch.lease_expiry: 10000y is out of range: expected a duration between 1m and 7d, like \"1h\""]),
+            ("[fetch]\nlease_expiry = \"30s\"\n", &["fetch.lease_expiry: 30s is out of range"]),
+            ("[server]\nshutdown_grace = \"2h\"\n", &["server.shutdown_grace", "between 0s and 1h"]),
+            ("[containerd]\nconnect_timeout = \"1ms\"\n", &["containerd.connect_timeout", "between 10ms and 5m"]),
+            ("[containerd]\nhealth_interval = \"0s\"\n", &["containerd.health_interval: 0s is out of range", "between 100ms and 1h"]),
+            ("[fetch]\nno_progress_timeout = \"0s\"\n", &["fetch.no_progress_timeout", "between 1s and 1h"]),
+            ("[fetch]\nrequest_timeout = \"1d\"\n", &["fetch.request_timeout", "between 1s and 10m"]),
+            ("[metrics]\nheader_read_timeout = \"0s\"\n", &["metrics.header_read_timeout", "between 10ms and 10m"]),
+            ("[p2p_gate]\ninterval = \"0s\"\n", &["p2p_gate.interval", "between 10ms and 1h"]),
+            ("[p2p_gate]\ntimeout = \"1h\"\n", &["p2p_gate.timeout", "between 10ms and 5m"]),
+            ("[[prewarm]]\nimage = \"busybox\"\ninterval = \"0s\"\n", &["line 2: prewarm[0] (busybox): interval: 0s is out of range", "between 1s and 365d"]),
+            ("[[prewarm]]\nimage = \"busybox\"\ntimeout = \"30d\"\n", &["prewarm[0] (busybox): timeout", "expected 0 (no limit) or a duration between 1s and 7d"]),
+            ("[[prewarm]]\nimage = \"busybox\"\ndeadline = \"100d\"\n", &["prewarm[0] (busybox): deadline", "between 1s and 30d"]),
+            // Durations: wrong forms.
+            ("[fetch]\nlease_expiry = 1979-05-27T07:32:00Z\n", &["line 2", "a date or time is not a duration: expected a duration like \"30s\""]),
+            ("[fetch]\nlease_expiry = { a = 1 }\n", &["line 2", "a table is not a duration: expected a duration like \"30s\""]),
+            ("[fetch]\nlease_expiry = 5\n", &["line 2", "5 has no unit", "\"5s\""]),
+            ("[fetch]\nlease_expiry = \"soon\"\n", &["line 2", "\"soon\" is not a duration", "like \"30s\""]),
+            ("[fetch]\nlease_expiry = \"99999999999999999999999y\"\n", &["line 2", "is not a duration"]),
+            // Byte quantities and shares.
+            ("[schedule]\nbandwidth = \"300%\"\n", &["line 2", "a percentage is accepted only by schedule.prewarm_bandwidth", "\"64MiB\""]),
+            ("[schedule]\nbandwidth = 40000000\nprewarm_bandwidth = \"300%\"\n", &["line 3", "a percentage must be a whole number from 1% to 100%"]),
+            ("[schedule]\nbandwidth = 40000000\nprewarm_bandwidth = \"0%\"\n", &["from 1% to 100%"]),
+            ("[schedule]\nbandwidth = 99999999999999999999\n", &["line 2", "is too large: byte quantities go up to 18446744073709551615"]),
+            ("[schedule]\nbandwidth = \"99999999999T\"\n", &["line 2", "is too large"]),
+            ("[schedule]\nbandwidth = \"2TB\"\n", &["line 2: schedule.bandwidth: 2TB is out of range: expected 0 or a byte quantity between 1KB and 1TB"]),
+            ("[schedule]\nprewarm_write_rate = 10\n", &["schedule.prewarm_write_rate: 10 is out of range"]),
+            ("[schedule]\nprewarm_bandwidth = \"5TB/s\"\n", &["schedule.prewarm_bandwidth"]),
+            ("[schedule]\nprewarm_floor = 1\n", &["schedule.prewarm_floor"]),
+            ("[schedule]\nlarge_image_size = \"10TB\" # big\n", &["schedule.large_image_size: 10TB is out of range", "between 1MiB and 1TiB"]),
+            // Whole numbers: the range, never "i128".
+            ("[schedule]\nmax_blob_streams = 99999999999999999999\n", &["line 2", "max_blob_streams", "99999999999999999999 is out of range: expected a whole number from 0 to 4096"]),
+            ("[schedule]\nmax_prewarm_jobs = -1\n", &["from 0 to 1024"]),
+            ("[schedule]\nmax_unpacks = 2000\n", &["from 0 to 1024"]),
+            ("[fetch]\nparallel_blobs = 0\n", &["line 2", "from 1 to 64"]),
+            ("[fetch]\nrange_connections = 65\n", &["from 1 to 64"]),
+            ("[fetch]\nrange_chunk_mib = 4096\n", &["from 1 to 1024"]),
+            ("[fetch]\nretries = 99999999999\n", &["from 0 to 100"]),
+            ("[fetch]\nretries = 2.5\n", &["2.5 is not a whole number"]),
+            ("[fetch]\nretries = \"3\"\n", &["is a string", "without quotes"]),
+            ("[metrics]\nmax_connections = 0\n", &["from 1 to 65536"]),
+            ("[[prewarm]]\nimage = \"busybox\"\nbackoff_limit = 5000\n", &["from 0 to 1000"]),
+            ("[[prewarm]]\nimage = \"busybox\"\npriority = 9999999999\n", &["from -2147483648 to 2147483647"]),
+            // Paths that must be absolute.
+            ("[server]\nsocket = \"pullgate.sock\"\n", &["line 2: server.socket: \"pullgate.sock\" is a relative path: expected an absolute path, like \"/run/pullgate/pullgate.sock\""]),
+            ("[containerd]\nsocket = \"\"\n", &["containerd.socket: an empty path: expected an absolute path"]),
+            ("[fetch]\nhosts_dir = \"certs.d\"\n", &["line 2: fetch.hosts_dir", "relative path"]),
+            ("[api]\nsocket = \"api.sock\"\n", &["api.socket", "relative path"]),
+            ("[[prewarm]]\nimage = \"busybox\"\ndocker_config = \"auth.json\"\n", &["prewarm[0] (busybox): docker_config: \"auth.json\" is a relative path"]),
+        ];
+        for (text, wants) in cases {
+            let err = Config::parse(text).expect_err(text);
+            for want in *wants {
+                assert!(
+                    err.contains(want),
+                    "{text:?}\n  error: {err}\n  wanted: {want}"
+                );
+            }
+            assert!(!err.contains("i128"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_accepted() {
+        for text in [
+            "[fetch]\nlease_expiry = \"1m\"\n",
+            "[fetch]\nlease_expiry = \"7d\"\n",
+            "[server]\nshutdown_grace = \"0s\"\n",
+            "[containerd]\nconnect_timeout = \"10ms\"\n",
+            "[fetch]\nrequest_timeout = \"10m\"\n",
+            "[schedule]\nbandwidth = \"1TB\"\nprewarm_floor = \"1KB\"\n",
+            "[schedule]\nbandwidth = \"1KB/s\"\nprewarm_bandwidth = \"100%\"\n",
+            "[schedule]\nlarge_image_size = \"1TiB\"\n",
+            "[schedule]\nmax_blob_streams = 4096\n",
+            "[fetch]\nparallel_blobs = 64\nretries = 0\n",
+            "[api]\nenabled = false\nsocket = \"relative-but-unused.sock\"\n",
+            "[[prewarm]]\nimage = \"busybox\"\ninterval = \"1s\"\ntimeout = \"0s\"\npriority = -5\n",
+        ] {
+            Config::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes_show_in_config_notation() {
+        use units::{show_bytes, show_duration};
+        let cases = [
+            (Duration::from_secs(7 * 86_400), "7d"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::ZERO, "0s"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(show_duration(d), want);
+        }
+        for (b, want) in [
+            (1000, "1KB"),
+            (1 << 40, "1TiB"),
+            (1_000_000_000_000, "1TB"),
+            (7, "7"),
+        ] {
+            assert_eq!(show_bytes(b), want);
+        }
     }
 }

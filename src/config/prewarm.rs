@@ -21,22 +21,28 @@ pub struct PrewarmEntry {
     /// Image reference, as a pod spec would write it.
     pub image: String,
     /// Higher first; urgent (pod) pulls always come before any prewarm.
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "crate::config::units::whole::<_, _, -2147483648, 2147483647>"
+    )]
     pub priority: i32,
     #[serde(default)]
     pub policy: Policy,
     /// `keep`: how often the image is re-checked (a random 10 % is added, so nodes spread out).
-    #[serde(default = "default_interval", with = "humantime_serde")]
+    #[serde(default = "default_interval", with = "crate::config::units::duration")]
     pub interval: Duration,
     /// One attempt may take this long (0: no limit).
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::units::duration")]
     pub timeout: Duration,
     /// Failed attempts retried with exponential backoff (10 s doubling, at most 10 min) this many
     /// times before the round is given up.
-    #[serde(default = "default_backoff_limit")]
+    #[serde(
+        default = "default_backoff_limit",
+        deserialize_with = "crate::config::units::whole::<_, _, 0, 1000>"
+    )]
     pub backoff_limit: u32,
     /// A round (first attempt to success or giving up) may take this long (0: no limit).
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::units::duration")]
     pub deadline: Duration,
     /// Docker `config.json` with credentials for the image's registry (none: anonymous).
     #[serde(default)]

@@ -1,7 +1,10 @@
-//! Byte quantities in the config: `0`, `1048576`, `"64MiB"`, `"100MB"`, `"1.5G"`; and shares of a
-//! budget: a quantity or `"50%"`.
+//! Value types of the config: byte quantities (`0`, `1048576`, `"64MiB"`, `"100MB"`, `"1.5G"`),
+//! shares of a budget (a quantity or `"50%"`), durations (`"30s"`, `"1h 30m"`) and bounded whole
+//! numbers. Their parse errors say what form was expected; ranges that depend on the key are
+//! checked by `Config::validate`, which names the key.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
@@ -44,6 +47,12 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let n: f64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a byte quantity such as \"64MiB\" or \"100MB\""))?;
+    if unit.trim() == "%" {
+        return Err(format!(
+            "{s:?}: a percentage is accepted only by schedule.prewarm_bandwidth; \
+             expected a byte quantity such as \"64MiB\" or \"100MB\""
+        ));
+    }
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KB" | "k" | "kB" => 1_000,
@@ -60,7 +69,22 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    Ok((n * mult as f64).round() as u64)
+    let bytes = (n * mult as f64).round();
+    // `as` saturates: without this check "99999999T" would silently become u64::MAX.
+    if bytes >= u64::MAX as f64 {
+        return Err(format!(
+            "{s:?} is too large: byte quantities go up to {} (16EiB)",
+            u64::MAX
+        ));
+    }
+    Ok(bytes as u64)
+}
+
+fn too_large_bytes(v: impl fmt::Display) -> String {
+    format!(
+        "{v} is too large: byte quantities go up to {} (16EiB)",
+        u64::MAX
+    )
 }
 
 impl<'de> Deserialize<'de> for Bytes {
@@ -86,6 +110,18 @@ impl Visitor<'_> for BytesVisitor {
         Ok(v)
     }
 
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<u64, E> {
+        match u64::try_from(v) {
+            Ok(v) => Ok(v),
+            Err(_) if v < 0 => Err(E::custom("must not be negative")),
+            Err(_) => Err(E::custom(too_large_bytes(v))),
+        }
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<u64, E> {
+        u64::try_from(v).map_err(|_| E::custom(too_large_bytes(v)))
+    }
+
     fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
         parse_bytes(v).map_err(E::custom)
     }
@@ -105,17 +141,201 @@ impl<'de> Deserialize<'de> for Share {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Share, E> {
                 Ok(Share::Bytes(v))
             }
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Share, E> {
+                BytesVisitor.visit_i128(v).map(Share::Bytes)
+            }
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<Share, E> {
+                BytesVisitor.visit_u128(v).map(Share::Bytes)
+            }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Share, E> {
                 match v.trim().strip_suffix('%') {
+                    // 0% is refused: it would read as "nothing" but 0 means "all of the budget".
                     Some(p) => match p.trim().parse::<u8>() {
-                        Ok(p) if p <= 100 => Ok(Share::Percent(p)),
-                        _ => Err(E::custom(format!("{v:?}: a percentage from 0% to 100%"))),
+                        Ok(p) if (1..=100).contains(&p) => Ok(Share::Percent(p)),
+                        _ => Err(E::custom(format!(
+                            "{v:?}: a percentage must be a whole number from 1% to 100%"
+                        ))),
                     },
                     None => parse_bytes(v).map(Share::Bytes).map_err(E::custom),
                 }
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// `#[serde(with = "units::duration")]`: a duration written like `"30s"`, `"5m"`, `"1h 30m"`.
+/// Unlike `humantime_serde`, every wrong form gets a message that shows the right one.
+pub mod duration {
+    use super::*;
+
+    const LIKE: &str = "a duration like \"30s\", \"5m\" or \"1h 30m\"";
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_any(DurationVisitor)
+    }
+
+    struct DurationVisitor;
+
+    impl<'de> Visitor<'de> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(LIKE)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            humantime::parse_duration(v.trim())
+                .map_err(|e| E::custom(format!("{v:?} is not a duration ({e}): expected {LIKE}")))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "{v} has no unit: expected {LIKE} (a quoted string, e.g. \"{v}s\")"
+            )))
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+            self.visit_i128(i128::from(v))
+        }
+
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<Duration, E> {
+            Err(E::custom(format!("{v} has no unit: expected {LIKE}")))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+            Err(E::custom(format!("{v} has no unit: expected {LIKE}")))
+        }
+
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Duration, E> {
+            Err(E::custom(format!("{v} is not a duration: expected {LIKE}")))
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Duration, A::Error> {
+            Err(de::Error::custom(format!(
+                "an array is not a duration: expected {LIKE}"
+            )))
+        }
+
+        // toml hands a date-time to serde as a one-entry map with a private key.
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Duration, A::Error> {
+            let what = match map.next_key::<String>() {
+                Ok(Some(k)) if k.contains("datetime") => "a date or time",
+                _ => "a table",
+            };
+            Err(de::Error::custom(format!(
+                "{what} is not a duration: expected {LIKE}"
+            )))
+        }
+    }
+}
+
+/// `#[serde(deserialize_with = "units::whole::<_, _, MIN, MAX>")]`: a whole number from MIN to
+/// MAX. The range is checked here because a value too large for the field's type never reaches
+/// `Config::validate`, and serde's own message for it ("integer `…` as i128, expected usize")
+/// neither names the limit nor is meant for an administrator.
+pub fn whole<'de, D, T, const MIN: i64, const MAX: i64>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    struct V<const MIN: i64, const MAX: i64>;
+
+    impl<const MIN: i64, const MAX: i64> V<MIN, MAX> {
+        fn out_of_range<E: de::Error>(v: impl fmt::Display) -> E {
+            E::custom(format!(
+                "{v} is out of range: expected a whole number from {MIN} to {MAX}"
+            ))
+        }
+    }
+
+    impl<const MIN: i64, const MAX: i64> Visitor<'_> for V<MIN, MAX> {
+        type Value = i64;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "a whole number from {MIN} to {MAX}")
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+            if (MIN..=MAX).contains(&v) {
+                Ok(v)
+            } else {
+                Err(Self::out_of_range(v))
+            }
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+            match i64::try_from(v) {
+                Ok(v) => self.visit_i64(v),
+                Err(_) => Err(Self::out_of_range(v)),
+            }
+        }
+
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<i64, E> {
+            Err(Self::out_of_range(v))
+        }
+
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<i64, E> {
+            Err(Self::out_of_range(v))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
+            Err(E::custom(format!(
+                "{v} is not a whole number: expected one from {MIN} to {MAX}"
+            )))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<i64, E> {
+            Err(E::custom(format!(
+                "{v:?} is a string: expected a whole number from {MIN} to {MAX}, without quotes"
+            )))
+        }
+    }
+
+    let v = d.deserialize_any(V::<MIN, MAX>)?;
+    T::try_from(v).map_err(|_| de::Error::custom(format!("{v} does not fit")))
+}
+
+/// A duration in the config's own notation: the largest unit that divides it, e.g. `7d`, `90s`,
+/// `1500ms`, so that a range reads as written in the file.
+pub fn show_duration(d: Duration) -> String {
+    const UNITS: [(&str, u128); 5] = [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+        ("ms", 1),
+    ];
+    let ms = d.as_millis();
+    if ms == 0 {
+        return if d.is_zero() {
+            "0s".into()
+        } else {
+            format!("{d:?}")
+        };
+    }
+    let (unit, per) = UNITS
+        .iter()
+        .find(|(_, per)| ms % per == 0)
+        .expect("ms divides every whole number of ms");
+    format!("{}{unit}", ms / per)
+}
+
+/// A byte quantity in the config's notation: `1KB`, `1TB`, `64MiB`, else the plain number.
+pub fn show_bytes(b: u64) -> String {
+    const UNITS: [(&str, u64); 8] = [
+        ("TiB", 1 << 40),
+        ("TB", 1_000_000_000_000),
+        ("GiB", 1 << 30),
+        ("GB", 1_000_000_000),
+        ("MiB", 1 << 20),
+        ("MB", 1_000_000),
+        ("KiB", 1 << 10),
+        ("KB", 1_000),
+    ];
+    match UNITS.iter().find(|(_, per)| b > 0 && b % per == 0) {
+        Some((unit, per)) => format!("{}{unit}", b / per),
+        None => b.to_string(),
     }
 }
 

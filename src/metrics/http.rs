@@ -1,7 +1,12 @@
 //! The HTTP endpoint: `/metrics`, `/healthz` (containerd reachable), `/readyz` (serving).
+//!
+//! Nothing a client does keeps server resources forever: a connection has
+//! `metrics.header_read_timeout` to send each request's headers (also while it idles between
+//! keep-alive requests), and at most `metrics.max_connections` are served at once. A connection
+//! over the cap is closed as soon as it is accepted rather than queued: a queue would itself hold
+//! sockets, and a scraper retries on its next interval anyway.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +17,14 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Metrics;
+use crate::config::MetricsConfig;
 use crate::upstream::Containerd;
 
 /// What the health endpoints report on.
@@ -37,13 +44,15 @@ impl Health {
     }
 }
 
-/// Binds `addr` and serves until `stop` is cancelled.
+/// Binds `cfg.addr` and serves until `stop` is cancelled.
 pub async fn serve(
-    addr: SocketAddr,
+    cfg: &MetricsConfig,
     health: Arc<Health>,
     stop: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = TcpListener::bind(cfg.addr).await?;
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let header_read_timeout = cfg.header_read_timeout;
     Ok(tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -57,10 +66,18 @@ pub async fn serve(
                     }
                 },
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                debug!(%peer, "metrics endpoint: connection cap reached, closing");
+                drop(stream);
+                continue;
+            };
             let health = health.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = service_fn(move |req| route(req, health.clone()));
                 if let Err(e) = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await
                 {

@@ -310,22 +310,63 @@ pub fn code_label(code: Code) -> &'static str {
     }
 }
 
-/// The method label of a gRPC path. Any client may send any path; only well-formed
-/// `/package.Service/Method` paths of bounded length become labels, so a misbehaving client
-/// cannot blow up the metric's cardinality with garbage.
+/// Methods of the CRI `ImageService` and `RuntimeService` (k8s.io/cri-api v1, also served as
+/// `v1alpha2` by containerd 1.6), the only paths that get their own metric label.
+const CRI_METHODS: &[&str] = &[
+    // ImageService
+    "ListImages",
+    "ImageStatus",
+    "PullImage",
+    "RemoveImage",
+    "ImageFsInfo",
+    // RuntimeService
+    "Version",
+    "RunPodSandbox",
+    "StopPodSandbox",
+    "RemovePodSandbox",
+    "PodSandboxStatus",
+    "ListPodSandbox",
+    "CreateContainer",
+    "StartContainer",
+    "StopContainer",
+    "RemoveContainer",
+    "ListContainers",
+    "ContainerStatus",
+    "UpdateContainerResources",
+    "ReopenContainerLog",
+    "ExecSync",
+    "Exec",
+    "Attach",
+    "PortForward",
+    "ContainerStats",
+    "ListContainerStats",
+    "PodSandboxStats",
+    "ListPodSandboxStats",
+    "UpdateRuntimeConfig",
+    "Status",
+    "CheckpointContainer",
+    "GetContainerEvents",
+    "ListMetricDescriptors",
+    "ListPodSandboxMetrics",
+    "RuntimeConfig",
+    "UpdatePodSandboxResources",
+];
+
+/// The method label of a gRPC path. Any client may send any path; only the known CRI methods
+/// become labels of their own, everything else is `other`, so no client can grow the metric's
+/// cardinality.
 fn method_label(path: &str) -> &str {
-    let ok = path.len() <= 96
-        && path.starts_with('/')
-        && path[1..].split_once('/').is_some_and(|(svc, m)| {
-            !svc.is_empty()
-                && !m.is_empty()
-                && svc.starts_with("runtime.")
-                && svc
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
-                && m.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    let known = path
+        .strip_prefix("/runtime.")
+        .and_then(|p| p.split_once('.'))
+        .filter(|(version, _)| matches!(*version, "v1" | "v1alpha2"))
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .is_some_and(|(service, method)| match service {
+            "ImageService" => CRI_METHODS[..5].contains(&method),
+            "RuntimeService" => CRI_METHODS[5..].contains(&method),
+            _ => false,
         });
-    if ok {
+    if known {
         path
     } else {
         "other"
@@ -338,20 +379,63 @@ mod tests {
 
     #[test]
     fn method_labels_are_bounded() {
+        for (path, label) in [
+            (
+                "/runtime.v1.ImageService/PullImage",
+                "/runtime.v1.ImageService/PullImage",
+            ),
+            (
+                "/runtime.v1.ImageService/ImageFsInfo",
+                "/runtime.v1.ImageService/ImageFsInfo",
+            ),
+            (
+                "/runtime.v1alpha2.ImageService/ListImages",
+                "/runtime.v1alpha2.ImageService/ListImages",
+            ),
+            (
+                "/runtime.v1.RuntimeService/Version",
+                "/runtime.v1.RuntimeService/Version",
+            ),
+            (
+                "/runtime.v1.RuntimeService/ListContainers",
+                "/runtime.v1.RuntimeService/ListContainers",
+            ),
+            // An ImageService path with a RuntimeService method, and the other way round.
+            ("/runtime.v1.ImageService/Version", "other"),
+            ("/runtime.v1.RuntimeService/PullImage", "other"),
+            // Well-formed but unknown: before, each of these became a series of its own.
+            ("/runtime.v1.ImageService/PullImage2", "other"),
+            ("/runtime.v1.X/Y", "other"),
+            ("/runtime.v9.ImageService/PullImage", "other"),
+            ("/containerd.services.version.v1.Version/Version", "other"),
+            ("/pullgate.v1.Pullgate/Submit", "other"),
+            ("/runtime.v1.ImageService/../../etc", "other"),
+            ("/runtime.v1.ImageService/PullImage/", "other"),
+            ("runtime.v1.ImageService/PullImage", "other"),
+            ("", "other"),
+        ] {
+            assert_eq!(method_label(path), label, "{path}");
+        }
+        let long = format!("/runtime.v1.X/{}", "a".repeat(200));
+        assert_eq!(method_label(&long), "other");
+    }
+
+    #[test]
+    fn unknown_methods_share_one_series() {
+        let m = Metrics::new();
+        for i in 0..50 {
+            m.record_call(&format!("/runtime.v1.Fake/M{i}"), Code::Unimplemented);
+        }
+        let text = m.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("pullgate_cri_requests_total{"))
+            .collect::<Vec<_>>();
         assert_eq!(
-            method_label("/runtime.v1.ImageService/PullImage"),
-            "/runtime.v1.ImageService/PullImage"
+            series,
+            ["pullgate_cri_requests_total{method=\"other\",code=\"unimplemented\"} 50"],
+            "{text}"
         );
-        assert_eq!(
-            method_label("/containerd.services.version.v1.Version/Version"),
-            "other"
-        );
-        assert_eq!(method_label("/runtime.v1.ImageService/../../etc"), "other");
-        assert_eq!(
-            method_label(&format!("/runtime.v1.X/{}", "a".repeat(200))),
-            "other"
-        );
-        assert_eq!(method_label(""), "other");
     }
 
     #[test]

@@ -73,10 +73,10 @@ pub struct GateConfig {
     /// URL for http, HOST:PORT for tcp, name prefix for container.
     pub target: String,
     /// Time between probes: how late the gate may notice a change.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::units::duration")]
     pub interval: Duration,
     /// Limit on one probe, so a hung endpoint counts as "not ready" instead of stalling the loop.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::units::duration")]
     pub timeout: Duration,
 }
 

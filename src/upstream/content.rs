@@ -204,7 +204,10 @@ impl ContentStore {
 
     /// Creates a lease that containerd drops by itself after `expire`.
     pub async fn create_lease(&self, id: &str, job: u64, expire: Duration) -> Result<(), Status> {
-        let until = humantime::format_rfc3339_seconds(SystemTime::now() + expire).to_string();
+        // The config bounds `expire` (fetch.lease_expiry, at most 7d); a year past 9999 would not
+        // format as RFC 3339 and `to_string` would panic, so never trust that alone.
+        let until = SystemTime::now() + expire.min(Duration::from_secs(365 * 86_400));
+        let until = humantime::format_rfc3339_seconds(until).to_string();
         let labels = HashMap::from([
             (LEASE_EXPIRE_LABEL.to_string(), until),
             (LEASE_OWNER_LABEL.to_string(), job.to_string()),
