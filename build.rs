@@ -10,9 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/types.proto",
         "proto/containerd/snapshots.proto",
         "proto/containerd/diff.proto",
-        "proto/pullgate/v1/api.proto",
     ];
-    for f in &files {
+    let api = "proto/pullgate/v1/api.proto";
+    for f in files.iter().chain([&api]) {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
@@ -21,5 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Blob chunks travel as `Bytes`: no copy between the HTTP body and the gRPC stream.
         .bytes(".containerd.services.content.v1.WriteContentRequest.data")
         .compile_fds(fds)?;
+    // pullgate's own API: a request that does not parse is INVALID_ARGUMENT (src/api/codec.rs).
+    tonic_prost_build::configure()
+        .build_server(true)
+        .codec_path("crate::api::codec::ApiCodec")
+        .compile_fds(protox::compile([api], ["proto"])?)?;
     Ok(())
 }

@@ -298,6 +298,20 @@ async fn pullgate_s_own_failures_reach_every_client_intact() {
 
     // Garbage on pullgate's own API socket: INVALID_ARGUMENT too, not INTERNAL.
     let api = node.pullgate.api_socket();
+    let tonic = raw_unary(
+        &api,
+        "/pullgate.v1.Pullgate/Submit",
+        bytes::Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x0f]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(tonic.code(), tonic::Code::InvalidArgument, "{tonic:?}");
+    assert!(
+        tonic
+            .message()
+            .starts_with("SubmitRequest is not a valid protobuf message"),
+        "{tonic:?}"
+    );
     for client in ALL {
         let answer = call(
             client,

@@ -2,6 +2,7 @@
 //! and report configured prewarm images (`pullgate wait --prewarmed`).
 
 pub mod client;
+pub mod codec;
 
 use std::future::Future;
 use std::pin::Pin;
