@@ -101,8 +101,17 @@ impl CapturedReply {
         status_of(&self.headers, self.trailers.as_ref())
     }
 
-    /// A fresh response with the captured bytes.
+    /// A fresh response with the captured bytes. A reply with neither message nor trailers is a
+    /// trailers-only response (status in the headers): it must go out as one HEADERS frame with
+    /// END_STREAM. A body that ends only after an empty DATA frame makes Go and Python clients
+    /// report `Internal: server closed the stream without sending trailers` instead of the status.
     pub fn to_response(&self) -> Response<Body> {
+        if self.body.is_empty() && self.trailers.is_none() {
+            let mut resp = Response::new(Body::empty());
+            *resp.status_mut() = self.status;
+            *resp.headers_mut() = self.headers.clone();
+            return resp;
+        }
         let mut frames = Vec::with_capacity(2);
         if !self.body.is_empty() {
             frames.push(http_body::Frame::data(self.body.clone()));
@@ -166,6 +175,25 @@ mod tests {
                 Code::InvalidArgument
             );
         }
+    }
+
+    #[test]
+    fn a_status_only_reply_is_trailers_only() {
+        use http_body::Body as _;
+        let reply = CapturedReply::from_status(Status::not_found("no such image"));
+        let resp = reply.to_response();
+        assert!(resp.body().is_end_stream(), "HEADERS must carry END_STREAM");
+        assert_eq!(resp.headers()["grpc-status"], "5");
+
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let ok = CapturedReply {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"\0\0\0\0\0"),
+            trailers: Some(trailers),
+        };
+        assert!(!ok.to_response().body().is_end_stream());
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! The front door: a tonic server on the CRI unix socket that kubelet's `imageServiceEndpoint`
 //! points at.
 
+pub mod authority;
 mod proxy;
 pub mod socket;
 
 use std::future::Future;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 
 pub use proxy::CriProxy;
 
@@ -21,6 +21,6 @@ pub async fn serve(
     tonic::transport::Server::builder()
         // kubelet keeps one connection and multiplexes on it; keep it alive across idle hours.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
-        .serve_with_incoming_shutdown(proxy, UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(proxy, authority::incoming(listener), shutdown)
         .await
 }
