@@ -13,7 +13,7 @@ usage error.
 
 DIR holds the stubs grpc_tools.protoc generated from proto/cri/api.proto (cri/api_pb2.py and
 cri/api_pb2_grpc.py). The channel is grpc.insecure_channel("unix:" + SOCKET), the way Python CRI
-clients dial a unix socket.
+clients dial a unix socket; with --uri, "unix://" + SOCKET.
 """
 
 import argparse
@@ -39,6 +39,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--stubs", required=True)
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--uri", action="store_true", help='dial "unix://" + SOCKET')
     p.add_argument("socket")
     p.add_argument("command", choices=["imagefsinfo", "list", "pull", "status", "remove", "raw"])
     p.add_argument("args", nargs="*")
@@ -57,7 +58,7 @@ def main():
             p.error(f"{a.command} takes {n} argument(s)")
 
     channel = grpc.insecure_channel(
-        "unix:" + a.socket,
+        ("unix://" if a.uri else "unix:") + a.socket,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),

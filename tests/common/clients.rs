@@ -25,9 +25,19 @@ pub enum Client {
     GoEscaped,
     /// grpcio, `grpc.insecure_channel("unix:" + path)`.
     Python,
+    /// grpcio, `grpc.insecure_channel("unix://" + path)`.
+    PythonUri,
 }
 
+/// The clients every case runs with.
 pub const ALL: [Client; 3] = [Client::Go, Client::GoEscaped, Client::Python];
+/// Every way of dialling (a few calls run with each).
+pub const EVERY_DIAL: [Client; 4] = [
+    Client::Go,
+    Client::GoEscaped,
+    Client::Python,
+    Client::PythonUri,
+];
 
 struct Built {
     go_binary: PathBuf,
@@ -152,9 +162,13 @@ pub async fn call(client: Client, socket: &Path, args: &[&str]) -> Value {
             }));
             c
         }
-        Client::Python => {
+        Client::Python | Client::PythonUri => {
             let mut c = tokio::process::Command::new(&b.python);
-            c.arg(&b.script).arg("--stubs").arg(&b.stubs).arg(socket);
+            c.arg(&b.script).arg("--stubs").arg(&b.stubs);
+            if client == Client::PythonUri {
+                c.arg("--uri");
+            }
+            c.arg(socket);
             c.args(args);
             c
         }
