@@ -12,8 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/diff.proto",
     ];
     let api = "proto/pullgate/v1/api.proto";
-    println!("cargo:rerun-if-changed={api}");
-    for f in &files {
+    for f in files.iter().chain([&api]) {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
@@ -22,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Blob chunks travel as `Bytes`: no copy between the HTTP body and the gRPC stream.
         .bytes(".containerd.services.content.v1.WriteContentRequest.data")
         .compile_fds(fds)?;
-    // pullgate's own API: a request that does not decode is INVALID_ARGUMENT (src/api/codec.rs).
+    // pullgate's own API: a request that does not parse is INVALID_ARGUMENT (src/api/codec.rs).
     tonic_prost_build::configure()
         .build_server(true)
         .codec_path("crate::api::codec::ApiCodec")

@@ -1,11 +1,15 @@
-//! The API's gRPC codec: prost, except that a request that does not decode is the caller's error
-//! (`INVALID_ARGUMENT`), not pullgate's (`INTERNAL`, tonic's default).
+//! The protobuf codec of pullgate's own API: prost's, except that a message that does not parse is
+//! `INVALID_ARGUMENT` naming the message type, where tonic-prost answers `INTERNAL` (the caller
+//! sent garbage; nothing inside pullgate failed), as the CRI socket answers a garbage
+//! `PullImageRequest`. The CLI's client shares the generated code and so this codec: there a reply
+//! that does not parse (only a broken daemon sends one) reads as `INVALID_ARGUMENT` too.
 
 use std::marker::PhantomData;
 
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::Status;
-use tonic_prost::{ProstDecoder, ProstEncoder};
+use tonic_prost::{ProstCodec, ProstEncoder};
 
 pub struct ApiCodec<T, U>(PhantomData<(T, U)>);
 
@@ -17,36 +21,36 @@ impl<T, U> Default for ApiCodec<T, U> {
 
 impl<T, U> Codec for ApiCodec<T, U>
 where
-    T: prost::Message + Send + 'static,
-    U: prost::Message + Default + Send + 'static,
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
 {
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = ArgumentDecoder<U>;
+    type Decoder = ApiDecoder<U>;
 
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::default())
+    fn encoder(&mut self) -> ProstEncoder<T> {
+        ProstCodec::<T, U>::default().encoder()
     }
 
-    fn decoder(&mut self) -> Self::Decoder {
-        ArgumentDecoder(ProstDecoder::new(BufferSettings::default()))
+    fn decoder(&mut self) -> ApiDecoder<U> {
+        ApiDecoder(PhantomData)
     }
 }
 
-pub struct ArgumentDecoder<U>(ProstDecoder<U>);
+pub struct ApiDecoder<U>(PhantomData<U>);
 
-impl<U: prost::Message + Default> Decoder for ArgumentDecoder<U> {
+impl<U: Message + Default> Decoder for ApiDecoder<U> {
     type Item = U;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        self.0.decode(buf).map_err(|s| {
-            Status::invalid_argument(format!("malformed pullgate.v1 message: {}", s.message()))
+        U::decode(buf).map(Some).map_err(|e| {
+            let name = std::any::type_name::<U>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("message");
+            Status::invalid_argument(format!("{name} is not a valid protobuf message: {e}"))
         })
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        self.0.buffer_settings()
     }
 }

@@ -13,6 +13,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod clients;
 pub mod containerd;
 pub mod daemon;
 pub mod fakeserver;
