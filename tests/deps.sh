@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages pullgate's tests and sandbox run against, when missing:
-# containerd (the real upstream) and docker-registry (a real OCI registry).
+# containerd (the real upstream) and docker-registry (a real OCI registry); then fetches the newer
+# containerd versions the end-to-end matrix also runs (tests/containerd-versions.sh).
 set -euo pipefail
 need=()
 command -v containerd >/dev/null || need+=(containerd)
 command -v docker-registry >/dev/null || need+=(docker-registry)
-[ ${#need[@]} -eq 0 ] && exit 0
+if [ ${#need[@]} -eq 0 ]; then
+  exec "$(dirname "$0")/containerd-versions.sh" >/dev/null
+fi
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing Debian packages: ${need[*]}; run as root or: sudo apt-get install ${need[*]}" >&2
   exit 1
@@ -20,3 +23,4 @@ for svc in containerd docker-registry; do
     echo "note: the system $svc service is running; the tests use their own instances" >&2
   fi
 done
+exec "$(dirname "$0")/containerd-versions.sh" >/dev/null
