@@ -2,7 +2,8 @@
 # Installs what pullgate's tests and sandbox run against, when missing: containerd (the real
 # upstream) and docker-registry (a real OCI registry) from Debian; for the non-Rust CRI clients
 # (tests/clients), Go with Debian's grpc-go, protoc and protoc-gen-go, and a Python venv with
-# pinned grpcio from PyPI (in $PULLGATE_TEST_PY, default /var/cache/pullgate-tests/py).
+# pinned grpcio from PyPI (in $PULLGATE_TEST_PY, default /var/cache/pullgate-tests/py); then the newer containerd
+# versions the end-to-end matrix also runs (tests/containerd-versions.sh).
 set -euo pipefail
 need=()
 command -v containerd >/dev/null || need+=(containerd)
@@ -41,3 +42,5 @@ if [ "$(cat "$venv/.pins" 2>/dev/null)" != "$py_pins" ]; then
   "$venv/bin/pip" install -q --disable-pip-version-check $py_pins
   echo "$py_pins" >"$venv/.pins"
 fi
+
+"$(dirname "$0")/containerd-versions.sh" >/dev/null

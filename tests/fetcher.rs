@@ -202,6 +202,57 @@ async fn layers_are_unpacked_ahead_and_kept_by_the_image_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpack_ahead_finds_containerds_snapshotter() {
+    // pullgate asks containerd which snapshotter CRI unpacks into (1.x: its status; 2.x: its
+    // image filesystem) and unpacks ahead into that one, whichever it is.
+    let mut snapshotters = vec!["native"];
+    if common::containerd::overlayfs_mountable() {
+        snapshotters.push("overlayfs");
+    } else {
+        eprintln!("overlayfs cannot be mounted here: only native is checked");
+    }
+    for snapshotter in snapshotters {
+        let node = Node::start_on(None, "", snapshotter).await;
+        assert_eq!(
+            node.snapshots().cri_snapshotter().await.unwrap(),
+            snapshotter
+        );
+        let img = push_image(
+            &node.registry,
+            "ahead/found",
+            "v1",
+            &[1 << 20, 200 << 10],
+            None,
+        )
+        .await;
+        node.via()
+            .pull_image(pull_request(&img.reference()))
+            .await
+            .unwrap();
+        let m = node.pullgate.metrics().await;
+        assert_eq!(
+            metric_value(&m, "pullgate_layers_unpacked_ahead_total"),
+            2.0,
+            "{snapshotter}: {m}"
+        );
+        let snaps = node.snapshots();
+        for c in chain_ids(&node, &img.config_digest).await {
+            assert!(
+                snaps.exists(snapshotter, &c).await.unwrap(),
+                "{snapshotter}: no {c}"
+            );
+        }
+        let log = node.pullgate.log();
+        assert!(
+            log.contains(&format!("snapshotter={snapshotter}"))
+                || log.contains(&format!("snapshotter=\"{snapshotter}\"")),
+            "{snapshotter}: {}",
+            common::tail(&log, 20)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_unpack_ahead_is_left_to_containerd() {
     // A snapshotter containerd does not have: every extraction fails at prepare.
     let node = Node::start_with(None, "snapshotter = \"no-such-snapshotter\"\n").await;

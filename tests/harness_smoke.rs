@@ -16,6 +16,20 @@ use pullgate::proto::runtime::v1::{
     RemoveImageRequest,
 };
 
+#[test]
+fn reads_the_version_containerd_prints() {
+    use common::containerd::parse_version;
+    let v = parse_version(
+        "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3\n",
+    )
+    .unwrap();
+    assert_eq!((v.major, v.minor, v.text.as_str()), (1, 6, "1.6.20~ds1"));
+    let v = parse_version("containerd github.com/containerd/containerd/v2 2.1.9+unknown abc\n")
+        .unwrap();
+    assert_eq!((v.major, v.minor), (2, 1));
+    assert_eq!(parse_version("garbage"), None);
+}
+
 fn status_request(image: &str) -> ImageStatusRequest {
     ImageStatusRequest {
         image: Some(ImageSpec {

@@ -72,32 +72,9 @@ pub fn shape_port(id: u32, port: u16, bytes_per_sec: u64) {
 /// The snapshotter the simulated nodes unpack into: overlayfs, containerd's default and what a
 /// real node runs, when this kernel lets us mount it; else native (which copies each parent).
 pub fn snapshotter() -> &'static str {
-    static CHOICE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
-    CHOICE.get_or_init(|| {
-        let Ok(dir) = tempfile::tempdir() else {
-            return "native";
-        };
-        let p = |s: &str| dir.path().join(s);
-        for s in ["lower", "upper", "work", "merged"] {
-            let _ = std::fs::create_dir(p(s));
-        }
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            p("lower").display(),
-            p("upper").display(),
-            p("work").display()
-        );
-        let mounted = Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o", &opts])
-            .arg(p("merged"))
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if mounted {
-            let _ = Command::new("umount").arg(p("merged")).status();
-            "overlayfs"
-        } else {
-            "native"
-        }
-    })
+    if crate::common::containerd::overlayfs_mountable() {
+        "overlayfs"
+    } else {
+        "native"
+    }
 }

@@ -1,10 +1,15 @@
-//! A real containerd (`/usr/bin/containerd`, 1.6.x) with its CRI plugin, confined to one dir:
-//! root, state, sockets, CNI dirs, registry hosts config and log all live under it, so several
-//! instances can run at once.
+//! A real containerd with its CRI plugin, confined to one dir: root, state, sockets, CNI dirs,
+//! registry hosts config and log all live under it, so several instances can run at once.
+//!
+//! The binary is `$PULLGATE_TEST_CONTAINERD` (default `/usr/bin/containerd`, Debian bookworm's
+//! 1.6); `tests/containerd-versions.sh` fetches trixie's 1.7 and sid's 2.1 and `tests/run.sh`
+//! runs the suite against each. The config is written for the binary's major version: `version =
+//! 2` for 1.x, `version = 3` (the split CRI plugins) for 2.x.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use pullgate::proto::runtime::v1::ImageFsInfoRequest;
@@ -12,7 +17,106 @@ use pullgate::proto::runtime::v1::ImageFsInfoRequest;
 use super::registry::Registry;
 use super::{image_client, read_log, send_signal, tail, terminate_blocking, wait_child};
 
-pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
+/// The containerd binary when `$PULLGATE_TEST_CONTAINERD` is not set.
+pub const DEFAULT_CONTAINERD_BIN: &str = "/usr/bin/containerd";
+
+/// The containerd binary the tests run: `$PULLGATE_TEST_CONTAINERD`, else
+/// [`DEFAULT_CONTAINERD_BIN`].
+pub fn containerd_bin() -> PathBuf {
+    match std::env::var_os("PULLGATE_TEST_CONTAINERD") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_CONTAINERD_BIN),
+    }
+}
+
+/// The version of [`containerd_bin`], from `containerd --version`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerdVersion {
+    pub major: u32,
+    pub minor: u32,
+    /// As printed, e.g. "1.6.20~ds1", "2.1.9+unknown".
+    pub text: String,
+}
+
+impl std::fmt::Display for ContainerdVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// `containerd --version` of the binary under test (asked once per test process).
+pub fn containerd_version() -> &'static ContainerdVersion {
+    static VERSION: OnceLock<ContainerdVersion> = OnceLock::new();
+    VERSION.get_or_init(|| {
+        let bin = containerd_bin();
+        let out = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("Containerd: cannot run {} --version: {e}", bin.display()));
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        parse_version(&printed).unwrap_or_else(|| {
+            panic!(
+                "Containerd: cannot read a version from `{} --version`: {printed:?}",
+                bin.display()
+            )
+        })
+    })
+}
+
+/// "containerd github.com/containerd/containerd/v2 2.1.9+unknown <revision>" → 2.1.
+pub fn parse_version(printed: &str) -> Option<ContainerdVersion> {
+    let text = printed.split_whitespace().nth(2)?.trim_start_matches('v');
+    let mut parts = text.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some(ContainerdVersion {
+        major,
+        minor,
+        text: text.to_string(),
+    })
+}
+
+/// Whether this kernel lets us mount overlayfs (containerd's `overlayfs` snapshotter needs it;
+/// inside some containers it is refused). Tried once.
+pub fn overlayfs_mountable() -> bool {
+    static WORKS: OnceLock<bool> = OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let Ok(dir) = tempfile::tempdir() else {
+            return false;
+        };
+        let p = |s: &str| dir.path().join(s);
+        for s in ["lower", "upper", "work", "merged"] {
+            let _ = std::fs::create_dir(p(s));
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            p("lower").display(),
+            p("upper").display(),
+            p("work").display()
+        );
+        let mounted = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(p("merged"))
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if mounted {
+            let _ = Command::new("umount").arg(p("merged")).status();
+        }
+        mounted
+    })
+}
+
+/// Skips the calling test on containerd versions where it cannot work: prints why and returns
+/// true when `!works(version)`. Use only for real limitations of a version, named in the README.
+pub fn skip_unless(works: impl Fn(&ContainerdVersion) -> bool, why: &str) -> bool {
+    let v = containerd_version();
+    if works(v) {
+        return false;
+    }
+    eprintln!("SKIPPED on containerd {v}: {why}");
+    true
+}
 
 /// How long `start`/`start_again` wait for the CRI ImageService to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -68,7 +172,11 @@ impl Containerd {
             write_hosts_toml(&dir, addr);
         }
         let config_path = dir.join("config.toml");
-        let mut config = containerd_config(&dir, &socket, snapshotter);
+        let mut config = if containerd_version().major >= 2 {
+            containerd_config_v3(&dir, &socket, snapshotter)
+        } else {
+            containerd_config(&dir, &socket, snapshotter)
+        };
         config.push_str(extra_toml);
         std::fs::write(&config_path, config)
             .unwrap_or_else(|e| panic!("Containerd: cannot write config: {e}"));
@@ -103,7 +211,8 @@ impl Containerd {
         let log2 = log
             .try_clone()
             .unwrap_or_else(|e| panic!("Containerd: cannot clone log fd: {e}"));
-        let mut cmd = Command::new(CONTAINERD_BIN);
+        let bin = containerd_bin();
+        let mut cmd = Command::new(&bin);
         cmd.arg("--config")
             .arg(&self.config_path)
             .current_dir(&self.dir)
@@ -127,7 +236,7 @@ impl Containerd {
         super::kill_with_parent(&mut cmd);
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("Containerd: cannot spawn {CONTAINERD_BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("Containerd: cannot spawn {}: {e}", bin.display()));
         self.child = Some(child);
     }
 
@@ -266,6 +375,7 @@ fn write_hosts_toml(dir: &Path, addr: &str) {
         .unwrap_or_else(|e| panic!("Containerd: cannot write hosts.toml: {e}"));
 }
 
+/// Config `version = 2`, for containerd 1.6 and 1.7.
 fn containerd_config(dir: &Path, socket: &Path, snapshotter: &str) -> String {
     let p = |sub: &str| toml_str(&dir.join(sub).to_string_lossy());
     let overlayfs = if snapshotter == "overlayfs" {
@@ -285,6 +395,7 @@ disabled_plugins = [
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.blockfile",
   {overlayfs}
   "io.containerd.tracing.processor.v1.otlp",
   "io.containerd.internal.v1.tracing",
@@ -324,6 +435,101 @@ disabled_plugins = [
       discard_unpacked_layers = false
     [plugins."io.containerd.grpc.v1.cri".registry]
       config_path = {certs}
+"#,
+        root = p("root"),
+        state = p("state"),
+        grpc = toml_str(&sock),
+        ttrpc = toml_str(&format!("{sock}.ttrpc")),
+        opt = p("opt"),
+        cni_bin = p("cni/bin"),
+        cni_conf = p("cni/net.d"),
+        certs = p("certs.d"),
+    )
+}
+
+/// Config `version = 3`, for containerd 2.x: the CRI plugin is split into
+/// `io.containerd.cri.v1.images` (snapshotter, registry), `io.containerd.cri.v1.runtime` (CNI,
+/// runtimes) and `io.containerd.grpc.v1.cri` (the gRPC service, streaming). CRI pulls go through
+/// the transfer service, which unpacks only for the platforms and snapshotters in its
+/// `unpack_config` (its default names overlayfs alone: with `native`, every pull would fail with
+/// "no unpack platforms defined").
+fn containerd_config_v3(dir: &Path, socket: &Path, snapshotter: &str) -> String {
+    let p = |sub: &str| toml_str(&dir.join(sub).to_string_lossy());
+    let overlayfs = if snapshotter == "overlayfs" {
+        ""
+    } else {
+        "\"io.containerd.snapshotter.v1.overlayfs\","
+    };
+    // The platform the transfer service unpacks for: this machine's.
+    let platform = match std::env::consts::ARCH {
+        "x86_64" => "linux/amd64",
+        "aarch64" => "linux/arm64",
+        other => panic!("Containerd: no OCI platform known for {other}"),
+    };
+    let sock = socket.to_string_lossy().into_owned();
+    format!(
+        r#"version = 3
+root = {root}
+state = {state}
+oom_score = 0
+# Plugins that cannot work here (or are not needed): CRI uses {snapshotter:?}. NRI listens on a
+# fixed socket in /var/run that parallel instances would share.
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.differ.v1.erofs",
+  {overlayfs}
+  "io.containerd.nri.v1.nri",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = {grpc}
+  max_recv_message_size = 16777216
+  max_send_message_size = 16777216
+
+[ttrpc]
+  address = {ttrpc}
+
+[debug]
+  address = ""
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = {opt}
+  [plugins."io.containerd.cri.v1.images"]
+    snapshotter = {snapshotter:?}
+    disable_snapshot_annotations = true
+    discard_unpacked_layers = false
+    [plugins."io.containerd.cri.v1.images".pinned_images]
+      sandbox = "registry.k8s.io/pause:3.10"
+    [plugins."io.containerd.cri.v1.images".registry]
+      config_path = {certs}
+  [plugins."io.containerd.cri.v1.runtime"]
+    enable_selinux = false
+    disable_apparmor = true
+    enable_cdi = false
+    [plugins."io.containerd.cri.v1.runtime".cni]
+      bin_dirs = [{cni_bin}]
+      conf_dir = {cni_conf}
+  [plugins."io.containerd.grpc.v1.cri"]
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    disable_tcp_service = true
+  [plugins."io.containerd.transfer.v1.local"]
+    config_path = {certs}
+    [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+      platform = {platform:?}
+      snapshotter = {snapshotter:?}
+      differ = "walking"
 "#,
         root = p("root"),
         state = p("state"),

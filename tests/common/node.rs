@@ -22,9 +22,16 @@ impl Node {
 
     /// With extra lines for pullgate's `[fetch]` config table.
     pub async fn start_with(auth: Option<(&str, &str)>, fetch_toml: &str) -> Node {
+        Node::start_on(auth, fetch_toml, "native").await
+    }
+
+    /// With containerd's CRI unpacking into `snapshotter` ("native" or "overlayfs").
+    pub async fn start_on(auth: Option<(&str, &str)>, fetch_toml: &str, snapshotter: &str) -> Node {
         let dir = tempdir();
         let registry = Registry::start(&dir.path().join("registry"), auth).await;
-        let containerd = Containerd::start(&dir.path().join("ctd"), &[&registry]).await;
+        let containerd =
+            Containerd::start_on(&dir.path().join("ctd"), &[registry.addr()], "", snapshotter)
+                .await;
         let pullgate = Pullgate::start(&dir.path().join("pg"), &containerd, fetch_toml).await;
         Node {
             pullgate,
