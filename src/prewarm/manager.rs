@@ -149,7 +149,7 @@ async fn run_entry(
         let jitter = entry.interval.mul_f64(rand::rng().random_range(0.0..0.1));
         tokio::select! {
             _ = retire.cancelled() => return,
-            _ = tokio::time::sleep(entry.interval + jitter) => {}
+            _ = tokio::time::sleep(entry.interval.saturating_add(jitter)) => {}
         }
     }
 }
