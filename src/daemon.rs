@@ -211,7 +211,8 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
 
 async fn probe_loop(health: Arc<Health>, every: std::time::Duration, stop: CancellationToken) {
     let mut was_up = None;
-    let mut tick = tokio::time::interval(every);
+    // tokio's `Delay` ticks compute `now + period`, which overflows for absurd periods.
+    let mut tick = tokio::time::interval(every.min(crate::prewarm::gate::MAX_TICK));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -15,3 +15,12 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     }
     out
 }
+
+/// The message a panic was raised with (`panic!("...")`, `expect`, an overflow), for the log.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&'static str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
+}

@@ -11,6 +11,8 @@ pub mod daemon;
 pub mod errors;
 pub mod fetch;
 pub mod frontdoor;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod jobs;
 pub mod logging;

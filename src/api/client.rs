@@ -247,7 +247,8 @@ pub async fn cancel(socket: PathBuf, id: u64) -> ExitCode {
 /// `wait --prewarmed`: 0 once every configured prewarm image is present; 1 when one failed or
 /// the timeout passed. An API that is not up yet (pullgate starting) is waited for.
 pub async fn wait_prewarmed(socket: PathBuf, timeout: Option<Duration>) -> ExitCode {
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    // A timeout too long to add to the clock is no deadline at all.
+    let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
     let mut last_report = String::new();
     loop {
         let report = match connect(&socket).await {

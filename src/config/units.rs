@@ -31,7 +31,8 @@ impl Share {
     pub fn of(&self, budget: u64) -> u64 {
         match *self {
             Share::Bytes(b) => b,
-            Share::Percent(p) => budget * u64::from(p) / 100,
+            // In u128: `budget * p` overflows u64 for budgets above u64::MAX / 100.
+            Share::Percent(p) => (u128::from(budget) * u128::from(p.min(100)) / 100) as u64,
         }
     }
 }
@@ -353,5 +354,7 @@ mod tests {
         assert!(parse_bytes("10 parsecs").is_err());
         assert_eq!(Share::Percent(30).of(1000), 300);
         assert_eq!(Share::Percent(30).of(0), 0);
+        assert_eq!(Share::Percent(50).of(u64::MAX), u64::MAX / 2);
+        assert_eq!(Share::Percent(100).of(u64::MAX), u64::MAX);
     }
 }

@@ -59,6 +59,11 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     pub method: String,
     pub code: &'static str,
@@ -88,6 +93,9 @@ pub struct Metrics {
     pub p2p_gate_open: Gauge,
     pub lane_running: Gauge,
     pub lane_waiting: Gauge,
+    /// Tasks that panicked (a bug), by task: `pull` (the job's requesters got INTERNAL),
+    /// `prewarm` (the config entry's loop ended).
+    pub panics: Family<TaskLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -234,6 +242,15 @@ impl Metrics {
             "Large images waiting for the lane",
             lane_waiting.clone(),
         );
+        let panics = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "panics",
+            "Tasks that panicked (a bug in pullgate): a pull job's requesters got an internal error",
+            panics.clone(),
+        );
+        for task in ["pull", "prewarm"] {
+            let _ = panics.get_or_create(&TaskLabels { task });
+        }
         // Export both classes from the start, so dashboards and alerts see zeros, not gaps.
         for class in [Class::Urgent, Class::Prewarm] {
             let l = ClassLabels::new(class);
@@ -266,6 +283,7 @@ impl Metrics {
             p2p_gate_open,
             lane_running,
             lane_waiting,
+            panics,
         }
     }
 

@@ -304,10 +304,14 @@ fn matches(containers: &[Container], prefix: &str) -> bool {
     })
 }
 
+/// The longest period a probe loop ticks at (a year): configured periods are capped to it.
+pub(crate) const MAX_TICK: Duration = Duration::from_secs(365 * 86400);
+
 /// Probes every `interval` and publishes the result; logs only changes (and the first result,
 /// so the log says why prewarms are held back at startup).
 async fn run(mut probe: Probe, cfg: GateConfig, tx: watch::Sender<bool>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(cfg.interval);
+    // tokio's `Delay` ticks compute `now + period`, which overflows for absurd periods.
+    let mut tick = tokio::time::interval(cfg.interval.min(MAX_TICK));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<bool> = None;
     loop {

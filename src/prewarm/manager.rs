@@ -4,12 +4,14 @@
 //! pull in flight ends (work is never dropped by a reload).
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::submit::Prewarm;
 use crate::config::{Policy, PrewarmEntry};
@@ -76,14 +78,26 @@ impl Prewarmer {
             }
             let retire = CancellationToken::new();
             let status = Arc::new(Mutex::new(EntryStatus::Pending));
-            tokio::spawn(run_entry(
+            let entry_loop = run_entry(
                 self.coordinator.clone(),
                 entry.clone(),
                 order,
                 retire.clone(),
                 status.clone(),
                 self.backoff,
-            ));
+            );
+            let (coordinator, status_, name) =
+                (self.coordinator.clone(), status.clone(), image.clone());
+            tokio::spawn(async move {
+                // A panic (a bug) ends this entry's loop: logged, counted, shown as failed.
+                if let Err(p) = AssertUnwindSafe(entry_loop).catch_unwind().await {
+                    let panic = crate::errors::panic_message(&*p);
+                    error!(image = name, panic, "prewarm entry task panicked (a bug in pullgate)");
+                    coordinator.count_panic("prewarm");
+                    *status_.lock().unwrap_or_else(|e| e.into_inner()) =
+                        EntryStatus::Failed(format!("pullgate hit an internal error: {panic}"));
+                }
+            });
             running.insert(
                 image,
                 Running {
@@ -149,7 +163,7 @@ async fn run_entry(
         let jitter = entry.interval.mul_f64(rand::rng().random_range(0.0..0.1));
         tokio::select! {
             _ = retire.cancelled() => return,
-            _ = tokio::time::sleep(entry.interval + jitter) => {}
+            _ = tokio::time::sleep(entry.interval.saturating_add(jitter)) => {}
         }
     }
 }

@@ -7,18 +7,20 @@
 //! the upstream call.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{error, info, warn, Instrument};
 
 use super::{ForwardRequest, PullJob, PullRequestInfo, Puller};
 use crate::grpc::CapturedReply;
 use crate::jobs::{JobBoard, JobRecord, JobState};
-use crate::metrics::{code_label, Metrics, ResultLabels};
+use crate::metrics::{code_label, Metrics, ResultLabels, TaskLabels};
 use crate::schedule::Priority;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -233,9 +235,16 @@ impl PullCoordinator {
         info!(parent: &span, class = %job.info.class, level = job.info.level,
               origin = job.info.origin.as_str(), pod = job.info.pod.as_deref().unwrap_or("-"),
               authenticated = job.info.credentials.is_some(), "pull started");
-        let pull = self.puller.pull(job).instrument(span.clone());
+        let image = job.info.reference.clone();
+        // A panic anywhere in the pull (a bug) ends this job like a failure: every requester is
+        // answered, the job leaves the map and the board. Unwinding has dropped the future's
+        // guards (scheduler tickets, slots, lane) by the time `catch_unwind` returns.
+        let puller = self.puller.clone();
+        let pull = AssertUnwindSafe(async move { puller.pull(job).await })
+            .catch_unwind()
+            .instrument(span.clone());
         let outcome = tokio::select! {
-            reply = pull => Some(reply),
+            reply = pull => Some(reply.unwrap_or_else(|p| self.panicked(&span, id, &image, &*p))),
             _ = cancel.cancelled() => None,
         };
         // Remove before answering: a request arriving after this point starts a fresh pull.
@@ -279,6 +288,28 @@ impl PullCoordinator {
             }
         }
         self.board.retire(id);
+    }
+
+    /// Counts a panic caught in a task (`pullgate_panics_total{task}`); the caller logs it.
+    pub(crate) fn count_panic(&self, task: &'static str) {
+        self.metrics.panics.get_or_create(&TaskLabels { task }).inc();
+    }
+
+    /// Logs and counts a pull task's panic; the reply its requesters get.
+    fn panicked(
+        &self,
+        span: &tracing::Span,
+        id: u64,
+        image: &str,
+        panic: &(dyn std::any::Any + Send),
+    ) -> CapturedReply {
+        let message = crate::errors::panic_message(panic);
+        error!(parent: span, job = id, image, panic = message,
+               "pull task panicked (a bug in pullgate)");
+        self.count_panic("pull");
+        CapturedReply::from_status(tonic::Status::internal(format!(
+            "pullgate hit an internal error pulling {image} (see pullgate's log)"
+        )))
     }
 
     fn detach(&self, key: &MergeKey, id: u64, waiter: u64) {
@@ -511,5 +542,94 @@ mod tests {
         let reply = prewarm.reply().await;
         assert_eq!(reply.status().code(), tonic::Code::Cancelled);
         assert_eq!(record.state(), JobState::Cancelled);
+    }
+
+    /// Fault injection: panics in `pull` itself (`early`) or in its future, for `boom` images;
+    /// other images pass through the scheduler (one prewarm job at a time) and succeed.
+    struct Faulty {
+        early: bool,
+        sched: Arc<crate::schedule::Scheduler>,
+    }
+
+    impl Puller for Faulty {
+        fn pull(&self, job: PullJob) -> BoxFuture<'static, CapturedReply> {
+            let boom = job.info.reference.starts_with("boom");
+            assert!(!(boom && self.early), "injected fault in pull()");
+            let sched = self.sched.clone();
+            async move {
+                let ticket = sched.enter(job.record.clone());
+                ticket.admit(Some(1)).await;
+                assert!(!boom, "injected fault in the pull future");
+                CapturedReply::from_status(tonic::Status::ok(""))
+            }
+            .boxed()
+        }
+    }
+
+    fn faulty(early: bool, metrics: &Arc<Metrics>, board: &Arc<JobBoard>) -> Arc<PullCoordinator> {
+        let (_gate, rx) = watch::channel(true);
+        let sched = crate::schedule::Scheduler::new(
+            crate::schedule::Setup {
+                admission: crate::schedule::Admission {
+                    max_prewarm_jobs: 1,
+                    large_image_bytes: 0,
+                },
+                limits: Default::default(),
+                max_blob_streams: 0,
+                max_unpacks: 0,
+                gate: rx,
+            },
+            board,
+            metrics.clone(),
+        );
+        PullCoordinator::new(Arc::new(Faulty { early, sched }), metrics.clone(), board.clone())
+    }
+
+    #[tokio::test]
+    async fn a_panicking_pull_answers_every_requester_and_retires_the_job() {
+        for early in [false, true] {
+            let metrics = Arc::new(Metrics::new());
+            let board = JobBoard::new();
+            let c = faulty(early, &metrics, &board);
+            let mut pre = info("boom:1", None);
+            pre.class = Class::Prewarm;
+            let a = c.join(pre, fwd());
+            let b = c.join(info("boom:1", None), fwd());
+            assert!(b.joined);
+            let record = a.record.clone();
+            let (ra, rb) = tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::join!(a.reply(), b.reply())
+            })
+            .await
+            .expect("requesters are answered");
+            for r in [ra, rb] {
+                let status = r.status();
+                assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+                assert!(
+                    status
+                        .message()
+                        .contains("pullgate hit an internal error pulling boom:1"),
+                    "{status:?}"
+                );
+            }
+            assert_eq!(c.in_flight(), 0);
+            assert!(board.live().is_empty(), "the job is not listed as live");
+            assert_eq!(record.state(), JobState::Failed);
+            let counted = metrics
+                .panics
+                .get_or_create(&TaskLabels { task: "pull" })
+                .get();
+            assert_eq!(counted, 1);
+            assert!(metrics
+                .encode()
+                .contains("pullgate_panics_total{task=\"pull\"} 1"));
+            // The scheduler's only prewarm slot was released: the next prewarm job runs.
+            let mut next = info("fine:1", None);
+            next.class = Class::Prewarm;
+            let reply = tokio::time::timeout(Duration::from_secs(5), c.pull(next, fwd()))
+                .await
+                .expect("the prewarm slot was released");
+            assert_eq!(reply.status().code(), tonic::Code::Ok);
+        }
     }
 }

@@ -378,6 +378,9 @@ pub(crate) fn pick_challenge(challenges: &[Challenge]) -> Option<&Challenge> {
 
 /// Tokens live `expires_in` (default 60 s) minus this margin (at most half their life).
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
+/// A token is kept at most this long, whatever the server says: `expires_in` is the server's
+/// word, and `Instant + u64::MAX seconds` overflows.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
 
@@ -442,8 +445,7 @@ impl TokenCache {
         token: String,
         expires_in: Duration,
     ) {
-        let margin = TOKEN_MARGIN.min(expires_in / 2);
-        let until = Instant::now() + expires_in - margin;
+        let until = token_deadline(Instant::now(), expires_in);
         let key = Self::key(realm, service, scope, creds);
         let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         tokens.retain(|_, (_, u)| Instant::now() < *u);
@@ -458,6 +460,14 @@ impl TokenCache {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
     }
+}
+
+/// When a token valid for `expires_in` from `now` is dropped from the cache: the lifetime capped
+/// at [`MAX_TOKEN_LIFETIME`], minus the margin.
+pub(crate) fn token_deadline(now: Instant, expires_in: Duration) -> Instant {
+    let life = expires_in.min(MAX_TOKEN_LIFETIME);
+    let margin = TOKEN_MARGIN.min(life / 2);
+    now.checked_add(life - margin).unwrap_or(now)
 }
 
 /// A token from a token server.
@@ -633,20 +643,23 @@ async fn token_request(
             )))
         })?,
     };
-    let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
+    parse_token_response(&body).map_err(|why| {
         err(RegistryError::Protocol(format!(
-            "token server {realm_host} (for {what}) answered something that is not a token response"
+            "token server {realm_host} (for {what}) answered {why}"
         )))
-    })?;
+    })
+}
+
+/// Reads a token server's JSON answer: `token` (or OAuth2's `access_token`) and `expires_in`
+/// seconds (absent or 0: [`DEFAULT_TOKEN_LIFETIME`]). The error completes "answered ...".
+pub(crate) fn parse_token_response(body: &[u8]) -> Result<Token, &'static str> {
+    let parsed: TokenResponse =
+        serde_json::from_slice(body).map_err(|_| "something that is not a token response")?;
     let token = parsed
         .token
         .filter(|t| !t.is_empty())
         .or(parsed.access_token.filter(|t| !t.is_empty()))
-        .ok_or_else(|| {
-            err(RegistryError::Protocol(format!(
-                "token server {realm_host} (for {what}) answered without a token"
-            )))
-        })?;
+        .ok_or("without a token")?;
     let expires_in = match parsed.expires_in {
         Some(s) if s > 0 => Duration::from_secs(s),
         _ => DEFAULT_TOKEN_LIFETIME,
@@ -909,5 +922,44 @@ mod tests {
         cache.insert("r", None, "s", &a, "t2".into(), Duration::ZERO);
         assert_eq!(cache.get("r", None, "s", &a), None);
         assert!(!format!("{cache:?}").contains("t1"));
+    }
+
+    #[test]
+    fn huge_expires_in_is_capped_not_a_panic() {
+        // A token server answering `expires_in: u64::MAX` used to panic on `Instant + Duration`.
+        let body = format!(r#"{{"token":"t","expires_in":{}}}"#, u64::MAX);
+        let token = parse_token_response(body.as_bytes()).unwrap();
+        assert_eq!(token.expires_in, Duration::from_secs(u64::MAX));
+        let now = Instant::now();
+        assert_eq!(
+            token_deadline(now, token.expires_in),
+            now + MAX_TOKEN_LIFETIME - TOKEN_MARGIN
+        );
+        let cache = TokenCache::default();
+        let a = Credentials::Anonymous;
+        cache.insert("r", None, "s", &a, token.token, token.expires_in);
+        assert_eq!(cache.get("r", None, "s", &a).as_deref(), Some("t"));
+        // Short lives keep at least half of themselves.
+        assert_eq!(
+            token_deadline(now, Duration::from_secs(4)),
+            now + Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn token_responses() {
+        let t = parse_token_response(br#"{"access_token":"a","token":""}"#).unwrap();
+        assert_eq!(
+            (t.token.as_str(), t.expires_in),
+            ("a", DEFAULT_TOKEN_LIFETIME)
+        );
+        let t = parse_token_response(br#"{"token":"b","expires_in":300}"#).unwrap();
+        assert_eq!((t.token.as_str(), t.expires_in.as_secs()), ("b", 300));
+        assert_eq!(
+            parse_token_response(br#"{"token":""}"#).err(),
+            Some("without a token")
+        );
+        assert!(parse_token_response(br#"{"expires_in":-1,"token":"c"}"#).is_err());
+        assert!(parse_token_response(b"<html>").is_err());
     }
 }

@@ -20,8 +20,17 @@ use leases::leases_client::LeasesClient;
 
 /// Label that makes containerd's GC drop a lease after the given RFC 3339 time.
 const LEASE_EXPIRE_LABEL: &str = "containerd.io/gc.expire";
+/// The longest lease asked for: RFC 3339 ends at year 9999 (formatting a later time panics) and
+/// `SystemTime + Duration` overflows long before `u64::MAX` seconds.
+const MAX_LEASE_EXPIRY: Duration = Duration::from_secs(10 * 365 * 86400);
 /// Marks pullgate's leases, so operators (and tests) can tell them apart.
 pub const LEASE_OWNER_LABEL: &str = "pullgate.io/job";
+
+/// The `gc.expire` label value for a lease of `expire` from `now` (capped at [`MAX_LEASE_EXPIRY`]).
+fn lease_until(now: SystemTime, expire: Duration) -> String {
+    let until = now.checked_add(expire.min(MAX_LEASE_EXPIRY)).unwrap_or(now);
+    humantime::format_rfc3339_seconds(until).to_string()
+}
 
 #[derive(Clone, Debug)]
 pub struct ContentStore {
@@ -204,10 +213,7 @@ impl ContentStore {
 
     /// Creates a lease that containerd drops by itself after `expire`.
     pub async fn create_lease(&self, id: &str, job: u64, expire: Duration) -> Result<(), Status> {
-        // The config bounds `expire` (fetch.lease_expiry, at most 7d); a year past 9999 would not
-        // format as RFC 3339 and `to_string` would panic, so never trust that alone.
-        let until = SystemTime::now() + expire.min(Duration::from_secs(365 * 86_400));
-        let until = humantime::format_rfc3339_seconds(until).to_string();
+        let until = lease_until(SystemTime::now(), expire);
         let labels = HashMap::from([
             (LEASE_EXPIRE_LABEL.to_string(), until),
             (LEASE_OWNER_LABEL.to_string(), job.to_string()),
@@ -370,5 +376,26 @@ impl ContentWriter {
             Err(s) if s.code() == Code::AlreadyExists => Ok(()),
             Err(s) => Err(s),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_expiry_is_capped_not_a_panic() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        assert_eq!(
+            lease_until(epoch, Duration::from_secs(3600)),
+            "1970-01-01T01:00:00Z"
+        );
+        // `u64::MAX` seconds used to overflow `SystemTime + Duration` (and past year 9999 the
+        // RFC 3339 formatting panics): capped at ten years.
+        assert_eq!(
+            lease_until(epoch, Duration::from_secs(u64::MAX)),
+            "1979-12-30T00:00:00Z"
+        );
+        assert_eq!(lease_until(SystemTime::now(), Duration::MAX).len(), 20);
     }
 }

@@ -1,0 +1,126 @@
+//! Entry points for the fuzz targets in `tests/fuzz` (not an API: hidden from the docs, no
+//! stability promised). Each function runs one parser the way pullgate runs it on untrusted or
+//! configured input and touches every accessor of what comes out; none may panic.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::pull::PullRequestInfo;
+use crate::registry::auth::{self, Credentials, TokenCache};
+use crate::registry::hosts;
+use crate::registry::manifest::{self, Parsed, Platform};
+use crate::registry::ImageRef;
+
+/// An intercepted `PullImage` message: decode, classify, fingerprint, then what the fetcher does
+/// with it (its reference parsed again, its credentials read).
+pub fn pull_request(message: &[u8]) {
+    let Ok(info) = PullRequestInfo::decode(message) else {
+        return;
+    };
+    let _ = info.priority();
+    let _ = format!("{info:?}");
+    if let Ok(r) = ImageRef::parse(&info.reference) {
+        let _ = (r.whole(), r.name(), r.manifest_reference());
+    }
+    if let Some(a) = &info.auth {
+        let _ = format!("{:?}", Credentials::try_from_auth_config(a));
+        let _ = Credentials::from_auth_config(a).is_anonymous();
+    }
+}
+
+/// An image reference as a pod spec, the CLI or the config writes it. A reference that parses
+/// must parse again, to the same value, from its normalised form.
+pub fn image_reference(s: &str) {
+    if let Ok(r) = ImageRef::parse(s) {
+        let whole = r.whole();
+        let _ = (r.name(), r.manifest_reference(), r.to_string());
+        let again = ImageRef::parse(&whole).expect("a normalised reference parses");
+        assert_eq!(again, r, "normalising is idempotent");
+    }
+    let _ = crate::pull::normalize_reference(s);
+}
+
+/// The config file, as `pullgate check-config` and `pullgate serve` read it.
+pub fn config(text: &str) {
+    if let Ok(cfg) = Config::parse(text) {
+        let _ = (cfg.schedule.limits(), cfg.schedule.admission());
+        let _ = (cfg.server.socket_mode_bits(), cfg.api.socket_mode_bits());
+    }
+}
+
+const CONTENT_TYPES: &[Option<&str>] = &[
+    None,
+    Some(manifest::OCI_INDEX),
+    Some(manifest::OCI_MANIFEST),
+    Some(manifest::DOCKER_MANIFEST_LIST),
+    Some(manifest::DOCKER_MANIFEST),
+    Some(manifest::DOCKER_SCHEMA1_SIGNED),
+    Some("application/json; charset=utf-8"),
+    Some(""),
+];
+
+/// A manifest or index from a registry (the first byte picks the `Content-Type` it came with):
+/// parse, check, and select a platform the way a resolve does.
+pub fn manifest(data: &[u8]) {
+    let Some((&pick, bytes)) = data.split_first() else {
+        return;
+    };
+    let content_type = CONTENT_TYPES[usize::from(pick) % CONTENT_TYPES.len()];
+    match manifest::parse(bytes, content_type, "fuzz") {
+        Ok((_, Parsed::Index(index))) => {
+            for p in [
+                Platform::node(),
+                Platform::new("linux", "arm", "v7"),
+                Platform::new("linux", "arm64", ""),
+                Platform::new("windows", "amd64", ""),
+            ] {
+                let _ = manifest::select_manifest(&index, &p, "fuzz");
+            }
+            for d in index.manifests() {
+                if let Some(p) = d.platform() {
+                    let _ = Platform::from(p).to_string();
+                }
+            }
+        }
+        Ok((_, Parsed::Manifest(m))) => {
+            let _ = manifest::check_manifest(&m, "fuzz");
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+}
+
+/// A `hosts.toml` from `/etc/containerd/certs.d/<registry>/` (the first line names the registry).
+pub fn hosts_toml(text: &str) {
+    let (registry, body) = text.split_once('\n').unwrap_or(("docker.io", text));
+    let dir = Path::new("/etc/containerd/certs.d/fuzz");
+    if let Ok(list) = hosts::parse_hosts_toml(body, dir, &dir.join("hosts.toml"), registry) {
+        for h in &list {
+            let _ = (h.authority(), h.scheme(), h.url("manifests/latest"));
+            let _ = format!("{h:?}");
+        }
+    }
+    let _ = hosts::is_localhost(registry);
+}
+
+/// A `WWW-Authenticate` header from a registry, and the challenge pullgate would answer.
+pub fn www_authenticate(header: &str) {
+    let challenges = auth::parse_www_authenticate(header);
+    let _ = auth::pick_challenge(&challenges);
+}
+
+/// A token server's answer: parse, compute the expiry, cache and read back.
+pub fn token_response(body: &[u8]) {
+    let Ok(token) = auth::parse_token_response(body) else {
+        return;
+    };
+    let now = Instant::now();
+    let until = auth::token_deadline(now, token.expires_in);
+    assert!(until >= now && until <= now + Duration::from_secs(48 * 3600));
+    let cache = TokenCache::default();
+    let creds = Credentials::Anonymous;
+    cache.insert("r", None, "s", &creds, token.token, token.expires_in);
+    let _ = cache.get("r", None, "s", &creds);
+}
