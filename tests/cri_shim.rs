@@ -228,7 +228,9 @@ async fn server_streaming_calls_pass_through() {
                 .map(|_| ())
                 .map_err(|s| s.code())
         };
-        tokio::time::timeout(Duration::from_secs(3), call).await.ok()
+        tokio::time::timeout(Duration::from_secs(3), call)
+            .await
+            .ok()
     };
     let direct = open(node.containerd.socket()).await;
     let via = open(node.pullgate.socket()).await;

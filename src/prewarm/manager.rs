@@ -92,7 +92,10 @@ impl Prewarmer {
                 // A panic (a bug) ends this entry's loop: logged, counted, shown as failed.
                 if let Err(p) = AssertUnwindSafe(entry_loop).catch_unwind().await {
                     let panic = crate::errors::panic_message(&*p);
-                    error!(image = name, panic, "prewarm entry task panicked (a bug in pullgate)");
+                    error!(
+                        image = name,
+                        panic, "prewarm entry task panicked (a bug in pullgate)"
+                    );
                     coordinator.count_panic("prewarm");
                     *status_.lock().unwrap_or_else(|e| e.into_inner()) =
                         EntryStatus::Failed(format!("pullgate hit an internal error: {panic}"));

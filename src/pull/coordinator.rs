@@ -292,7 +292,10 @@ impl PullCoordinator {
 
     /// Counts a panic caught in a task (`pullgate_panics_total{task}`); the caller logs it.
     pub(crate) fn count_panic(&self, task: &'static str) {
-        self.metrics.panics.get_or_create(&TaskLabels { task }).inc();
+        self.metrics
+            .panics
+            .get_or_create(&TaskLabels { task })
+            .inc();
     }
 
     /// Logs and counts a pull task's panic; the reply its requesters get.
@@ -582,7 +585,11 @@ mod tests {
             board,
             metrics.clone(),
         );
-        PullCoordinator::new(Arc::new(Faulty { early, sched }), metrics.clone(), board.clone())
+        PullCoordinator::new(
+            Arc::new(Faulty { early, sched }),
+            metrics.clone(),
+            board.clone(),
+        )
     }
 
     #[tokio::test]
