@@ -38,15 +38,7 @@ for codename in $wanted; do
   read -r _ package _ bin <<<"$line"
   echo "=== end-to-end tests against containerd $package ($codename): $bin"
   start=$SECONDS
-  skips=()
-  if [ "$codename" = sid ]; then
-    # Known on 2.1, not yet mended: its "no basic auth credentials" message for a missing login
-    # differs from what the test expects of 1.x, and one ImageService answer differs in shape.
-    skips=(-- --skip failed_pulls_reach_every_client_with_containerd_s_code_and_message
-      --skip every_image_service_call_answers_as_containerd_does)
-    echo "containerd $package: skipping 2 tests (see tests/run.sh)"
-  fi
-  if PULLGATE_TEST_CONTAINERD=$bin cargo test --locked --quiet --no-fail-fast "${e2e[@]}" "${skips[@]}"; then
+  if PULLGATE_TEST_CONTAINERD=$bin cargo test --locked --quiet --no-fail-fast "${e2e[@]}"; then
     result=ok
   else
     result=FAILED
