@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::frontdoor::authority;
 use crate::pull::PullRequestInfo;
 use crate::registry::auth::{self, Credentials, TokenCache};
 use crate::registry::hosts;
@@ -123,4 +124,21 @@ pub fn token_response(body: &[u8]) {
     let creds = Credentials::Anonymous;
     cache.insert("r", None, "s", &creds, token.token, token.expires_in);
     let _ = cache.get("r", None, "s", &creds);
+}
+
+/// What a gRPC client writes on the CRI socket (the HTTP/2 preface is prepended; the first byte
+/// picks how the bytes arrive): the `:authority` rewriter below h2 must not panic, and must hand
+/// h2 the same bytes however the stream is split into reads.
+pub fn h2_client_stream(data: &[u8]) {
+    let Some((&piece, rest)) = data.split_first() else {
+        return;
+    };
+    let mut stream = authority::PREFACE.to_vec();
+    stream.extend_from_slice(rest);
+    let whole = authority::rewrite_in_pieces(&stream, stream.len());
+    let split = authority::rewrite_in_pieces(&stream, usize::from(piece) + 1);
+    assert!(
+        whole == split,
+        "the rewrite depends on how the bytes arrive"
+    );
 }

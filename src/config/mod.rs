@@ -544,7 +544,7 @@ impl Config {
                 "schedule.large_image_size",
                 s.large_image_size.0,
                 SizeRange {
-                    min: 1 << 20,
+                    min: 1_000_000,
                     max: 1 << 40,
                     like: "1GiB",
                 },
@@ -899,7 +899,7 @@ image = "registry.example/ml/model:v3"
             ("[schedule]\nprewarm_write_rate = 10\n", &["schedule.prewarm_write_rate: 10 is out of range"]),
             ("[schedule]\nprewarm_bandwidth = \"5TB/s\"\n", &["schedule.prewarm_bandwidth"]),
             ("[schedule]\nprewarm_floor = 1\n", &["schedule.prewarm_floor"]),
-            ("[schedule]\nlarge_image_size = \"10TB\" # big\n", &["schedule.large_image_size: 10TB is out of range", "between 1MiB and 1TiB"]),
+            ("[schedule]\nlarge_image_size = \"10TB\" # big\n", &["schedule.large_image_size: 10TB is out of range", "between 1MB and 1TiB"]),
             // Whole numbers: the range, never "i128".
             ("[schedule]\nmax_blob_streams = 99999999999999999999\n", &["line 2", "max_blob_streams", "99999999999999999999 is out of range: expected a whole number from 0 to 4096"]),
             ("[schedule]\nmax_prewarm_jobs = -1\n", &["from 0 to 1024"]),

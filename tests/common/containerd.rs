@@ -172,11 +172,7 @@ impl Containerd {
             write_hosts_toml(&dir, addr);
         }
         let config_path = dir.join("config.toml");
-        let mut config = if containerd_version().major >= 2 {
-            containerd_config_v3(&dir, &socket, snapshotter)
-        } else {
-            containerd_config(&dir, &socket, snapshotter)
-        };
+        let mut config = containerd_config(containerd_version().major, &dir, &socket, snapshotter);
         config.push_str(extra_toml);
         std::fs::write(&config_path, config)
             .unwrap_or_else(|e| panic!("Containerd: cannot write config: {e}"));
@@ -375,30 +371,35 @@ fn write_hosts_toml(dir: &Path, addr: &str) {
         .unwrap_or_else(|e| panic!("Containerd: cannot write hosts.toml: {e}"));
 }
 
-/// Config `version = 2`, for containerd 1.6 and 1.7.
-fn containerd_config(dir: &Path, socket: &Path, snapshotter: &str) -> String {
+/// containerd's config for `major` (1 or 2): the parts both share, and the plugin sections of
+/// its config version.
+fn containerd_config(major: u32, dir: &Path, socket: &Path, snapshotter: &str) -> String {
     let p = |sub: &str| toml_str(&dir.join(sub).to_string_lossy());
+    let sock = socket.to_string_lossy().into_owned();
+    let (version, only_here, plugins) = if major >= 2 {
+        (3, V3_DISABLED, plugins_v3(dir, snapshotter))
+    } else {
+        (2, V2_DISABLED, plugins_v2(dir, snapshotter))
+    };
+    // overlayfs needs a filesystem that supports it; the harness falls back to native.
     let overlayfs = if snapshotter == "overlayfs" {
         ""
     } else {
-        "\"io.containerd.snapshotter.v1.overlayfs\","
+        "\n  \"io.containerd.snapshotter.v1.overlayfs\","
     };
-    let sock = socket.to_string_lossy().into_owned();
     format!(
-        r#"version = 2
+        r#"version = {version}
 root = {root}
 state = {state}
 oom_score = 0
-# Snapshotters that cannot work here (or are not needed): CRI uses {snapshotter:?}.
+# Plugins that cannot work here (or are not needed): CRI uses {snapshotter:?}.
 disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.snapshotter.v1.blockfile",
-  {overlayfs}
   "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
+  "io.containerd.internal.v1.tracing",{only_here}{overlayfs}
 ]
 
 [grpc]
@@ -419,7 +420,30 @@ disabled_plugins = [
 [plugins]
   [plugins."io.containerd.internal.v1.opt"]
     path = {opt}
-  [plugins."io.containerd.grpc.v1.cri"]
+{plugins}"#,
+        root = p("root"),
+        state = p("state"),
+        grpc = toml_str(&sock),
+        ttrpc = toml_str(&format!("{sock}.ttrpc")),
+        opt = p("opt"),
+    )
+}
+
+/// Disabled only on 1.x: aufs (gone from 2.x, where naming it is an error).
+const V2_DISABLED: &str = r#"
+  "io.containerd.snapshotter.v1.aufs","#;
+/// Disabled only on 2.x: erofs (new there), and NRI, which listens on a fixed socket in /var/run
+/// that parallel instances would share.
+const V3_DISABLED: &str = r#"
+  "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.differ.v1.erofs",
+  "io.containerd.nri.v1.nri","#;
+
+/// Config `version = 2` (containerd 1.6 and 1.7): one CRI plugin.
+fn plugins_v2(dir: &Path, snapshotter: &str) -> String {
+    let p = |sub: &str| toml_str(&dir.join(sub).to_string_lossy());
+    format!(
+        r#"  [plugins."io.containerd.grpc.v1.cri"]
     sandbox_image = "registry.k8s.io/pause:3.6"
     stream_server_address = "127.0.0.1"
     stream_server_port = "0"
@@ -436,76 +460,28 @@ disabled_plugins = [
     [plugins."io.containerd.grpc.v1.cri".registry]
       config_path = {certs}
 "#,
-        root = p("root"),
-        state = p("state"),
-        grpc = toml_str(&sock),
-        ttrpc = toml_str(&format!("{sock}.ttrpc")),
-        opt = p("opt"),
         cni_bin = p("cni/bin"),
         cni_conf = p("cni/net.d"),
         certs = p("certs.d"),
     )
 }
 
-/// Config `version = 3`, for containerd 2.x: the CRI plugin is split into
+/// Config `version = 3` (containerd 2.x): the CRI plugin is split into
 /// `io.containerd.cri.v1.images` (snapshotter, registry), `io.containerd.cri.v1.runtime` (CNI,
 /// runtimes) and `io.containerd.grpc.v1.cri` (the gRPC service, streaming). CRI pulls go through
 /// the transfer service, which unpacks only for the platforms and snapshotters in its
 /// `unpack_config` (its default names overlayfs alone: with `native`, every pull would fail with
 /// "no unpack platforms defined").
-fn containerd_config_v3(dir: &Path, socket: &Path, snapshotter: &str) -> String {
+fn plugins_v3(dir: &Path, snapshotter: &str) -> String {
     let p = |sub: &str| toml_str(&dir.join(sub).to_string_lossy());
-    let overlayfs = if snapshotter == "overlayfs" {
-        ""
-    } else {
-        "\"io.containerd.snapshotter.v1.overlayfs\","
-    };
     // The platform the transfer service unpacks for: this machine's.
     let platform = match std::env::consts::ARCH {
         "x86_64" => "linux/amd64",
         "aarch64" => "linux/arm64",
         other => panic!("Containerd: no OCI platform known for {other}"),
     };
-    let sock = socket.to_string_lossy().into_owned();
     format!(
-        r#"version = 3
-root = {root}
-state = {state}
-oom_score = 0
-# Plugins that cannot work here (or are not needed): CRI uses {snapshotter:?}. NRI listens on a
-# fixed socket in /var/run that parallel instances would share.
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.blockfile",
-  "io.containerd.snapshotter.v1.erofs",
-  "io.containerd.differ.v1.erofs",
-  {overlayfs}
-  "io.containerd.nri.v1.nri",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = {grpc}
-  max_recv_message_size = 16777216
-  max_send_message_size = 16777216
-
-[ttrpc]
-  address = {ttrpc}
-
-[debug]
-  address = ""
-  level = "info"
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = {opt}
-  [plugins."io.containerd.cri.v1.images"]
+        r#"  [plugins."io.containerd.cri.v1.images"]
     snapshotter = {snapshotter:?}
     disable_snapshot_annotations = true
     discard_unpacked_layers = false
@@ -531,11 +507,6 @@ disabled_plugins = [
       snapshotter = {snapshotter:?}
       differ = "walking"
 "#,
-        root = p("root"),
-        state = p("state"),
-        grpc = toml_str(&sock),
-        ttrpc = toml_str(&format!("{sock}.ttrpc")),
-        opt = p("opt"),
         cni_bin = p("cni/bin"),
         cni_conf = p("cni/net.d"),
         certs = p("certs.d"),

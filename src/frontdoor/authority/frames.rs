@@ -13,7 +13,7 @@ use tracing::{debug, trace};
 
 use super::block::HeaderBlocks;
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
@@ -293,6 +293,20 @@ pub(super) fn parse_frames(mut bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
     frames
 }
 
+/// What h2 gets for a client's whole stream arriving `piece` bytes at a time (for tests and the
+/// fuzz target: how the bytes are split must never change the result).
+pub(crate) fn rewrite_in_pieces(stream: &[u8], piece: usize) -> Vec<u8> {
+    let mut rw = Rewriter::new();
+    let mut input = BytesMut::new();
+    let mut output = BytesMut::new();
+    for chunk in stream.chunks(piece.max(1)) {
+        input.extend_from_slice(chunk);
+        rw.process(&mut input, &mut output);
+    }
+    rw.finish(&mut input, &mut output);
+    output.to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,18 +370,6 @@ mod tests {
         s
     }
 
-    fn rewrite_in_pieces(stream: &[u8], piece: usize) -> Vec<u8> {
-        let mut rw = Rewriter::new();
-        let mut input = BytesMut::new();
-        let mut output = BytesMut::new();
-        for chunk in stream.chunks(piece) {
-            input.extend_from_slice(chunk);
-            rw.process(&mut input, &mut output);
-        }
-        rw.finish(&mut input, &mut output);
-        output.to_vec()
-    }
-
     /// Reassembles the blocks of `frames` and decodes them with one decoder, as h2 would.
     type Headers = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -424,6 +426,54 @@ mod tests {
             assert_eq!(second.1 & (END_STREAM | END_HEADERS), END_STREAM);
             assert_eq!(frames.last().unwrap().1, END_HEADERS);
         }
+    }
+
+    /// The bytes grpc-go (crictl's bare path, and the percent-encoded path) and grpcio
+    /// (`unix:` and `unix://`) wrote on a unix socket, recorded for the fuzz corpus.
+    const RECORDED: [(&str, &[u8]); 4] = [
+        (
+            "go-plain",
+            include_bytes!("../../../tests/fuzz/seeds/h2/go-plain.bin"),
+        ),
+        (
+            "go-escaped",
+            include_bytes!("../../../tests/fuzz/seeds/h2/go-escaped.bin"),
+        ),
+        ("py", include_bytes!("../../../tests/fuzz/seeds/h2/py.bin")),
+        (
+            "py-uri",
+            include_bytes!("../../../tests/fuzz/seeds/h2/py-uri.bin"),
+        ),
+    ];
+
+    #[test]
+    fn real_clients_streams_keep_every_header_but_a_bad_authority() {
+        let mut replaced = Vec::new();
+        for (name, input) in RECORDED {
+            let want = requests(&parse_frames(input));
+            assert!(!want.is_empty(), "{name}: no request recorded");
+            for piece in [1, 13, input.len()] {
+                let got = requests(&parse_frames(&rewrite_in_pieces(input, piece)));
+                assert_eq!(got.len(), want.len(), "{name}");
+                for ((stream, headers), (want_stream, want_headers)) in got.iter().zip(&want) {
+                    assert_eq!(stream, want_stream, "{name}");
+                    assert_eq!(headers.len(), want_headers.len(), "{name}");
+                    for ((n, v), (wn, wv)) in headers.iter().zip(want_headers) {
+                        assert_eq!(n, wn, "{name}");
+                        let bad =
+                            n == b":authority" && http::uri::Authority::try_from(&wv[..]).is_err();
+                        if bad {
+                            assert_eq!(v, b"localhost", "{name}");
+                            replaced.push(name);
+                        } else {
+                            assert_eq!(v, wv, "{name}");
+                        }
+                    }
+                }
+            }
+        }
+        // The Go clients are the ones h2 would reset.
+        assert!(replaced.contains(&"go-plain") && replaced.contains(&"go-escaped"));
     }
 
     #[test]

@@ -29,6 +29,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Connected;
 
 use frames::Rewriter;
+pub(crate) use frames::{rewrite_in_pieces, PREFACE};
 
 /// How much is read from the client at a time.
 const READ_CHUNK: usize = 16 * 1024;

@@ -2,7 +2,8 @@
 """Writes the seed inputs of the fuzz targets into corpus/<target>/ (run once; the corpora are
 committed, minimised). Real shapes: kubelet's and kruise-daemon's PullImage requests, Docker Hub
 and GHCR manifests and indexes, registries' WWW-Authenticate headers and token answers,
-containerd hosts.toml files, the repository's config/pullgate.toml."""
+containerd hosts.toml files, the repository's config/pullgate.toml, and the HTTP/2 streams
+real gRPC clients wrote on a unix socket (seeds/h2/)."""
 import base64, hashlib, json, os, sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -214,9 +215,23 @@ def auth():
         put("token_response", str(i), t)
 
 
+def h2_streams():
+    # What grpc-go (the bare path and the percent-encoded path as :authority) and grpcio
+    # ("unix:" and "unix://") wrote on a unix socket, recorded raw in seeds/h2/. The target
+    # prepends the preface itself; the first byte picks the read size.
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    d = os.path.join(HERE, "h2")
+    for name in sorted(os.listdir(d)):
+        data = open(os.path.join(d, name), "rb").read()
+        assert data.startswith(preface), name
+        for piece in (0, 6, 255):
+            put("h2_client_stream", "%s-%d" % (name[:-4], piece), bytes([piece]) + data[len(preface):])
+
+
 pull_requests()
 references()
 config()
 manifests()
 hosts()
 auth()
+h2_streams()
