@@ -3,7 +3,7 @@
 # private network namespace (shaped loopback), prints a markdown table and writes it, with the
 # urgent-under-prewarm timeline PNG, to target/bench/. Needs root.
 #   tests/bench.sh                 every scenario, full size (about 15 minutes on 2 cores)
-#   tests/bench.sh --quick         small sizes, one round: the smoke test CI runs
+#   tests/bench.sh --quick         small sizes, one round, debug build: the smoke test CI runs
 #   tests/bench.sh urgent p2p      only these scenarios
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# --quick is a smoke test (no timing is judged): it runs the debug build the tests already made
+# instead of spending minutes on a release build.
+run=bench
+[[ " $* " == *" --quick "* ]] && run=test
 # Build with the network, run without it: the namespace has only its own loopback.
-cargo bench --locked --bench suite --no-run
-exec unshare --net -- bash -c 'ip link set lo up && exec cargo bench --locked --offline --bench suite -- "$@"' bench "$@"
+cargo "$run" --locked --bench suite --no-run
+exec unshare --net -- bash -c 'ip link set lo up && exec cargo "$0" --locked --offline --bench suite -- "$@"' "$run" "$@"

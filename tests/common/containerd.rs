@@ -198,6 +198,21 @@ impl Containerd {
         write_hosts_toml(&self.dir, addr);
     }
 
+    /// Writes `certs.d/<registry>/hosts.toml` with `mirrors` (plain-HTTP "127.0.0.1:PORT") as
+    /// hosts tried first, in order, and the registry itself as `server`, the last resort.
+    pub fn set_mirrors(&self, registry: &str, mirrors: &[&str]) {
+        let host_dir = self.dir.join("certs.d").join(registry);
+        std::fs::create_dir_all(&host_dir).unwrap();
+        let mut hosts = format!("server = {}\n", toml_str(&format!("http://{registry}")));
+        for m in mirrors {
+            hosts.push_str(&format!(
+                "\n[host.{}]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                toml_str(&format!("http://{m}"))
+            ));
+        }
+        std::fs::write(host_dir.join("hosts.toml"), hosts).unwrap();
+    }
+
     fn spawn(&mut self) {
         let log = OpenOptions::new()
             .create(true)

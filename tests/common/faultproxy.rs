@@ -91,7 +91,14 @@ impl FaultProxy {
     pub fn blob_gets(&self, digest: &str) -> Vec<Recorded> {
         self.requests()
             .into_iter()
-            .filter(|r| r.method == "GET" && r.path.ends_with(&format!("/blobs/{digest}")))
+            .filter(|r| {
+                r.method == "GET"
+                    && r.path
+                        .split('?')
+                        .next()
+                        .unwrap_or_default()
+                        .ends_with(&format!("/blobs/{digest}"))
+            })
             .collect()
     }
 }
@@ -128,7 +135,11 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
             Some((digest, fault, times))
                 if *times > 0
                     && req.method() == "GET"
-                    && path.ends_with(&format!("/blobs/{digest}")) =>
+                    && path
+                        .split('?')
+                        .next()
+                        .unwrap_or_default()
+                        .ends_with(&format!("/blobs/{digest}")) =>
             {
                 *times -= 1;
                 *fault
