@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::frontdoor::authority;
+use crate::mirror::hosts_file;
 use crate::pull::PullRequestInfo;
 use crate::registry::auth::{self, Credentials, TokenCache};
 use crate::registry::hosts;
@@ -104,6 +105,16 @@ pub fn hosts_toml(text: &str) {
         }
     }
     let _ = hosts::is_localhost(registry);
+    // pullgate's own entry: placed first when the file allows it, and taken out again cleanly.
+    let url = "http://127.0.0.1:5077";
+    if let Ok(with) = hosts_file::with_mirror(body, url) {
+        assert!(hosts_file::mirror_is_first(&with, url));
+        assert_eq!(
+            hosts_file::without_mirror(&with),
+            hosts_file::without_mirror(body)
+        );
+        assert_eq!(hosts_file::with_mirror(&with, url).as_deref(), Ok(&*with));
+    }
 }
 
 /// A `WWW-Authenticate` header from a registry, and the challenge pullgate would answer.

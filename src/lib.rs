@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;
+pub mod mirror;
 pub mod prewarm;
 pub mod proto;
 pub mod pull;

@@ -128,3 +128,44 @@ async fn containerd_falls_back_past_a_failing_mirror() {
         );
     }
 }
+
+/// pullgate's hosts.toml edit, as containerd reads it: with the block, containerd asks
+/// pullgate's address first; without it, the administrator's file is back and so is the old path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_managed_block_puts_the_mirror_first_and_comes_out_cleanly() {
+    use pullgate::mirror::hosts_file;
+    let dir = tempdir();
+    let registry = Registry::start(&dir.path().join("registry"), None).await;
+    let containerd = Containerd::start(&dir.path().join("ctd"), &[&registry]).await;
+    let mirror = FaultProxy::start(&registry.addr()).await;
+    let file = containerd
+        .dir()
+        .join("certs.d")
+        .join(registry.addr())
+        .join("hosts.toml");
+    let admin = std::fs::read_to_string(&file).unwrap();
+    let url = format!("http://{}", mirror.addr);
+    std::fs::write(&file, hosts_file::with_mirror(&admin, &url).unwrap()).unwrap();
+
+    let first = push_image(&registry, "managed/one", "v1", &[64 << 10], None).await;
+    pull(&containerd, &first.reference()).await.unwrap();
+    for digest in std::iter::once(&first.config_digest).chain(&first.layer_digests) {
+        assert_eq!(
+            mirror.blob_gets(digest).len(),
+            1,
+            "{digest}: {:?}",
+            mirror.requests()
+        );
+    }
+
+    std::fs::write(
+        &file,
+        hosts_file::without_mirror(&std::fs::read_to_string(&file).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), admin);
+    let second = push_image(&registry, "managed/two", "v1", &[64 << 10], None).await;
+    let seen = mirror.requests().len();
+    pull(&containerd, &second.reference()).await.unwrap();
+    assert_eq!(mirror.requests().len(), seen, "{:?}", mirror.requests());
+}
