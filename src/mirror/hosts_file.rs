@@ -22,7 +22,8 @@ fn block(url: &str) -> String {
 /// before (another port, an older layout). Top-level keys must stay above every table, so the
 /// block goes right before the first table header, or at the end when there is none.
 ///
-/// The result is checked the way containerd will read it: a file this cannot edit safely (not
+/// A last top-level line without a newline gets one. The result is checked the way containerd
+/// will read it: a file this cannot edit safely (not
 /// TOML, or hosts written as inline tables or dotted keys, which a `[host."URL"]` table would
 /// clash with) is an error, and the caller leaves it as it is.
 pub fn with_mirror(text: &str, url: &str) -> Result<String, String> {
@@ -225,6 +226,10 @@ capabilities = ["pull", "resolve"]
         let out = with_mirror("", URL).unwrap();
         assert!(mirror_is_first(&out, URL));
         assert_eq!(without_mirror(&out), "");
+        // A last line without its newline gets one (found by the hosts_toml fuzz target).
+        let out = with_mirror("  ", URL).unwrap();
+        assert_eq!(without_mirror(&out), "  \n");
+        assert!(mirror_is_first(&out, URL));
     }
 
     #[test]
