@@ -23,9 +23,9 @@ fn block(url: &str) -> String {
 /// block goes right before the first table header, or at the end when there is none.
 ///
 /// A last top-level line without a newline gets one. The result is checked the way containerd
-/// will read it: a file this cannot edit safely (not
-/// TOML, or hosts written as inline tables or dotted keys, which a `[host."URL"]` table would
-/// clash with) is an error, and the caller leaves it as it is.
+/// will read it: a file this cannot edit safely (not TOML, or hosts written as inline tables or
+/// dotted keys, whose order a `[host."URL"]` table cannot be placed before) is an error, and the
+/// caller leaves it as it is.
 pub fn with_mirror(text: &str, url: &str) -> Result<String, String> {
     if let Err(e) = text.parse::<toml::Table>() {
         return Err(format!("not valid TOML: {}", e.message()));
@@ -40,7 +40,7 @@ pub fn with_mirror(text: &str, url: &str) -> Result<String, String> {
     if defined.is_some_and(|d| d.keys().any(|k| !headed.contains(k))) {
         return Err(
             "its hosts are not all [host.\"URL\"] tables (inline tables or dotted keys): \
-                    pullgate cannot tell their order"
+             pullgate cannot tell their order"
                 .into(),
         );
     }
