@@ -27,22 +27,9 @@ fn block(url: &str) -> String {
 /// dotted keys, whose order a `[host."URL"]` table cannot be placed before) is an error, and the
 /// caller leaves it as it is.
 pub fn with_mirror(text: &str, url: &str) -> Result<String, String> {
-    if let Err(e) = text.parse::<toml::Table>() {
-        return Err(format!("not valid TOML: {}", e.message()));
-    }
     let rest = without_mirror(text);
-    // containerd orders hosts by where they are defined; only `[host."URL"]` headers show that.
-    let parsed: toml::Table = rest
-        .parse()
-        .map_err(|e: toml::de::Error| e.message().to_string())?;
-    let defined = parsed.get("host").and_then(|h| h.as_table());
-    let headed = header_hosts(&rest);
-    if defined.is_some_and(|d| d.keys().any(|k| !headed.contains(k))) {
-        return Err(
-            "its hosts are not all [host.\"URL\"] tables (inline tables or dotted keys): \
-             pullgate cannot tell their order"
-                .into(),
-        );
+    if let Err(e) = rest.parse::<toml::Table>() {
+        return Err(format!("not valid TOML: {}", e.message()));
     }
     let at = first_table(&rest).unwrap_or(rest.len());
     let (head, tail) = rest.split_at(at);
@@ -53,14 +40,18 @@ pub fn with_mirror(text: &str, url: &str) -> Result<String, String> {
     }
     out.push_str(&block(url));
     out.push_str(tail);
-    if let Err(e) = out.parse::<toml::Table>() {
-        return Err(format!(
-            "adding a [host] table breaks it ({}): are its hosts inline tables or dotted keys?",
+    let table = out.parse::<toml::Table>().map_err(|e| {
+        format!(
+            "adding a [host] table breaks it ({}): are its hosts inline tables?",
             e.message()
-        ));
-    }
-    if !mirror_is_first(&out, url) {
-        return Err("pullgate's host would not be the first one".into());
+        )
+    })?;
+    if !first_host_is(&table, url) {
+        return Err(
+            "pullgate's host would not be the first one: are hosts defined with dotted \
+                    keys above the first table?"
+                .into(),
+        );
     }
     Ok(out)
 }
@@ -82,35 +73,25 @@ pub fn without_mirror(text: &str) -> String {
     out
 }
 
-/// The hosts named by `[host."URL"]` (or `[host."URL".sub]`) headers, in file order.
-fn header_hosts(text: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for (_, line) in table_headers(text) {
-        let Ok(t) = format!("{}\n", line.lines().next().unwrap_or_default()).parse::<toml::Table>()
-        else {
-            continue;
-        };
-        if let Some(host) = t.get("host").and_then(|h| h.as_table()) {
-            for k in host.keys() {
-                if !out.contains(k) {
-                    out.push(k.clone());
-                }
-            }
-        }
-    }
-    out
-}
-
 /// True when `text` parses and `url` is its first host (where [`with_mirror`] puts it).
 pub fn mirror_is_first(text: &str, url: &str) -> bool {
-    let Ok(table) = text.parse::<toml::Table>() else {
+    text.parse::<toml::Table>()
+        .is_ok_and(|table| first_host_is(&table, url))
+}
+
+/// The crate's `toml` keeps keys in the order they are defined (`preserve_order`), which is the
+/// order containerd tries the hosts in.
+fn first_host_is(table: &toml::Table, url: &str) -> bool {
+    let Some((first, host)) = table
+        .get("host")
+        .and_then(|h| h.as_table())
+        .and_then(|h| h.iter().next())
+    else {
         return false;
     };
-    header_hosts(text).first().map(String::as_str) == Some(url)
-        && table
-            .get("host")
-            .and_then(|h| h.get(url))
-            .and_then(|h| h.get("capabilities"))
+    first == url
+        && host
+            .get("capabilities")
             .and_then(|c| c.as_array())
             .is_some_and(|c| c.iter().any(|v| v.as_str() == Some("pull")))
 }

@@ -91,14 +91,7 @@ impl FaultProxy {
     pub fn blob_gets(&self, digest: &str) -> Vec<Recorded> {
         self.requests()
             .into_iter()
-            .filter(|r| {
-                r.method == "GET"
-                    && r.path
-                        .split('?')
-                        .next()
-                        .unwrap_or_default()
-                        .ends_with(&format!("/blobs/{digest}"))
-            })
+            .filter(|r| r.method == "GET" && is_blob(&r.path, digest))
             .collect()
     }
 }
@@ -133,13 +126,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         let mut target = state.target.lock().unwrap();
         match target.as_mut() {
             Some((digest, fault, times))
-                if *times > 0
-                    && req.method() == "GET"
-                    && path
-                        .split('?')
-                        .next()
-                        .unwrap_or_default()
-                        .ends_with(&format!("/blobs/{digest}")) =>
+                if *times > 0 && req.method() == "GET" && is_blob(&path, digest) =>
             {
                 *times -= 1;
                 *fault
@@ -217,4 +204,11 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
 
 fn full(b: Bytes) -> Body {
     BodyExt::boxed(http_body_util::Full::new(b).map_err(|never| match never {}))
+}
+
+/// Whether a request target (path and query: containerd adds `?ns=` at mirrors) is blob
+/// `digest`.
+fn is_blob(target: &str, digest: &str) -> bool {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    path.ends_with(&format!("/blobs/{digest}"))
 }
