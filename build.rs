@@ -6,10 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/version.proto",
         "proto/containerd/events.proto",
         "proto/containerd/content.proto",
-        "proto/containerd/leases.proto",
         "proto/containerd/types.proto",
-        "proto/containerd/snapshots.proto",
-        "proto/containerd/diff.proto",
     ];
     let api = "proto/pullgate/v1/api.proto";
     for f in files.iter().chain([&api]) {
@@ -18,8 +15,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)
-        // Blob chunks travel as `Bytes`: no copy between the HTTP body and the gRPC stream.
-        .bytes(".containerd.services.content.v1.WriteContentRequest.data")
         .compile_fds(fds)?;
     // pullgate's own API: a request that does not parse is INVALID_ARGUMENT (src/api/codec.rs).
     tonic_prost_build::configure()

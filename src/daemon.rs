@@ -11,49 +11,71 @@ use tracing::{error, info, warn};
 
 use crate::api::{self, Api};
 use crate::config::Config;
-use crate::fetch::{FetchContext, LayerFetcher};
 use crate::frontdoor::{self, CriProxy};
 use crate::jobs::JobBoard;
 use crate::metrics::{self, ClassLabels, Health, Metrics};
 use crate::prewarm::gate::{P2pGate, ProbeKind};
 use crate::prewarm::Prewarmer;
-use crate::pull::{Class, ContainerdPuller, PullCoordinator, Puller};
+use crate::mirror::hosts_dir::HostsKeeper;
+use crate::mirror::{Demand, Mirror};
+use crate::pull::{Class, ContainerdPuller, PullCoordinator, Puller, ScheduledPuller};
 use crate::registry::{Platform, RegistryClient, RegistryConfig};
 use crate::schedule::{Scheduler, Setup};
-use crate::upstream::snapshots::SnapshotStore;
-use crate::upstream::{Containerd, ContentStore};
+use crate::upstream::Containerd;
 
-/// The pull path: pullgate's layer fetcher in front of containerd's finish, or containerd alone.
-async fn puller(
+/// The pull path: the scheduled puller in front of containerd, and the mirror containerd fetches
+/// through (when enabled), with pullgate's entries written into containerd's hosts.toml files.
+async fn pull_path(
     cfg: &Config,
     containerd: &Containerd,
     metrics: &Arc<Metrics>,
     scheduler: &Arc<Scheduler>,
-) -> Arc<dyn Puller> {
-    let finish = ContainerdPuller::new(containerd.clone());
-    if !cfg.fetch.enabled {
-        info!("layer fetcher disabled: containerd fetches images itself, unscheduled");
-        return Arc::new(finish);
-    }
+    stop: &CancellationToken,
+) -> anyhow::Result<(Arc<dyn Puller>, Option<HostsKeeper>)> {
+    let m = &cfg.mirror;
     let registry = RegistryClient::new(RegistryConfig {
-        config_path: cfg.fetch.hosts_dir.clone(),
-        request_timeout: cfg.fetch.request_timeout,
+        config_path: m.hosts_dir.clone(),
+        request_timeout: m.request_timeout,
         user_agent: format!("pullgate/{}", env!("CARGO_PKG_VERSION")),
-        mirror_credentials: cfg.fetch.mirror_credentials,
+        mirror_credentials: m.mirror_credentials,
+        skip_hosts: vec![m.addr.to_string()],
     });
-    let namespace = cfg.containerd.namespace.clone();
-    let ctx = FetchContext::new(
-        cfg.fetch.clone(),
-        scheduler.clone(),
-        ContentStore::new(containerd.channel(), namespace.clone()),
-        SnapshotStore::new(containerd.channel(), namespace),
+    let demand = Demand::new();
+    let mut hosts = None;
+    if m.enabled {
+        let mirror = Arc::new(Mirror {
+            cfg: m.clone(),
+            demand: demand.clone(),
+            registry: registry.clone(),
+            scheduler: scheduler.clone(),
+            metrics: metrics.clone(),
+        });
+        mirror
+            .serve(stop.clone())
+            .await
+            .with_context(|| format!("cannot serve the registry mirror on {}", m.addr))?;
+        info!(addr = %m.addr, hosts_dir = %m.hosts_dir.display(), "registry mirror serving containerd's fetches");
+        if m.manage_hosts {
+            let keeper = HostsKeeper::new(m.hosts_dir.clone(), m.url());
+            keeper.ensure_all();
+            hosts = Some(keeper);
+        } else if !HostsKeeper::new(m.hosts_dir.clone(), m.url()).missing().is_empty() {
+            warn!(url = m.url(), "mirror.manage_hosts is off and some hosts.toml files do not list \
+                  pullgate first: containerd fetches those registries unscheduled");
+        }
+    } else {
+        info!("mirror disabled: containerd fetches images itself, unpaced; pullgate still orders and admits pulls");
+    }
+    let puller = Arc::new(ScheduledPuller {
+        scheduler: scheduler.clone(),
+        demand,
         registry,
-        metrics.clone(),
-        Platform::node(),
-    );
-    let fetcher = LayerFetcher::new(ctx, finish);
-    fetcher.adopt_stale_leases().await;
-    Arc::new(fetcher)
+        finish: ContainerdPuller::new(containerd.clone()),
+        metrics: metrics.clone(),
+        platform: Platform::node(),
+        hosts: hosts.clone(),
+    });
+    Ok((Arc::new(puller), hosts))
 }
 
 /// Reads the config again (file and flags) for SIGHUP.
@@ -79,21 +101,18 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
             admission: cfg.schedule.admission(),
             limits: cfg.schedule.limits(),
             max_blob_streams: cfg.schedule.max_blob_streams,
-            max_unpacks: cfg.schedule.max_unpacks,
             gate: gate.subscribe(),
         },
         &board,
         metrics.clone(),
     );
-    let pulls = PullCoordinator::new(
-        puller(&cfg, &containerd, &metrics, &scheduler).await,
-        metrics.clone(),
-        board.clone(),
-    );
+    let (puller, hosts) = pull_path(&cfg, &containerd, &metrics, &scheduler, &stop).await?;
+    let pulls = PullCoordinator::new(puller, metrics.clone(), board.clone());
     let health = Arc::new(Health {
         metrics: metrics.clone(),
         containerd: containerd.clone(),
         serving: false.into(),
+        hosts,
     });
     tokio::spawn(sample_loop(
         scheduler.clone(),
@@ -249,7 +268,6 @@ fn reload_config(
     let s = &new.schedule;
     scheduler.bandwidth.set_limits(s.limits());
     scheduler.streams.set_capacity(s.max_blob_streams);
-    scheduler.unpacks.set_capacity(s.max_unpacks);
     scheduler.set_admission(s.admission());
     prewarmer.apply(&new.prewarm);
     let mut needs_restart = Vec::new();
@@ -265,8 +283,8 @@ fn reload_config(
     if new.log != running.log {
         needs_restart.push("log");
     }
-    if new.fetch != running.fetch {
-        needs_restart.push("fetch");
+    if new.mirror != running.mirror {
+        needs_restart.push("mirror");
     }
     if new.api != running.api {
         needs_restart.push("api");

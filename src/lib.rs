@@ -1,15 +1,17 @@
 //! pullgate: a CRI image-service shim between kubelet and containerd that intercepts `PullImage`
 //! and forwards every other call byte for byte.
 //!
-//! Layout: [`frontdoor`] (the CRI socket), [`pull`] (reading, merging and running pulls),
-//! [`upstream`] (containerd), [`metrics`] (Prometheus and health), [`config`], [`cli`].
+//! Layout: [`frontdoor`] (the CRI socket), [`pull`] (reading, merging, admitting and forwarding
+//! pulls), [`schedule`] (priorities, caps, the large-image lane, bandwidth), [`mirror`] (the
+//! registry mirror containerd fetches through), [`registry`] (the upstream OCI client),
+//! [`upstream`] (containerd), [`prewarm`] (prewarm sources), [`metrics`] (Prometheus and
+//! health), [`config`], [`cli`].
 
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod errors;
-pub mod fetch;
 pub mod frontdoor;
 #[doc(hidden)]
 pub mod fuzzing;

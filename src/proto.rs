@@ -24,21 +24,6 @@ pub mod containerd {
             tonic::include_proto!("containerd.services.content.v1");
         }
     }
-    pub mod leases {
-        pub mod v1 {
-            tonic::include_proto!("containerd.services.leases.v1");
-        }
-    }
-    pub mod snapshots {
-        pub mod v1 {
-            tonic::include_proto!("containerd.services.snapshots.v1");
-        }
-    }
-    pub mod diff {
-        pub mod v1 {
-            tonic::include_proto!("containerd.services.diff.v1");
-        }
-    }
     pub mod events {
         pub mod v1 {
             tonic::include_proto!("containerd.services.events.v1");

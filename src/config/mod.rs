@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod legacy;
+mod mirror;
 mod prewarm;
 pub mod units;
 
+pub use mirror::{MirrorConfig, Unscheduled};
 pub use prewarm::{Policy, PrewarmEntry};
 pub use units::{Bytes, Share};
 
@@ -28,7 +31,7 @@ pub struct Config {
     pub containerd: ContainerdConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
-    pub fetch: FetchConfig,
+    pub mirror: MirrorConfig,
     pub schedule: ScheduleConfig,
     pub api: ApiConfig,
     pub p2p_gate: GateConfig,
@@ -46,17 +49,12 @@ pub struct ScheduleConfig {
     pub prewarm_bandwidth: Share,
     /// What prewarm keeps while a pod waits (0: prewarm pauses, its connections kept open).
     pub prewarm_floor: Bytes,
-    /// Prewarm writes into containerd's content store, bytes per second (0: unlimited).
-    pub prewarm_write_rate: Bytes,
     /// Prewarm images fetched at once (0: unlimited).
     #[serde(deserialize_with = "units::whole::<_, _, 0, 1024>")]
     pub max_prewarm_jobs: usize,
     /// Blob downloads in flight across all jobs (0: unlimited), served by priority.
     #[serde(deserialize_with = "units::whole::<_, _, 0, 4096>")]
     pub max_blob_streams: usize,
-    /// containerd finish steps (unpack, image record) at once (0: unlimited), by priority.
-    #[serde(deserialize_with = "units::whole::<_, _, 0, 1024>")]
-    pub max_unpacks: usize,
     /// Prewarm images at least this big are fetched one at a time, in the same order on every
     /// node (0: no lane).
     pub large_image_size: Bytes,
@@ -68,10 +66,8 @@ impl Default for ScheduleConfig {
             bandwidth: Bytes(0),
             prewarm_bandwidth: Share::Bytes(0),
             prewarm_floor: Bytes(0),
-            prewarm_write_rate: Bytes(0),
             max_prewarm_jobs: 2,
             max_blob_streams: 16,
-            max_unpacks: 0,
             large_image_size: Bytes(1 << 30),
         }
     }
@@ -83,7 +79,6 @@ impl ScheduleConfig {
             node: self.bandwidth.0,
             prewarm: self.prewarm_bandwidth.of(self.bandwidth.0),
             prewarm_floor: self.prewarm_floor.0,
-            prewarm_write: self.prewarm_write_rate.0,
         }
     }
 
@@ -181,70 +176,6 @@ impl Default for ContainerdConfig {
     }
 }
 
-/// pullgate's own layer fetcher: blobs are streamed into containerd's content store before
-/// containerd is asked to finish the pull.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FetchConfig {
-    /// Fetch layers in pullgate. Off: containerd fetches by itself; pullgate only forwards and
-    /// merges.
-    pub enabled: bool,
-    /// containerd's registry host directory (`hosts.toml` files with mirrors), as in
-    /// containerd's `[plugins."io.containerd.grpc.v1.cri".registry] config_path`.
-    pub hosts_dir: PathBuf,
-    /// Send the pull's registry credentials to mirrors too (containerd does not).
-    pub mirror_credentials: bool,
-    /// Blobs of one image fetched at the same time.
-    #[serde(deserialize_with = "units::whole::<_, _, 1, 64>")]
-    pub parallel_blobs: usize,
-    /// Blobs with at least twice this many MiB left are fetched as parallel ranged requests of
-    /// this size, written in order.
-    #[serde(deserialize_with = "units::whole::<_, _, 1, 1024>")]
-    pub range_chunk_mib: u64,
-    /// Ranged requests in flight per blob; 1 fetches every blob as one stream.
-    #[serde(deserialize_with = "units::whole::<_, _, 1, 64>")]
-    pub range_connections: usize,
-    /// A blob stream that delivers no byte for this long is abandoned (like containerd's
-    /// `image_pull_progress_timeout`).
-    #[serde(with = "units::duration")]
-    pub no_progress_timeout: Duration,
-    /// Timeout for connecting and receiving response headers from a registry.
-    #[serde(with = "units::duration")]
-    pub request_timeout: Duration,
-    /// Attempts per blob after the first (resuming where the last one stopped).
-    #[serde(deserialize_with = "units::whole::<_, _, 0, 100>")]
-    pub retries: u32,
-    /// Lifetime of the containerd lease a pull holds; after a crash containerd collects what the
-    /// lease protected once it expires.
-    #[serde(with = "units::duration")]
-    pub lease_expiry: Duration,
-    /// Extract each layer into containerd's snapshotter as soon as it is in, while later layers
-    /// download (containerd's own pull overlaps the same way). Off: containerd unpacks
-    /// everything once every blob is in.
-    pub unpack_ahead: bool,
-    /// Snapshotter to unpack ahead into; empty: the one containerd's CRI plugin reports.
-    pub snapshotter: String,
-}
-
-impl Default for FetchConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            hosts_dir: PathBuf::from("/etc/containerd/certs.d"),
-            mirror_credentials: false,
-            parallel_blobs: 3,
-            range_chunk_mib: 16,
-            range_connections: 4,
-            no_progress_timeout: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(30),
-            retries: 4,
-            lease_expiry: Duration::from_secs(3600),
-            unpack_ahead: true,
-            snapshotter: String::new(),
-        }
-    }
-}
-
 /// Prometheus metrics and health endpoints.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -338,6 +269,15 @@ impl Config {
 
     /// Parses and validates config text; the error names the key and line.
     pub fn parse(text: &str) -> Result<Config, String> {
+        if let Ok(table) = text.parse::<toml::Table>() {
+            if let Err((key, instead)) = legacy::check(&table) {
+                return Err(format!(
+                    "{}{key}: no longer exists since pullgate serves containerd as its registry \
+                     mirror: {instead}",
+                    line_of(text, &key)
+                ));
+            }
+        }
         let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         cfg.validate(text)?;
         Ok(cfg)
@@ -369,8 +309,8 @@ impl Config {
                 "/run/containerd/containerd.sock",
             ),
             (
-                "fetch.hosts_dir",
-                &self.fetch.hosts_dir,
+                "mirror.hosts_dir",
+                &self.mirror.hosts_dir,
                 "/etc/containerd/certs.d",
             ),
         ];
@@ -387,6 +327,19 @@ impl Config {
                 "server.socket",
                 "must differ from containerd.socket (pullgate would forward to itself)".into(),
             );
+        }
+        if !self.mirror.addr.ip().is_loopback() {
+            return fail(
+                "mirror.addr",
+                format!(
+                    "{} is not a loopback address: the mirror serves what running jobs may read, \
+                     so it listens on 127.0.0.0/8 or ::1 only",
+                    self.mirror.addr
+                ),
+            );
+        }
+        if self.metrics.enabled && self.mirror.enabled && self.metrics.addr == self.mirror.addr {
+            return fail("mirror.addr", "must differ from metrics.addr".into());
         }
         if self.containerd.namespace.is_empty() {
             return fail("containerd.namespace", "must not be empty".into());
@@ -444,10 +397,10 @@ impl Config {
     }
 
     /// Every duration key with the range it accepts (documented in config/pullgate.toml).
-    fn durations(&self) -> [(&'static str, Duration, DurationRange); 9] {
+    fn durations(&self) -> [(&'static str, Duration, DurationRange); 8] {
         let ms = Duration::from_millis;
         let s = Duration::from_secs;
-        let (min, hour, day) = (s(60), s(3600), s(86_400));
+        let (min, hour) = (s(60), s(3600));
         [
             // 0: calls in flight are cut at once.
             (
@@ -466,21 +419,14 @@ impl Config {
                 DurationRange::new(ms(100), hour, "5s"),
             ),
             (
-                "fetch.no_progress_timeout",
-                self.fetch.no_progress_timeout,
-                DurationRange::new(s(1), hour, "1m"),
-            ),
-            (
-                "fetch.request_timeout",
-                self.fetch.request_timeout,
+                "mirror.request_timeout",
+                self.mirror.request_timeout,
                 DurationRange::new(s(1), 10 * min, "30s"),
             ),
-            // The expiry becomes an RFC 3339 label on the lease; a week outlives any pull, and
-            // far-future values would not format (year 10000) or overflow SystemTime.
             (
-                "fetch.lease_expiry",
-                self.fetch.lease_expiry,
-                DurationRange::new(min, 7 * day, "1h"),
+                "mirror.header_read_timeout",
+                self.mirror.header_read_timeout,
+                DurationRange::new(ms(10), 10 * min, "10s"),
             ),
             (
                 "metrics.header_read_timeout",
@@ -501,7 +447,7 @@ impl Config {
     }
 
     /// Every byte quantity key with the range it accepts; 0 means "unlimited" or "off" for all.
-    fn sizes(&self) -> [(&'static str, u64, SizeRange); 5] {
+    fn sizes(&self) -> [(&'static str, u64, SizeRange); 4] {
         const KB: u64 = 1000;
         const TB: u64 = 1_000_000_000_000;
         let rate = SizeRange {
@@ -529,14 +475,6 @@ impl Config {
                 s.prewarm_floor.0,
                 SizeRange {
                     like: "1MB",
-                    ..rate
-                },
-            ),
-            (
-                "schedule.prewarm_write_rate",
-                s.prewarm_write_rate.0,
-                SizeRange {
-                    like: "50MB",
                     ..rate
                 },
             ),
@@ -870,13 +808,13 @@ image = "registry.example/ml/model:v3"
     fn out_of_range_and_malformed_values_are_refused_with_the_expected_form() {
         let cases: &[(&str, &[&str])] = &[
             // Durations: ranges per key.
-            ("[fetch]\nlease_expiry = \"10000y\"\n", &["line 2: fetch.lease_expiry: 10000y is out of range: expected a duration between 1m and 7d, like \"1h\""]),
-            ("[fetch]\nlease_expiry = \"30s\"\n", &["fetch.lease_expiry: 30s is out of range"]),
+            ("[mirror]\nrequest_timeout = \"10000y\"\n", &["line 2: mirror.request_timeout: 10000y is out of range: expected a duration between 1s and 10m, like \"30s\""]),
+            ("[mirror]\nrequest_timeout = \"500ms\"\n", &["mirror.request_timeout: 500ms is out of range"]),
             ("[server]\nshutdown_grace = \"2h\"\n", &["server.shutdown_grace", "between 0s and 1h"]),
             ("[containerd]\nconnect_timeout = \"1ms\"\n", &["containerd.connect_timeout", "between 10ms and 5m"]),
             ("[containerd]\nhealth_interval = \"0s\"\n", &["containerd.health_interval: 0s is out of range", "between 100ms and 1h"]),
-            ("[fetch]\nno_progress_timeout = \"0s\"\n", &["fetch.no_progress_timeout", "between 1s and 1h"]),
-            ("[fetch]\nrequest_timeout = \"1d\"\n", &["fetch.request_timeout", "between 1s and 10m"]),
+            ("[mirror]\nheader_read_timeout = \"0s\"\n", &["mirror.header_read_timeout", "between 10ms and 10m"]),
+            ("[mirror]\nrequest_timeout = \"1d\"\n", &["mirror.request_timeout", "between 1s and 10m"]),
             ("[metrics]\nheader_read_timeout = \"0s\"\n", &["metrics.header_read_timeout", "between 10ms and 10m"]),
             ("[p2p_gate]\ninterval = \"0s\"\n", &["p2p_gate.interval", "between 10ms and 1h"]),
             ("[p2p_gate]\ntimeout = \"1h\"\n", &["p2p_gate.timeout", "between 10ms and 5m"]),
@@ -884,11 +822,11 @@ image = "registry.example/ml/model:v3"
             ("[[prewarm]]\nimage = \"busybox\"\ntimeout = \"30d\"\n", &["prewarm[0] (busybox): timeout", "expected 0 (no limit) or a duration between 1s and 7d"]),
             ("[[prewarm]]\nimage = \"busybox\"\ndeadline = \"100d\"\n", &["prewarm[0] (busybox): deadline", "between 1s and 30d"]),
             // Durations: wrong forms.
-            ("[fetch]\nlease_expiry = 1979-05-27T07:32:00Z\n", &["line 2", "a date or time is not a duration: expected a duration like \"30s\""]),
-            ("[fetch]\nlease_expiry = { a = 1 }\n", &["line 2", "a table is not a duration: expected a duration like \"30s\""]),
-            ("[fetch]\nlease_expiry = 5\n", &["line 2", "5 has no unit", "\"5s\""]),
-            ("[fetch]\nlease_expiry = \"soon\"\n", &["line 2", "\"soon\" is not a duration", "like \"30s\""]),
-            ("[fetch]\nlease_expiry = \"99999999999999999999999y\"\n", &["line 2", "is not a duration"]),
+            ("[mirror]\nrequest_timeout = 1979-05-27T07:32:00Z\n", &["line 2", "a date or time is not a duration: expected a duration like \"30s\""]),
+            ("[mirror]\nrequest_timeout = { a = 1 }\n", &["line 2", "a table is not a duration: expected a duration like \"30s\""]),
+            ("[mirror]\nrequest_timeout = 5\n", &["line 2", "5 has no unit", "\"5s\""]),
+            ("[mirror]\nrequest_timeout = \"soon\"\n", &["line 2", "\"soon\" is not a duration", "like \"30s\""]),
+            ("[mirror]\nrequest_timeout = \"99999999999999999999999y\"\n", &["line 2", "is not a duration"]),
             // Byte quantities and shares.
             ("[schedule]\nbandwidth = \"300%\"\n", &["line 2", "a percentage is accepted only by schedule.prewarm_bandwidth", "\"64MiB\""]),
             ("[schedule]\nbandwidth = 40000000\nprewarm_bandwidth = \"300%\"\n", &["line 3", "a percentage must be a whole number from 1% to 100%"]),
@@ -896,27 +834,28 @@ image = "registry.example/ml/model:v3"
             ("[schedule]\nbandwidth = 99999999999999999999\n", &["line 2", "is too large: byte quantities go up to 18446744073709551615"]),
             ("[schedule]\nbandwidth = \"99999999999T\"\n", &["line 2", "is too large"]),
             ("[schedule]\nbandwidth = \"2TB\"\n", &["line 2: schedule.bandwidth: 2TB is out of range: expected 0 or a byte quantity between 1KB and 1TB"]),
-            ("[schedule]\nprewarm_write_rate = 10\n", &["schedule.prewarm_write_rate: 10 is out of range"]),
-            ("[schedule]\nprewarm_bandwidth = \"5TB/s\"\n", &["schedule.prewarm_bandwidth"]),
+                        ("[schedule]\nprewarm_bandwidth = \"5TB/s\"\n", &["schedule.prewarm_bandwidth"]),
             ("[schedule]\nprewarm_floor = 1\n", &["schedule.prewarm_floor"]),
             ("[schedule]\nlarge_image_size = \"10TB\" # big\n", &["schedule.large_image_size: 10TB is out of range", "between 1MB and 1TiB"]),
             // Whole numbers: the range, never "i128".
             ("[schedule]\nmax_blob_streams = 99999999999999999999\n", &["line 2", "max_blob_streams", "99999999999999999999 is out of range: expected a whole number from 0 to 4096"]),
             ("[schedule]\nmax_prewarm_jobs = -1\n", &["from 0 to 1024"]),
-            ("[schedule]\nmax_unpacks = 2000\n", &["from 0 to 1024"]),
-            ("[fetch]\nparallel_blobs = 0\n", &["line 2", "from 1 to 64"]),
-            ("[fetch]\nrange_connections = 65\n", &["from 1 to 64"]),
-            ("[fetch]\nrange_chunk_mib = 4096\n", &["from 1 to 1024"]),
-            ("[fetch]\nretries = 99999999999\n", &["from 0 to 100"]),
-            ("[fetch]\nretries = 2.5\n", &["2.5 is not a whole number"]),
-            ("[fetch]\nretries = \"3\"\n", &["is a string", "without quotes"]),
+            ("[mirror]\nmax_connections = 0\n", &["from 1 to 65536"]),
+            ("[mirror]\nretries = 99999999999\n", &["from 0 to 100"]),
+            ("[mirror]\nretries = 2.5\n", &["2.5 is not a whole number"]),
+            ("[mirror]\nretries = \"3\"\n", &["is a string", "without quotes"]),
             ("[metrics]\nmax_connections = 0\n", &["from 1 to 65536"]),
             ("[[prewarm]]\nimage = \"busybox\"\nbackoff_limit = 5000\n", &["from 0 to 1000"]),
             ("[[prewarm]]\nimage = \"busybox\"\npriority = 9999999999\n", &["from -2147483648 to 2147483647"]),
             // Paths that must be absolute.
             ("[server]\nsocket = \"pullgate.sock\"\n", &["line 2: server.socket: \"pullgate.sock\" is a relative path: expected an absolute path, like \"/run/pullgate/pullgate.sock\""]),
             ("[containerd]\nsocket = \"\"\n", &["containerd.socket: an empty path: expected an absolute path"]),
-            ("[fetch]\nhosts_dir = \"certs.d\"\n", &["line 2: fetch.hosts_dir", "relative path"]),
+            ("[mirror]\nhosts_dir = \"certs.d\"\n", &["line 2: mirror.hosts_dir", "relative path"]),
+            ("[mirror]\naddr = \"0.0.0.0:9783\"\n", &["line 2: mirror.addr", "not a loopback address"]),
+            ("[mirror]\nunscheduled = \"sometimes\"\n", &["line 2", "unscheduled"]),
+            ("[fetch]\nhosts_dir = \"/etc/containerd/certs.d\"\n", &["line 2: fetch.hosts_dir: no longer exists", "use mirror.hosts_dir"]),
+            ("[fetch]\nunpack_ahead = false\n", &["fetch.unpack_ahead", "containerd unpacks"]),
+            ("[schedule]\nmax_unpacks = 2\n", &["line 2: schedule.max_unpacks: no longer exists"]),
             ("[api]\nsocket = \"api.sock\"\n", &["api.socket", "relative path"]),
             ("[[prewarm]]\nimage = \"busybox\"\ndocker_config = \"auth.json\"\n", &["prewarm[0] (busybox): docker_config: \"auth.json\" is a relative path"]),
         ];
@@ -935,16 +874,16 @@ image = "registry.example/ml/model:v3"
     #[test]
     fn the_bounds_themselves_are_accepted() {
         for text in [
-            "[fetch]\nlease_expiry = \"1m\"\n",
-            "[fetch]\nlease_expiry = \"7d\"\n",
+            "[mirror]\nrequest_timeout = \"1s\"\naddr = \"127.0.0.2:80\"\n",
+            "[mirror]\naddr = \"[::1]:9783\"\nunscheduled = \"bypass\"\n",
             "[server]\nshutdown_grace = \"0s\"\n",
             "[containerd]\nconnect_timeout = \"10ms\"\n",
-            "[fetch]\nrequest_timeout = \"10m\"\n",
+            "[mirror]\nrequest_timeout = \"10m\"\n",
             "[schedule]\nbandwidth = \"1TB\"\nprewarm_floor = \"1KB\"\n",
             "[schedule]\nbandwidth = \"1KB/s\"\nprewarm_bandwidth = \"100%\"\n",
             "[schedule]\nlarge_image_size = \"1TiB\"\n",
             "[schedule]\nmax_blob_streams = 4096\n",
-            "[fetch]\nparallel_blobs = 64\nretries = 0\n",
+            "[mirror]\nretries = 0\nmax_connections = 65536\n",
             "[api]\nenabled = false\nsocket = \"relative-but-unused.sock\"\n",
             "[[prewarm]]\nimage = \"busybox\"\ninterval = \"1s\"\ntimeout = \"0s\"\npriority = -5\n",
         ] {

@@ -1,4 +1,5 @@
-//! The HTTP endpoint: `/metrics`, `/healthz` (containerd reachable), `/readyz` (serving).
+//! The HTTP endpoint: `/metrics`, `/healthz` (containerd reachable), `/readyz` (serving, and
+//! containerd's hosts.toml files sending registries through pullgate's mirror).
 //!
 //! Nothing a client does keeps server resources forever: a connection has
 //! `metrics.header_read_timeout` to send each request's headers (also while it idles between
@@ -25,6 +26,7 @@ use tracing::{debug, warn};
 
 use super::Metrics;
 use crate::config::MetricsConfig;
+use crate::mirror::hosts_dir::HostsKeeper;
 use crate::upstream::Containerd;
 
 /// What the health endpoints report on.
@@ -33,6 +35,8 @@ pub struct Health {
     pub containerd: Containerd,
     /// True while the CRI socket accepts calls (false before bind and while draining).
     pub serving: AtomicBool,
+    /// pullgate's hosts.toml entries, when it keeps them (`mirror.manage_hosts`).
+    pub hosts: Option<HostsKeeper>,
 }
 
 impl Health {
@@ -122,7 +126,20 @@ async fn route(
                     "not serving the CRI socket\n".into(),
                 )
             } else {
+                let missing = health.hosts.as_ref().map(|h| h.missing()).unwrap_or_default();
                 match health.probe().await {
+                    Ok(_) if !missing.is_empty() => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "containerd does not fetch through pullgate's mirror: these hosts.toml \
+                             files do not list it first (see the log): {}\n",
+                            missing
+                                .iter()
+                                .map(|p| p.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ),
                     Ok(_) => text(StatusCode::OK, "ready\n".into()),
                     Err(s) => text(
                         StatusCode::SERVICE_UNAVAILABLE,

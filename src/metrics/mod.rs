@@ -44,8 +44,11 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
-    pub outcome: &'static str,
+pub struct MirrorLabels {
+    /// `manifest`, `blob`, `base`, `other`.
+    pub kind: &'static str,
+    /// `2xx`, `404`, `4xx`, `5xx`.
+    pub status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,10 +83,10 @@ pub struct Metrics {
     pub cri_requests: Family<CallLabels, Counter>,
     pub upstream_up: Gauge,
     pub fetched_bytes: Family<SourceLabels, Counter>,
-    pub blobs: Family<OutcomeLabels, Counter>,
+    pub mirror_requests: Family<MirrorLabels, Counter>,
+    pub mirror_unscheduled: Counter,
     pub blob_retries: Counter,
     pub fetch_fallbacks: Family<ReasonLabels, Counter>,
-    pub layers_unpacked_ahead: Counter,
     pub queue_length: Family<ClassLabels, Gauge>,
     pub queue_wait: Family<ClassLabels, Histogram>,
     pub class_bytes: Family<ClassLabels, Counter>,
@@ -157,32 +160,32 @@ impl Metrics {
         let fetched_bytes = Family::<SourceLabels, Counter>::default();
         registry.register(
             "fetched_bytes",
-            "Blob bytes pullgate streamed into containerd's content store, by source (registry, mirror)",
+            "Blob bytes the mirror served to containerd, by where they came from (registry, mirror: an administrator's host)",
             fetched_bytes.clone(),
         );
-        let blobs = Family::<OutcomeLabels, Counter>::default();
+        let mirror_requests = Family::<MirrorLabels, Counter>::default();
         registry.register(
-            "blobs",
-            "Blobs handled by the fetcher: fetched, present (already in the store), shared (another job's download), failed",
-            blobs.clone(),
+            "mirror_requests",
+            "Requests containerd made to pullgate's mirror, by kind and status class (a 404 sends containerd to its next host)",
+            mirror_requests.clone(),
+        );
+        let mirror_unscheduled = Counter::default();
+        registry.register(
+            "mirror_unscheduled_blobs",
+            "Blob requests served for pulls that did not come through pullgate's CRI socket (mirror.unscheduled)",
+            mirror_unscheduled.clone(),
         );
         let blob_retries = Counter::default();
         registry.register(
             "blob_retries",
-            "Blob download attempts after the first (truncated, stalled or corrupt)",
+            "Blob streams the mirror resumed upstream with a Range after a cut or stall",
             blob_retries.clone(),
         );
         let fetch_fallbacks = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "fetch_fallbacks",
-            "Pulls left to containerd's own fetch because pullgate's fetcher could not handle them",
+            "Pulls forwarded to containerd unresolved (containerd fetches them itself, not through the mirror's schedule), by reason",
             fetch_fallbacks.clone(),
-        );
-        let layers_unpacked_ahead = Counter::default();
-        registry.register(
-            "layers_unpacked_ahead",
-            "Layers extracted into containerd's snapshotter by pullgate while later layers downloaded",
-            layers_unpacked_ahead.clone(),
         );
         let queue_length = Family::<ClassLabels, Gauge>::default();
         registry.register(
@@ -270,10 +273,10 @@ impl Metrics {
             cri_requests,
             upstream_up,
             fetched_bytes,
-            blobs,
+            mirror_requests,
+            mirror_unscheduled,
             blob_retries,
             fetch_fallbacks,
-            layers_unpacked_ahead,
             queue_length,
             queue_wait,
             class_bytes,

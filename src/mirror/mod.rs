@@ -1,13 +1,56 @@
-//! pullgate as containerd's registry mirror (issue: the byte path through containerd's own door).
+//! pullgate as containerd's registry mirror: the byte path.
 //!
+//! ```text
+//! containerd ──GET /v2/<repo>/{manifests,blobs}/<ref>?ns=<registry>──▶ serve ──▶ route
+//!                                                                         │
+//!                     demand (manifests resolved, blobs → jobs) ◀─────────┤
+//!                                                                         ▼
+//!                          blob: scheduler (stream slots, bandwidth by class) ──▶ registry client
+//!                                                                                (admin's hosts, registry)
+//! ```
 //! containerd tries the `[host]` entries of `<config_path>/<registry>/hosts.toml` in file order,
 //! then the registry itself. Observed on containerd 1.6.20, 1.7.24 and 2.1.9
 //! (`tests/containerd_mirror.rs`): every manifest and blob request to a mirror carries
 //! `ns=<registry>`, and a mirror that answers 404, 500 or 503, or whose port is closed, makes
-//! containerd fetch from the next host, so the pull still succeeds. pullgate's mirror relies on
-//! both: `ns` tells it where to go upstream, and the fallback keeps pulls working when pullgate
-//! is down.
-//!
-//! So far: [`hosts_file`], pullgate's entry in those files. The HTTP endpoint comes next.
+//! containerd fetch from the next host, so the pull still succeeds. The mirror relies on both:
+//! `ns` tells it where to go upstream, and the fallback keeps pulls working when pullgate is
+//! down or does not know a blob. [`hosts_file`] and [`hosts_dir`] keep pullgate's entry first.
 
+mod blob;
+pub mod demand;
+pub mod hosts_dir;
 pub mod hosts_file;
+pub mod route;
+mod serve;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use demand::{Demand, Registration};
+
+use crate::config::MirrorConfig;
+use crate::metrics::Metrics;
+use crate::registry::RegistryClient;
+use crate::schedule::Scheduler;
+
+/// What serving needs; shared by every connection.
+pub struct Mirror {
+    pub cfg: MirrorConfig,
+    pub demand: Arc<Demand>,
+    pub registry: RegistryClient,
+    pub scheduler: Arc<Scheduler>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Mirror {
+    /// Binds `cfg.addr` and serves until `stop` is cancelled.
+    pub async fn serve(
+        self: Arc<Self>,
+        stop: CancellationToken,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let listener = TcpListener::bind(self.cfg.addr).await?;
+        Ok(serve::spawn(self, listener, stop))
+    }
+}

@@ -579,7 +579,6 @@ mod tests {
                 },
                 limits: Default::default(),
                 max_blob_streams: 0,
-                max_unpacks: 0,
                 gate: rx,
             },
             board,

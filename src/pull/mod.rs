@@ -4,13 +4,14 @@
 //! ```text
 //! front door ──PullRequestInfo──▶ PullCoordinator (merge, detach, cancel) ──PullJob──▶ dyn Puller
 //! ```
-//! [`ContainerdPuller`] forwards the original request for containerd to pull by itself. Later
-//! layers wrap it: a fetcher that streams layers into containerd's content store first, and a
-//! scheduler deciding when each job may run.
+//! [`ScheduledPuller`] resolves the image, registers its blobs with the mirror and waits for the
+//! scheduler's admission; [`ContainerdPuller`] then forwards the original request, and
+//! containerd pulls through pullgate's mirror.
 
 mod coordinator;
 mod finish;
 pub mod request;
+mod scheduled;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -18,6 +19,7 @@ use http::{HeaderMap, Uri};
 
 pub use coordinator::{CancelError, Joined, PullCoordinator};
 pub use finish::ContainerdPuller;
+pub use scheduled::ScheduledPuller;
 pub use request::{normalize_reference, BadRequest, Class, PullRequestInfo, PRIORITY_ANNOTATION};
 
 use std::sync::Arc;

@@ -35,6 +35,9 @@ pub struct RegistryConfig {
     pub user_agent: String,
     /// Send the pull's credentials to mirrors too (containerd does not; default false).
     pub mirror_credentials: bool,
+    /// Hosts (`host[:port]`) left out of every hosts.toml: pullgate's own mirror, so that its
+    /// upstream requests never come back to itself.
+    pub skip_hosts: Vec<String>,
 }
 
 impl Default for RegistryConfig {
@@ -44,6 +47,7 @@ impl Default for RegistryConfig {
             request_timeout: Duration::from_secs(30),
             user_agent: format!("pullgate/{}", env!("CARGO_PKG_VERSION")),
             mirror_credentials: false,
+            skip_hosts: Vec::new(),
         }
     }
 }
@@ -164,7 +168,48 @@ impl RegistryClient {
 
     /// The endpoints for `image`'s registry, from containerd's hosts.toml (re-read every call).
     pub fn hosts(&self, image: &ImageRef) -> Result<Vec<RegistryHost>, RegistryError> {
-        load_hosts(&self.inner.config.config_path, &image.registry)
+        let mut hosts = load_hosts(&self.inner.config.config_path, &image.registry)?;
+        let skip = &self.inner.config.skip_hosts;
+        hosts.retain(|h| !(h.is_mirror && skip.iter().any(|s| s == h.authority())));
+        Ok(hosts)
+    }
+
+    /// The size of blob `digest` of `image`'s repository, for a blob no manifest announced (a
+    /// pull pullgate did not resolve): a one-byte ranged GET, whose `Content-Range` carries the
+    /// size (or, from a registry ignoring ranges, the 200's `Content-Length`).
+    pub async fn blob_size(
+        &self,
+        image: &ImageRef,
+        creds: &Credentials,
+        digest: &str,
+    ) -> Result<u64, RegistryError> {
+        let hosts = self.hosts(image)?;
+        let what = format!("blob {digest} of {}", image.name());
+        self.try_hosts(&hosts, |h| h.pull, "pull", &what, |host| {
+            let path = format!("{}/blobs/{digest}", image.repository);
+            let what = what.clone();
+            async move {
+                let range = vec![(RANGE, HeaderValue::from_static("bytes=0-0"))];
+                let resp = self.get(host, image, creds, &path, range, &what).await?;
+                let size = match resp.status() {
+                    StatusCode::PARTIAL_CONTENT => resp
+                        .headers()
+                        .get(http::header::CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.rsplit_once('/'))
+                        .and_then(|(_, total)| total.parse::<u64>().ok()),
+                    StatusCode::OK => resp.content_length(),
+                    s => return Err(status_error(s, host, image, &what)),
+                };
+                size.ok_or_else(|| {
+                    RegistryError::Protocol(format!(
+                        "{} did not say the size of {what}",
+                        host.authority()
+                    ))
+                })
+            }
+        })
+        .await
     }
 
     /// Resolves `image` to its manifest for `platform` (through an index if it is one),

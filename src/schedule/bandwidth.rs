@@ -1,6 +1,6 @@
-//! The node's bandwidth budget, enforced on the streams themselves: every chunk read from a
-//! registry (and, for prewarm, every chunk written to the content store) is paid for from token
-//! buckets shared by all jobs.
+//! The node's bandwidth budget, enforced on the streams themselves: every chunk the mirror
+//! receives from upstream is paid for from token buckets shared by all jobs, before it is passed
+//! on to containerd.
 //!
 //! Buckets run in debt: a stream that just received `n` bytes charges them, then waits until the
 //! bucket is out of debt, so the long-run rate is exact whatever the chunk sizes. Waits are cut
@@ -32,8 +32,6 @@ pub struct Limits {
     pub prewarm: u64,
     /// Prewarm while urgent work is in flight (0: paused).
     pub prewarm_floor: u64,
-    /// Prewarm writes into the content store (0: unlimited).
-    pub prewarm_write: u64,
 }
 
 #[derive(Debug)]
@@ -67,14 +65,12 @@ impl Bucket {
 struct Buckets {
     node: Bucket,
     prewarm: Bucket,
-    write: Bucket,
 }
 
 #[derive(Clone, Copy)]
 enum Which {
     Node,
     Prewarm,
-    Write,
 }
 
 /// Shared by every stream of every job.
@@ -96,7 +92,6 @@ impl Bandwidth {
             buckets: Mutex::new(Buckets {
                 node: Bucket::new(now),
                 prewarm: Bucket::new(now),
-                write: Bucket::new(now),
             }),
             urgent: AtomicUsize::new(0),
             received: Default::default(),
@@ -145,7 +140,6 @@ impl Bandwidth {
         let l = self.limits();
         match which {
             Which::Node => l.node,
-            Which::Write => l.prewarm_write,
             Which::Prewarm if self.urgent_in_flight() => {
                 // Paused is modelled as an (almost) empty trickle: waits re-check every slice.
                 if l.prewarm_floor == 0 {
@@ -161,7 +155,7 @@ impl Bandwidth {
     fn settle(&self) {
         let now = Instant::now();
         let mut b = self.buckets.lock().unwrap();
-        for w in [Which::Node, Which::Prewarm, Which::Write] {
+        for w in [Which::Node, Which::Prewarm] {
             let rate = self.rate(w);
             if rate != u64::MAX {
                 bucket(&mut b, w).refill(now, rate);
@@ -175,22 +169,11 @@ impl Bandwidth {
     /// promoted job stops paying the prewarm rate at once).
     pub async fn received_bytes(&self, class: impl Fn() -> Class, n: u64) {
         self.received[class_index(class())].fetch_add(n, Ordering::Relaxed);
-        self.pay(&class, n, false).await;
+        self.pay(&class, n).await;
     }
 
-    /// Pays for `n` bytes about to be written to the content store.
-    pub async fn writing(&self, class: impl Fn() -> Class, n: u64) {
-        if class() == Class::Prewarm && self.limits().prewarm_write > 0 {
-            self.pay(&class, n, true).await;
-        }
-    }
-
-    async fn pay(&self, class: &impl Fn() -> Class, n: u64, write: bool) {
-        let which: &[Which] = match (write, class()) {
-            (true, _) => &[Which::Write],
-            (false, Class::Urgent) => &[Which::Node],
-            (false, Class::Prewarm) => &[Which::Node, Which::Prewarm],
-        };
+    async fn pay(&self, class: &impl Fn() -> Class, n: u64) {
+        let which = buckets_of(class());
         {
             let now = Instant::now();
             let mut b = self.buckets.lock().unwrap();
@@ -210,7 +193,7 @@ impl Bandwidth {
             }
         }
         loop {
-            let wait = self.wait_for(class, write);
+            let wait = self.wait_for(class);
             if wait.is_zero() {
                 return;
             }
@@ -219,13 +202,8 @@ impl Bandwidth {
     }
 
     /// How long until the buckets this stream pays from are out of debt.
-    fn wait_for(&self, class: &impl Fn() -> Class, write: bool) -> Duration {
-        let which: &[Which] = match (write, class()) {
-            (true, Class::Prewarm) => &[Which::Write],
-            (true, Class::Urgent) => &[],
-            (false, Class::Urgent) => &[Which::Node],
-            (false, Class::Prewarm) => &[Which::Node, Which::Prewarm],
-        };
+    fn wait_for(&self, class: &impl Fn() -> Class) -> Duration {
+        let which = buckets_of(class());
         let now = Instant::now();
         let mut b = self.buckets.lock().unwrap();
         let mut wait = Duration::ZERO;
@@ -253,7 +231,14 @@ fn bucket(b: &mut Buckets, w: Which) -> &mut Bucket {
     match w {
         Which::Node => &mut b.node,
         Which::Prewarm => &mut b.prewarm,
-        Which::Write => &mut b.write,
+    }
+}
+
+/// The buckets a stream of `class` pays from.
+fn buckets_of(class: Class) -> &'static [Which] {
+    match class {
+        Class::Urgent => &[Which::Node],
+        Class::Prewarm => &[Which::Node, Which::Prewarm],
     }
 }
 
@@ -406,19 +391,5 @@ mod tests {
         urgent.store(true, Ordering::Relaxed);
         tokio::time::sleep(RECHECK * 2).await;
         assert!(task.is_finished(), "promotion ends the wait");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn write_cap_applies_to_prewarm_only() {
-        let bw = Bandwidth::new(Limits {
-            prewarm_write: MB,
-            ..Default::default()
-        });
-        let t0 = Instant::now();
-        bw.writing(|| Class::Urgent, 4 * MB).await;
-        assert!(t0.elapsed() < Duration::from_millis(1));
-        bw.writing(|| Class::Prewarm, 4 * MB).await;
-        let took = t0.elapsed().as_secs_f64();
-        assert!((took - 4.0).abs() < 0.2, "4 MB at 1 MB/s took {took}");
     }
 }

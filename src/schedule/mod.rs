@@ -86,10 +86,8 @@ pub struct Scheduler {
     state: Mutex<State>,
     admission: Mutex<Admission>,
     pub bandwidth: Arc<Bandwidth>,
-    /// Blob downloads in flight across all jobs.
+    /// Blob streams in flight across all jobs.
     pub streams: Arc<Slots>,
-    /// containerd finish steps (unpack and record) in flight.
-    pub unpacks: Arc<Slots>,
     gate: watch::Receiver<bool>,
     /// Bumped on every admission.
     admitted: watch::Sender<u64>,
@@ -101,7 +99,6 @@ pub struct Setup {
     pub admission: Admission,
     pub limits: Limits,
     pub max_blob_streams: usize,
-    pub max_unpacks: usize,
     /// P2P readiness (true: open).
     pub gate: watch::Receiver<bool>,
 }
@@ -113,7 +110,6 @@ impl Scheduler {
             admission: Mutex::new(setup.admission),
             bandwidth: Arc::new(Bandwidth::new(setup.limits)),
             streams: Slots::new(setup.max_blob_streams),
-            unpacks: Slots::new(setup.max_unpacks),
             gate: setup.gate,
             admitted: watch::channel(0).0,
             metrics,
@@ -357,21 +353,6 @@ impl Ticket {
         self.record.set_state(JobState::Fetching);
     }
 
-    /// The job's blobs are all in: it leaves the scheduler (prewarm slot, lane, urgent share of
-    /// the link) while containerd unpacks, which takes no network.
-    pub fn fetched(&self) {
-        let removed = self
-            .scheduler
-            .state
-            .lock()
-            .unwrap()
-            .entries
-            .remove(&self.record.id);
-        if removed.is_some() {
-            self.scheduler.dispatch();
-        }
-    }
-
     /// Whether the job runs in the large-image lane.
     pub fn in_lane(&self) -> bool {
         let st = self.scheduler.state.lock().unwrap();
@@ -419,7 +400,6 @@ mod tests {
                     },
                     limits: Limits::default(),
                     max_blob_streams: 0,
-                    max_unpacks: 0,
                     gate: rx,
                 },
                 &board,
@@ -588,26 +568,6 @@ mod tests {
         for t in [a, b, c] {
             t.await.unwrap();
         }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_fetched_job_frees_its_slot_and_the_link_while_containerd_unpacks() {
-        let mut w = World::new(1, 0, true);
-        let (rec, _) = w.job("pod", Origin::Cri, Priority::urgent(0), 1, MS, 100 * S);
-        let (_, b) = w.job("pre", Origin::Api, Priority::prewarm(0), 1, MS, S);
-        tokio::time::sleep(10 * MS).await;
-        assert!(w.sched.bandwidth.urgent_in_flight());
-        // Stand-in for the fetcher: the pod's blobs are in, containerd unpacks.
-        let ticket = Ticket {
-            scheduler: w.sched.clone(),
-            record: rec,
-        };
-        ticket.fetched();
-        assert!(
-            !w.sched.bandwidth.urgent_in_flight(),
-            "prewarm may use the link again"
-        );
-        b.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

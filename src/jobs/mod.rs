@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::fetch::progress::JobProgress;
+pub mod progress;
+
+use progress::JobProgress;
 use crate::schedule::Priority;
 
 /// Ended jobs kept for `pullgate jobs`.

@@ -1,0 +1,91 @@
+//! `[mirror]`: pullgate's registry mirror, the endpoint containerd fetches manifests and blobs
+//! through (listed first in containerd's `hosts.toml`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::units;
+use crate::pull::Class;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorConfig {
+    /// Serve the mirror and keep pullgate's entry in containerd's hosts.toml. Off: containerd
+    /// fetches by itself, unpaced; pullgate still merges, orders and admits pulls.
+    pub enabled: bool,
+    /// Listen address; loopback only (a local process can read through it what running jobs may
+    /// read, see the README).
+    pub addr: SocketAddr,
+    /// containerd's registry host directory, as in its CRI `registry.config_path`.
+    pub hosts_dir: PathBuf,
+    /// Keep pullgate's `[host]` first in every hosts.toml under `hosts_dir` (and `_default`).
+    /// Off: the administrator lists `http://<addr>` first themselves.
+    pub manage_hosts: bool,
+    /// Send a job's registry credentials to the administrator's mirrors too (containerd does not).
+    pub mirror_credentials: bool,
+    /// Connecting and receiving response headers upstream; also the longest wait for the next
+    /// chunk of a blob before the stream is resumed elsewhere.
+    #[serde(with = "units::duration")]
+    pub request_timeout: Duration,
+    /// Resumptions (ranged, from the byte reached) of one blob stream cut upstream.
+    #[serde(deserialize_with = "units::whole::<_, _, 0, 100>")]
+    pub retries: u32,
+    /// Blobs of pulls that did not come through pullgate's CRI socket (e.g. `ctr pull`, or a
+    /// kubelet still pointed at containerd): `urgent` (served at once, counted in the node budget),
+    /// `prewarm` (paced like prewarm), or `bypass` (refused, so containerd fetches them itself).
+    pub unscheduled: Unscheduled,
+    /// A connection must send a request's headers within this long (also between requests).
+    #[serde(with = "units::duration")]
+    pub header_read_timeout: Duration,
+    /// Connections served at once; one over the cap is closed (containerd then tries the next
+    /// host).
+    #[serde(deserialize_with = "units::whole::<_, _, 1, 65536>")]
+    pub max_connections: usize,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            addr: SocketAddr::from(([127, 0, 0, 1], 9783)),
+            hosts_dir: PathBuf::from("/etc/containerd/certs.d"),
+            manage_hosts: true,
+            mirror_credentials: false,
+            request_timeout: Duration::from_secs(30),
+            retries: 4,
+            unscheduled: Unscheduled::Urgent,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+        }
+    }
+}
+
+impl MirrorConfig {
+    /// The URL containerd is given for the mirror.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// How blobs of pulls pullgate did not schedule are served.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Unscheduled {
+    Urgent,
+    Prewarm,
+    Bypass,
+}
+
+impl Unscheduled {
+    /// The class they are paced at; `None`: not served.
+    pub fn class(self) -> Option<Class> {
+        match self {
+            Unscheduled::Urgent => Some(Class::Urgent),
+            Unscheduled::Prewarm => Some(Class::Prewarm),
+            Unscheduled::Bypass => None,
+        }
+    }
+}

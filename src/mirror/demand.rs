@@ -1,0 +1,332 @@
+//! What the mirror serves: the manifests pullgate resolved and the blobs of the jobs it admitted,
+//! each with the jobs that need it.
+//!
+//! A job registers its image when it is admitted and leaves when containerd's pull ends (the
+//! [`Registration`] guard). A blob needed by several jobs is streamed once per containerd request
+//! at the class of the highest of them, re-read on every chunk, so a pod joining a prewarm job's
+//! layer (or a promotion) speeds up a stream already open. A job's credentials are used only for
+//! its own blobs and manifests, in its own repository, while it is registered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::jobs::progress::BlobProgress;
+use crate::jobs::JobRecord;
+use crate::pull::Class;
+use crate::registry::{Credentials, Descriptor, FetchedManifest, ImageRef, Resolved};
+use crate::schedule::Priority;
+
+/// Where a manifest or blob lives: `ns` (the registry containerd names), repository, and a digest
+/// (or, for the manifest a pull names, its tag).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub registry: String,
+    pub repository: String,
+    pub name: String,
+}
+
+impl Key {
+    fn of(image: &ImageRef, name: &str) -> Key {
+        Key {
+            registry: image.registry.clone(),
+            repository: image.repository.clone(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// One job's need of a blob.
+struct Need {
+    job: u64,
+    record: Arc<JobRecord>,
+    image: ImageRef,
+    creds: Credentials,
+    progress: Arc<BlobProgress>,
+}
+
+struct BlobEntry {
+    descriptor: Descriptor,
+    needs: Vec<Need>,
+}
+
+struct ManifestEntry {
+    manifest: FetchedManifest,
+    jobs: Vec<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    blobs: HashMap<Key, BlobEntry>,
+    manifests: HashMap<Key, ManifestEntry>,
+}
+
+/// The demand table, shared by the pull path (writer) and the mirror (reader).
+#[derive(Default)]
+pub struct Demand {
+    state: Mutex<State>,
+}
+
+/// What serving one blob request needs: where to fetch it and with which credentials (those of
+/// the highest-priority job needing it when the request came in).
+#[derive(Clone)]
+pub struct BlobSource {
+    pub key: Key,
+    pub descriptor: Descriptor,
+    pub image: ImageRef,
+    pub creds: Credentials,
+    /// The job whose credentials these are.
+    pub job: u64,
+    /// That job's priority, watched (for stream slots).
+    pub priority: watch::Receiver<Priority>,
+}
+
+impl std::fmt::Debug for BlobSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobSource")
+            .field("key", &self.key)
+            .field("job", &self.job)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Demand {
+    pub fn new() -> Arc<Demand> {
+        Arc::default()
+    }
+
+    /// Registers `resolved` (the image of job `record`, fetched with `creds`): its manifests
+    /// under the reference's tag or digest and their digests, its config and layers as blobs.
+    /// Blob progress is added to the job's record. Everything goes when the guard drops.
+    pub fn register(
+        self: &Arc<Self>,
+        record: &Arc<JobRecord>,
+        image: &ImageRef,
+        creds: &Credentials,
+        resolved: &Resolved,
+    ) -> Registration {
+        let job = record.id;
+        let mut keys = Vec::new();
+        let mut st = self.state.lock().unwrap();
+        let outer = resolved.index.as_ref().unwrap_or(&resolved.manifest);
+        let mut manifests = vec![(image.manifest_reference().to_string(), outer)];
+        for m in resolved.index.iter().chain([&resolved.manifest]) {
+            manifests.push((m.descriptor.digest().to_string(), m));
+        }
+        for (name, m) in manifests {
+            let key = Key::of(image, &name);
+            let entry = st
+                .manifests
+                .entry(key.clone())
+                .or_insert_with(|| ManifestEntry {
+                    manifest: m.clone(),
+                    jobs: Vec::new(),
+                });
+            if !entry.jobs.contains(&job) {
+                entry.jobs.push(job);
+            }
+            keys.push((true, key));
+        }
+        for desc in std::iter::once(&resolved.config).chain(&resolved.layers) {
+            let key = Key::of(image, desc.digest().as_ref());
+            let entry = st.blobs.entry(key.clone()).or_insert_with(|| BlobEntry {
+                descriptor: desc.clone(),
+                needs: Vec::new(),
+            });
+            if entry.needs.iter().any(|n| n.job == job) {
+                continue; // the same blob twice in one image
+            }
+            let progress = BlobProgress::new(desc.digest().to_string(), desc.size());
+            record.progress.add(progress.clone());
+            entry.needs.push(Need {
+                job,
+                record: record.clone(),
+                image: image.clone(),
+                creds: creds.clone(),
+                progress,
+            });
+            keys.push((false, key));
+        }
+        Registration {
+            demand: self.clone(),
+            job,
+            keys,
+        }
+    }
+
+    /// The manifest registered under `key` (tag or digest), if a running job resolved it.
+    pub fn manifest(&self, key: &Key) -> Option<FetchedManifest> {
+        let st = self.state.lock().unwrap();
+        st.manifests.get(key).map(|e| e.manifest.clone())
+    }
+
+    /// Where to fetch blob `key`, if a running job needs it.
+    pub fn blob(&self, key: &Key) -> Option<BlobSource> {
+        let st = self.state.lock().unwrap();
+        let entry = st.blobs.get(key)?;
+        let top = entry.needs.iter().max_by_key(|n| n.record.priority())?;
+        Some(BlobSource {
+            key: key.clone(),
+            descriptor: entry.descriptor.clone(),
+            image: top.image.clone(),
+            creds: top.creds.clone(),
+            job: top.job,
+            priority: top.record.watch_priority(),
+        })
+    }
+
+    /// The class blob `key` is served at now: the highest of the jobs needing it; `unknown` when
+    /// none does (any more).
+    pub fn class(&self, key: &Key, unknown: Class) -> Class {
+        let st = self.state.lock().unwrap();
+        let Some(entry) = st.blobs.get(key) else {
+            return unknown;
+        };
+        entry
+            .needs
+            .iter()
+            .map(|n| n.record.priority().class())
+            .max()
+            .unwrap_or(unknown)
+    }
+
+    /// Records that `done` bytes of blob `key` have reached containerd, for every job needing it.
+    pub fn progress(&self, key: &Key, done: u64) {
+        let st = self.state.lock().unwrap();
+        if let Some(entry) = st.blobs.get(key) {
+            for n in &entry.needs {
+                if done > n.progress.done() {
+                    n.progress.set(done);
+                }
+            }
+        }
+    }
+
+    /// Blobs and manifests registered (for tests and status).
+    pub fn len(&self) -> (usize, usize) {
+        let st = self.state.lock().unwrap();
+        (st.blobs.len(), st.manifests.len())
+    }
+
+    fn remove(&self, job: u64, keys: &[(bool, Key)]) {
+        let mut st = self.state.lock().unwrap();
+        for (is_manifest, key) in keys {
+            if *is_manifest {
+                if let Some(e) = st.manifests.get_mut(key) {
+                    e.jobs.retain(|j| *j != job);
+                    if e.jobs.is_empty() {
+                        st.manifests.remove(key);
+                    }
+                }
+            } else if let Some(e) = st.blobs.get_mut(key) {
+                e.needs.retain(|n| n.job != job);
+                if e.needs.is_empty() {
+                    st.blobs.remove(key);
+                }
+            }
+        }
+    }
+}
+
+/// A job's place in the demand table; dropping it takes the job's needs (and credentials) out.
+pub struct Registration {
+    demand: Arc<Demand>,
+    job: u64,
+    keys: Vec<(bool, Key)>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.demand.remove(self.job, &self.keys);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::{JobBoard, Origin};
+    use crate::registry::{FetchedManifest, Source};
+    use bytes::Bytes;
+    use oci_spec::image::{Digest, MediaType};
+    use std::str::FromStr;
+
+    fn desc(hex: char, size: u64) -> Descriptor {
+        let d = Digest::from_str(&format!("sha256:{}", hex.to_string().repeat(64))).unwrap();
+        Descriptor::new(MediaType::ImageLayerGzip, size, d)
+    }
+
+    fn resolved(layers: &[char]) -> Resolved {
+        Resolved {
+            index: None,
+            manifest: FetchedManifest {
+                descriptor: desc('a', 10),
+                bytes: Bytes::from_static(b"{}"),
+            },
+            config: desc('c', 5),
+            layers: layers.iter().map(|c| desc(*c, 100)).collect(),
+            source: Source::Registry,
+        }
+    }
+
+    fn record(board: &JobBoard, id: u64, image: &str, p: Priority) -> Arc<JobRecord> {
+        board.create(id, image, Origin::Cri, p, crate::jobs::JobState::Fetching)
+    }
+
+    #[test]
+    fn a_shared_blob_takes_the_highest_class_and_leaves_with_its_last_job() {
+        let board = JobBoard::new();
+        let demand = Demand::new();
+        let a = ImageRef::parse("reg.test/app:1").unwrap();
+        let b = ImageRef::parse("reg.test/app:2").unwrap();
+        let pre = record(&board, 1, &a.whole(), Priority::prewarm(0));
+        let pod = record(&board, 2, &b.whole(), Priority::urgent(0));
+        let shared = Key::of(&a, desc('1', 1).digest().as_ref());
+        let only_a = Key::of(&a, desc('2', 1).digest().as_ref());
+
+        let ra = demand.register(&pre, &a, &Credentials::Anonymous, &resolved(&['1', '2']));
+        assert_eq!(demand.class(&shared, Class::Urgent), Class::Prewarm);
+        let rb = demand.register(&pod, &b, &Credentials::Anonymous, &resolved(&['1']));
+        assert_eq!(demand.class(&shared, Class::Prewarm), Class::Urgent);
+        assert_eq!(demand.class(&only_a, Class::Urgent), Class::Prewarm);
+        assert_eq!(demand.blob(&shared).unwrap().job, pod.id);
+
+        demand.progress(&shared, 60);
+        assert_eq!(pre.progress.totals().0, 60);
+        assert_eq!(pod.progress.totals().0, 60);
+
+        drop(rb);
+        assert_eq!(demand.class(&shared, Class::Urgent), Class::Prewarm);
+        assert!(demand.manifest(&Key::of(&b, "2")).is_none());
+        assert!(demand.manifest(&Key::of(&a, "1")).is_some());
+        drop(ra);
+        assert_eq!(demand.len(), (0, 0));
+        assert!(demand.blob(&shared).is_none());
+    }
+
+    #[test]
+    fn credentials_stay_with_their_repository() {
+        let board = JobBoard::new();
+        let demand = Demand::new();
+        let a = ImageRef::parse("reg.test/team-a/app:1").unwrap();
+        let job = record(&board, 1, &a.whole(), Priority::urgent(0));
+        let creds = Credentials::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        let _r = demand.register(&job, &a, &creds, &resolved(&['1']));
+        let digest = desc('1', 1).digest().to_string();
+        let other_repo = Key {
+            registry: a.registry.clone(),
+            repository: "team-b/app".into(),
+            name: digest.clone(),
+        };
+        let other_registry = Key {
+            registry: "elsewhere.test".into(),
+            repository: a.repository.clone(),
+            name: digest,
+        };
+        assert!(demand.blob(&other_repo).is_none());
+        assert!(demand.blob(&other_registry).is_none());
+    }
+}
