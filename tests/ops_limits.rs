@@ -34,12 +34,20 @@ fn check_config_accepts_the_shipped_file_and_refuses_what_would_fail_at_use() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (
-            "[fetch]\nlease_expiry = \"10000y\"\n",
-            "line 2: fetch.lease_expiry: 10000y is out of range: expected a duration between 1m and 7d, like \"1h\"",
+            "[mirror]\nrequest_timeout = \"10000y\"\n",
+            "line 2: mirror.request_timeout: 10000y is out of range: expected a duration between 1s and 10m, like \"30s\"",
         ),
         (
-            "[fetch]\nlease_expiry = 1979-05-27T07:32:00Z\n",
+            "[mirror]\nrequest_timeout = 1979-05-27T07:32:00Z\n",
             "expected a duration like \"30s\"",
+        ),
+        (
+            "[fetch]\nlease_expiry = \"1h\"\n",
+            "line 2: fetch.lease_expiry: no longer exists since pullgate serves containerd as its registry mirror",
+        ),
+        (
+            "[mirror]\naddr = \"0.0.0.0:9783\"\n",
+            "mirror.addr: 0.0.0.0:9783 is not a loopback address",
         ),
         (
             "[schedule]\nbandwidth = \"300%\"\n",
@@ -50,8 +58,8 @@ fn check_config_accepts_the_shipped_file_and_refuses_what_would_fail_at_use() {
             "expected a whole number from 0 to 4096",
         ),
         (
-            "[fetch]\nhosts_dir = \"certs.d\"\n",
-            "fetch.hosts_dir: \"certs.d\" is a relative path: expected an absolute path",
+            "[mirror]\nhosts_dir = \"certs.d\"\n",
+            "mirror.hosts_dir: \"certs.d\" is a relative path: expected an absolute path",
         ),
         (
             "[metrics]\nheader_read_timeout = \"1h\"\n",
@@ -97,7 +105,7 @@ impl Daemon {
             &config,
             format!(
                 "[server]\nsocket = {:?}\n[containerd]\nsocket = {:?}\n[api]\nsocket = {:?}\n\
-                 [fetch]\nhosts_dir = {:?}\n[metrics]\naddr = {addr:?}\n{metrics_toml}\n",
+                 [mirror]\nenabled = false\nhosts_dir = {:?}\n[metrics]\naddr = {addr:?}\n{metrics_toml}\n",
                 d.join("pullgate.sock"),
                 d.join("no-containerd.sock"),
                 d.join("api.sock"),

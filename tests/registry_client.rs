@@ -24,6 +24,7 @@ fn client(config_path: &Path) -> RegistryClient {
         request_timeout: Duration::from_secs(10),
         user_agent: "pullgate-test".to_string(),
         mirror_credentials: false,
+        skip_hosts: Vec::new(),
     })
 }
 
@@ -412,6 +413,7 @@ async fn failing_mirrors_are_skipped_and_never_get_credentials() {
         request_timeout: Duration::from_millis(1500),
         user_agent: "pullgate-test".to_string(),
         mirror_credentials: false,
+        skip_hosts: Vec::new(),
     };
     let c = RegistryClient::new(config.clone());
     let image = ImageRef::parse(&img.reference()).unwrap();
@@ -571,6 +573,7 @@ async fn silent_registry_times_out() {
         request_timeout: Duration::from_millis(500),
         user_agent: "pullgate-test".to_string(),
         mirror_credentials: false,
+        skip_hosts: Vec::new(),
     });
     let image = ImageRef::parse(&format!("{}/x/y:z", silent.addr)).unwrap();
     let started = std::time::Instant::now();

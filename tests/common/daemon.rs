@@ -31,16 +31,18 @@ pub fn binary() -> PathBuf {
 
 impl Pullgate {
     /// Starts `pullgate serve` on `dir/pullgate.sock` in front of `containerd`, reading
-    /// containerd's own `certs.d` for registry hosts, with `fetch_toml` added to its `[fetch]`
-    /// table and debug logs in `dir/pullgate.log`; waits until `/readyz` answers 200.
-    pub async fn start(dir: &Path, containerd: &super::Containerd, fetch_toml: &str) -> Pullgate {
+    /// its mirror on a free loopback port written first into containerd's own `certs.d`, with
+    /// `mirror_toml` added to its `[mirror]` table and debug logs in `dir/pullgate.log`; waits
+    /// until `/readyz` answers 200.
+    pub async fn start(dir: &Path, containerd: &super::Containerd, mirror_toml: &str) -> Pullgate {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("config.toml");
         std::fs::write(
             &config,
             format!(
-                "[api]\nsocket = {:?}\n[fetch]\nhosts_dir = {:?}\n{fetch_toml}\n",
+                "[api]\nsocket = {:?}\n[mirror]\naddr = \"127.0.0.1:{}\"\nhosts_dir = {:?}\n{mirror_toml}\n",
                 dir.join("api.sock"),
+                super::free_port(),
                 containerd.dir().join("certs.d")
             ),
         )

@@ -23,6 +23,7 @@ pub mod nginx;
 pub mod node;
 pub mod registry;
 pub mod slowproxy;
+pub mod store;
 pub mod tokenauth;
 
 use std::collections::HashSet;

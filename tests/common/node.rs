@@ -4,7 +4,6 @@ use super::daemon::Pullgate;
 use super::slowproxy::SlowProxy;
 use super::{image_client, tempdir, Containerd, Registry};
 use pullgate::proto::runtime::v1::image_service_client::ImageServiceClient;
-use pullgate::upstream::ContentStore;
 use tonic::transport::Channel;
 
 /// Fields drop in order: processes stop before the temp dir goes.
@@ -20,19 +19,19 @@ impl Node {
         Node::start_with(auth, "").await
     }
 
-    /// With extra lines for pullgate's `[fetch]` config table.
-    pub async fn start_with(auth: Option<(&str, &str)>, fetch_toml: &str) -> Node {
-        Node::start_on(auth, fetch_toml, "native").await
+    /// With extra lines for pullgate's `[mirror]` config table.
+    pub async fn start_with(auth: Option<(&str, &str)>, mirror_toml: &str) -> Node {
+        Node::start_on(auth, mirror_toml, "native").await
     }
 
     /// With containerd's CRI unpacking into `snapshotter` ("native" or "overlayfs").
-    pub async fn start_on(auth: Option<(&str, &str)>, fetch_toml: &str, snapshotter: &str) -> Node {
+    pub async fn start_on(auth: Option<(&str, &str)>, mirror_toml: &str, snapshotter: &str) -> Node {
         let dir = tempdir();
         let registry = Registry::start(&dir.path().join("registry"), auth).await;
         let containerd =
             Containerd::start_on(&dir.path().join("ctd"), &[registry.addr()], "", snapshotter)
                 .await;
-        let pullgate = Pullgate::start(&dir.path().join("pg"), &containerd, fetch_toml).await;
+        let pullgate = Pullgate::start(&dir.path().join("pg"), &containerd, mirror_toml).await;
         Node {
             pullgate,
             containerd,
@@ -51,16 +50,9 @@ impl Node {
         image_client(&self.pullgate.socket())
     }
 
-    /// containerd's content store and leases in the CRI namespace.
-    pub fn content(&self) -> ContentStore {
-        ContentStore::new(super::uds_channel_now(&self.containerd.socket()), "k8s.io")
-    }
-
-    pub fn snapshots(&self) -> pullgate::upstream::snapshots::SnapshotStore {
-        pullgate::upstream::snapshots::SnapshotStore::new(
-            super::uds_channel_now(&self.containerd.socket()),
-            "k8s.io",
-        )
+    /// containerd's content store (CRI namespace), for assertions.
+    pub fn store(&self) -> super::store::Store {
+        super::store::Store::new(&self.containerd.socket())
     }
 
     /// An HTTP proxy to the registry that breaks blob downloads on demand.
