@@ -56,6 +56,20 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Show, write or remove pullgate's mirror entries in containerd's hosts.toml files
+    /// (`pullgate serve` keeps them itself while `mirror.manage_hosts` is on).
+    MirrorHosts {
+        /// Take pullgate's entries out of every file (the administrator's hosts stay as written)
+        #[arg(long, conflicts_with = "write")]
+        remove: bool,
+        /// Write the entries now, as `pullgate serve` does at start
+        #[arg(long)]
+        write: bool,
+        /// Config file (for mirror.hosts_dir and mirror.addr) [default: /etc/pullgate/config.toml
+        /// if it exists, else built-in defaults]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Wait for pullgate state; exits 0 when reached, 1 on failure or timeout.
     Wait {
         /// Wait until every [[prewarm]] image of the config is present (e.g. in a systemd
@@ -120,6 +134,62 @@ impl ServeArgs {
     }
 }
 
+/// `pullgate mirror-hosts`: lists the files that do not send containerd through pullgate first
+/// (exit 1 if any), or writes or removes the entries.
+fn mirror_hosts(config: Option<PathBuf>, remove: bool, write: bool) -> ExitCode {
+    use crate::mirror::hosts_dir::{self, HostsKeeper, Outcome};
+    let cfg = match Config::load_default_or(config.as_deref()) {
+        Ok((c, _)) => c,
+        Err(e) => {
+            eprintln!("pullgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let dir = &cfg.mirror.hosts_dir;
+    if remove {
+        return match hosts_dir::remove_all(dir) {
+            Ok(changed) => {
+                for f in &changed {
+                    println!("removed pullgate's entry from {}", f.display());
+                }
+                if changed.is_empty() {
+                    println!("no pullgate entry under {}", dir.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pullgate: cannot edit hosts.toml under {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let keeper = HostsKeeper::new(dir.clone(), cfg.mirror.url());
+    if write {
+        let mut failed = false;
+        for (file, outcome) in keeper.ensure_all() {
+            match outcome {
+                Outcome::Written => println!("wrote {}", file.display()),
+                Outcome::Unchanged => println!("ok    {}", file.display()),
+                Outcome::Refused(why) => {
+                    failed = true;
+                    println!("LEFT  {}: {why}", file.display());
+                }
+            }
+        }
+        return if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+    }
+    let missing = keeper.missing();
+    for f in &missing {
+        println!("{} does not list {} first", f.display(), cfg.mirror.url());
+    }
+    if missing.is_empty() {
+        println!("every hosts.toml under {} lists {} first", dir.display(), cfg.mirror.url());
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// Runs an API client command on a small runtime.
 fn client(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     match tokio::runtime::Builder::new_current_thread()
@@ -151,6 +221,11 @@ pub fn main() -> ExitCode {
             timeout,
             api: a,
         } => client(api::wait_prewarmed(a.api_socket, timeout)),
+        Command::MirrorHosts {
+            remove,
+            write,
+            config,
+        } => mirror_hosts(config, remove, write),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());

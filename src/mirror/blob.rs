@@ -19,7 +19,7 @@ use hyper::body::Frame;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::demand::{BlobSource, Key};
+use super::demand::{Access, BlobSource, Key, Presented};
 use super::Mirror;
 use crate::metrics::SourceLabels;
 use crate::pull::Class;
@@ -28,10 +28,17 @@ use crate::registry::{Credentials, Descriptor, RegistryError, Source};
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// Serves `GET`/`HEAD` of blob `key`, honouring containerd's `Range`.
-pub async fn serve(mirror: &Arc<Mirror>, key: Key, range: Option<&str>, head: bool) -> Response<Body> {
-    let (source, class) = match mirror.demand.blob(&key) {
-        Some(s) => (s, None),
-        None => match mirror.unscheduled_source(&key).await {
+pub async fn serve(
+    mirror: &Arc<Mirror>,
+    key: Key,
+    presented: Option<&Presented>,
+    range: Option<&str>,
+    head: bool,
+) -> Response<Body> {
+    let (source, class) = match mirror.demand.blob(&key, presented) {
+        Access::Granted(s) => (s, None),
+        Access::Challenge => return challenge(),
+        Access::Unknown => match mirror.unscheduled_source(&key).await {
             Ok(Some(s)) => s,
             Ok(None) => return status(StatusCode::NOT_FOUND, "blob not scheduled by pullgate"),
             Err(e) => return upstream_error(&key, &e),
@@ -255,6 +262,16 @@ fn upstream_error(key: &Key, e: &RegistryError) -> Response<Body> {
     status(code, &e.to_string())
 }
 
+/// Asks containerd for the pull's credentials (it sends them to a mirror that challenges).
+pub fn challenge() -> Response<Body> {
+    let mut r = status(StatusCode::UNAUTHORIZED, "credentials required");
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"pullgate\""),
+    );
+    r
+}
+
 pub fn status(code: StatusCode, message: &str) -> Response<Body> {
     let body = serde_json::json!({"errors": [{"code": code_name(code), "message": message}]});
     Response::builder()
@@ -268,6 +285,7 @@ fn code_name(code: StatusCode) -> &'static str {
     match code {
         StatusCode::NOT_FOUND => "BLOB_UNKNOWN",
         StatusCode::RANGE_NOT_SATISFIABLE => "RANGE_INVALID",
+        StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
         _ => "UNAVAILABLE",
     }
 }

@@ -5,7 +5,10 @@
 //! [`Registration`] guard). A blob needed by several jobs is streamed once per containerd request
 //! at the class of the highest of them, re-read on every chunk, so a pod joining a prewarm job's
 //! layer (or a promotion) speeds up a stream already open. A job's credentials are used only for
-//! its own blobs and manifests, in its own repository, while it is registered.
+//! its own blobs and manifests, in its own repository, while it is registered, and only for a
+//! request that presents the same credentials: containerd sends a CRI pull's credentials to a
+//! mirror that challenges it with 401 (observed on 1.6, 1.7 and 2.1), so a pull with other (or
+//! no) credentials never reads through another job's. Content a job read anonymously is public.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -53,7 +56,59 @@ struct BlobEntry {
 
 struct ManifestEntry {
     manifest: FetchedManifest,
-    jobs: Vec<u64>,
+    jobs: Vec<(u64, Credentials)>,
+}
+
+/// The credentials a mirror request carried (`Authorization: Basic`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Presented {
+    pub username: String,
+    pub password: String,
+}
+
+impl Presented {
+    /// Parses an `Authorization` header value; `None` for anything but valid Basic.
+    pub fn from_header(value: &str) -> Option<Presented> {
+        use base64::Engine;
+        let (scheme, b64) = value.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (username, password) = text.split_once(':')?;
+        Some(Presented {
+            username: username.to_string(),
+            password: password.to_string(),
+        })
+    }
+}
+
+/// May a request presenting `presented` read what a job with `creds` read?
+fn admits(creds: &Credentials, presented: Option<&Presented>) -> bool {
+    match (creds, presented) {
+        (Credentials::Anonymous, _) => true,
+        (Credentials::Basic { username, password }, Some(p)) => {
+            *username == p.username && *password == p.password
+        }
+        // containerd answers a Basic challenge with ("", token) for an identity token.
+        (Credentials::IdentityToken { username, token }, Some(p)) => {
+            username.as_deref().unwrap_or("") == p.username && *token == p.password
+        }
+        _ => false,
+    }
+}
+
+/// What a request may read.
+pub enum Access<T> {
+    Granted(T),
+    /// Only jobs with credentials need it, and the request presented none: answer 401 with a
+    /// Basic challenge, and containerd asks again with the pull's credentials.
+    Challenge,
+    /// Not for this request: containerd fetches it from its next host.
+    Unknown,
 }
 
 #[derive(Default)]
@@ -123,8 +178,8 @@ impl Demand {
                     manifest: m.clone(),
                     jobs: Vec::new(),
                 });
-            if !entry.jobs.contains(&job) {
-                entry.jobs.push(job);
+            if !entry.jobs.iter().any(|(j, _)| *j == job) {
+                entry.jobs.push((job, creds.clone()));
             }
             keys.push((true, key));
         }
@@ -155,18 +210,42 @@ impl Demand {
         }
     }
 
-    /// The manifest registered under `key` (tag or digest), if a running job resolved it.
-    pub fn manifest(&self, key: &Key) -> Option<FetchedManifest> {
+    /// The manifest registered under `key` (tag or digest), if a running job whose credentials
+    /// the request presents resolved it.
+    pub fn manifest(&self, key: &Key, presented: Option<&Presented>) -> Access<FetchedManifest> {
         let st = self.state.lock().unwrap();
-        st.manifests.get(key).map(|e| e.manifest.clone())
+        let Some(e) = st.manifests.get(key) else {
+            return Access::Unknown;
+        };
+        if e.jobs.iter().any(|(_, c)| admits(c, presented)) {
+            return Access::Granted(e.manifest.clone());
+        }
+        if presented.is_none() {
+            return Access::Challenge;
+        }
+        Access::Unknown
     }
 
-    /// Where to fetch blob `key`, if a running job needs it.
-    pub fn blob(&self, key: &Key) -> Option<BlobSource> {
+    /// Where to fetch blob `key`, if a running job whose credentials the request presents needs
+    /// it (the highest-priority such job's credentials are used upstream).
+    pub fn blob(&self, key: &Key, presented: Option<&Presented>) -> Access<BlobSource> {
         let st = self.state.lock().unwrap();
-        let entry = st.blobs.get(key)?;
-        let top = entry.needs.iter().max_by_key(|n| n.record.priority())?;
-        Some(BlobSource {
+        let Some(entry) = st.blobs.get(key) else {
+            return Access::Unknown;
+        };
+        let Some(top) = entry
+            .needs
+            .iter()
+            .filter(|n| admits(&n.creds, presented))
+            .max_by_key(|n| n.record.priority())
+        else {
+            return if presented.is_none() {
+                Access::Challenge
+            } else {
+                Access::Unknown
+            };
+        };
+        Access::Granted(BlobSource {
             key: key.clone(),
             descriptor: entry.descriptor.clone(),
             image: top.image.clone(),
@@ -214,7 +293,7 @@ impl Demand {
         for (is_manifest, key) in keys {
             if *is_manifest {
                 if let Some(e) = st.manifests.get_mut(key) {
-                    e.jobs.retain(|j| *j != job);
+                    e.jobs.retain(|(j, _)| *j != job);
                     if e.jobs.is_empty() {
                         st.manifests.remove(key);
                     }
@@ -289,7 +368,10 @@ mod tests {
         let rb = demand.register(&pod, &b, &Credentials::Anonymous, &resolved(&['1']));
         assert_eq!(demand.class(&shared, Class::Prewarm), Class::Urgent);
         assert_eq!(demand.class(&only_a, Class::Urgent), Class::Prewarm);
-        assert_eq!(demand.blob(&shared).unwrap().job, pod.id);
+        let Access::Granted(src) = demand.blob(&shared, None) else {
+            panic!("public blob")
+        };
+        assert_eq!(src.job, pod.id);
 
         demand.progress(&shared, 60);
         assert_eq!(pre.progress.totals().0, 60);
@@ -297,11 +379,11 @@ mod tests {
 
         drop(rb);
         assert_eq!(demand.class(&shared, Class::Urgent), Class::Prewarm);
-        assert!(demand.manifest(&Key::of(&b, "2")).is_none());
-        assert!(demand.manifest(&Key::of(&a, "1")).is_some());
+        assert!(matches!(demand.manifest(&Key::of(&b, "2"), None), Access::Unknown));
+        assert!(matches!(demand.manifest(&Key::of(&a, "1"), None), Access::Granted(_)));
         drop(ra);
         assert_eq!(demand.len(), (0, 0));
-        assert!(demand.blob(&shared).is_none());
+        assert!(matches!(demand.blob(&shared, None), Access::Unknown));
     }
 
     #[test]
@@ -324,9 +406,33 @@ mod tests {
         let other_registry = Key {
             registry: "elsewhere.test".into(),
             repository: a.repository.clone(),
-            name: digest,
+            name: digest.clone(),
         };
-        assert!(demand.blob(&other_repo).is_none());
-        assert!(demand.blob(&other_registry).is_none());
+        let right = Presented {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        let wrong = Presented {
+            password: "x".into(),
+            ..right.clone()
+        };
+        let own = Key::of(&a, &digest);
+        assert!(matches!(demand.blob(&own, Some(&right)), Access::Granted(_)));
+        assert!(matches!(demand.blob(&own, None), Access::Challenge));
+        assert!(matches!(demand.blob(&own, Some(&wrong)), Access::Unknown));
+        assert!(matches!(demand.manifest(&Key::of(&a, "1"), None), Access::Challenge));
+        assert!(matches!(demand.manifest(&Key::of(&a, "1"), Some(&wrong)), Access::Unknown));
+        for key in [&other_repo, &other_registry] {
+            assert!(matches!(demand.blob(key, Some(&right)), Access::Unknown));
+        }
+    }
+
+    #[test]
+    fn basic_headers_parse() {
+        let p = Presented::from_header("Basic dTpwOnE=").unwrap();
+        assert_eq!((p.username.as_str(), p.password.as_str()), ("u", "p:q"));
+        assert!(Presented::from_header("Bearer abc").is_none());
+        assert!(Presented::from_header("Basic !!!").is_none());
+        assert!(Presented::from_header("Basic dXNlcg==").is_none(), "no colon");
     }
 }

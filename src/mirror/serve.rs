@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::blob::{self, status, Body};
-use super::demand::Key;
+use super::demand::{Access, Key, Presented};
 use super::route::{self, Route};
 use super::Mirror;
 use crate::metrics::MirrorLabels;
@@ -78,15 +78,21 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<
         return Ok(status(StatusCode::METHOD_NOT_ALLOWED, "the mirror serves pulls only"));
     }
     let route = route::parse(req.uri().path(), req.uri().query());
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Presented::from_header);
+    let presented = presented.as_ref();
     let (kind, resp) = match route {
         Route::Base => ("base", base()),
-        Route::Manifest(key) => ("manifest", manifest(&mirror, &key, head)),
+        Route::Manifest(key) => ("manifest", manifest(&mirror, &key, presented, head)),
         Route::Blob(key) => {
             let range = req
                 .headers()
                 .get(header::RANGE)
                 .and_then(|v| v.to_str().ok());
-            ("blob", blob::serve(&mirror, key, range, head).await)
+            ("blob", blob::serve(&mirror, key, presented, range, head).await)
         }
         Route::Unknown(why) => {
             debug!(path = req.uri().path(), why, "mirror: not a request it serves");
@@ -113,9 +119,11 @@ fn base() -> Response<Body> {
 }
 
 /// A manifest a running job resolved, exactly as pullgate received it.
-fn manifest(mirror: &Mirror, key: &Key, head: bool) -> Response<Body> {
-    let Some(m) = mirror.demand.manifest(key) else {
-        return status(StatusCode::NOT_FOUND, "manifest not resolved by pullgate");
+fn manifest(mirror: &Mirror, key: &Key, presented: Option<&Presented>, head: bool) -> Response<Body> {
+    let m = match mirror.demand.manifest(key, presented) {
+        Access::Granted(m) => m,
+        Access::Challenge => return blob::challenge(),
+        Access::Unknown => return status(StatusCode::NOT_FOUND, "manifest not resolved by pullgate"),
     };
     let builder = Response::builder()
         .header(header::CONTENT_TYPE, m.descriptor.media_type().to_string())
@@ -128,6 +136,7 @@ fn manifest(mirror: &Mirror, key: &Key, head: bool) -> Response<Body> {
 fn status_class(s: StatusCode) -> &'static str {
     match s.as_u16() {
         200..=299 => "2xx",
+        401 => "401",
         404 => "404",
         400..=499 => "4xx",
         _ => "5xx",

@@ -34,6 +34,7 @@ pub struct Recorded {
     pub path: String,
     pub range: Option<String>,
     pub user_agent: String,
+    pub authorization: Option<String>,
 }
 
 pub struct FaultProxy {
@@ -121,6 +122,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         path: path.clone(),
         range: header("range"),
         user_agent: header("user-agent").unwrap_or_default(),
+        authorization: header("authorization"),
     });
     let fault = {
         let mut target = state.target.lock().unwrap();

@@ -1,0 +1,402 @@
+//! End-to-end tests of the byte path on a real containerd and registry: containerd fetches every
+//! manifest and blob through pullgate's mirror (its hosts.toml entry first), pullgate resolves
+//! once and streams blobs from upstream, broken registries leave nothing corrupt in containerd,
+//! and with pullgate down containerd still pulls by itself.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::daemon::metric_value;
+use common::faultproxy::Fault;
+use common::node::Node;
+use common::registry::push_index;
+use common::*;
+use pullgate::proto::runtime::v1::*;
+
+const CONTAINERD_UA: &str = "containerd/";
+const PULLGATE_UA: &str = "pullgate/";
+
+fn spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    })
+}
+
+async fn present(node: &Node, image: &str) -> bool {
+    node.direct()
+        .image_status(ImageStatusRequest {
+            image: spec(image),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .is_some()
+}
+
+/// No unfinished download is left in containerd.
+async fn assert_no_ingests(node: &Node) {
+    let ingests = node.store().ingests().await;
+    assert!(ingests.is_empty(), "ingests left: {ingests:?}");
+}
+
+fn blob_gets(node: &Node) -> Vec<common::registry::AccessLogEntry> {
+    node.registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/blobs/sha256:"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_fetches_every_blob_through_the_mirror_and_resolves_once() {
+    let node = Node::start(None).await;
+    let img = push_image(
+        &node.registry,
+        "mirror/app",
+        "v1",
+        &[3 << 20, 1 << 20, 200 << 10],
+        None,
+    )
+    .await;
+    let hosts = node
+        .containerd
+        .dir()
+        .join("certs.d")
+        .join(node.registry.addr())
+        .join("hosts.toml");
+    let text = std::fs::read_to_string(&hosts).unwrap();
+    assert!(text.contains("# >>> pullgate mirror"), "{text}");
+
+    let reply = node
+        .via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.image_ref, img.config_digest);
+    assert!(present(&node, &img.reference()).await);
+
+    // Every blob came from pullgate's mirror (its user agent upstream), none from containerd.
+    let gets = blob_gets(&node);
+    assert!(
+        gets.iter().all(|r| r.user_agent.starts_with(PULLGATE_UA)),
+        "containerd fetched blobs itself: {gets:?}"
+    );
+    assert_eq!(gets.len(), img.blob_count(), "{gets:?}");
+    // One resolution: the mirror served containerd the manifest pullgate had resolved.
+    let manifest_by_containerd = node
+        .registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/manifests/") && r.user_agent.starts_with(CONTAINERD_UA))
+        .count();
+    assert_eq!(manifest_by_containerd, 0, "{:?}", node.registry.requests());
+
+    let m = node.pullgate.metrics().await;
+    let blob_bytes: u64 = img.layer_blob_sizes.iter().sum::<u64>() + img.config_size;
+    assert_eq!(
+        metric_value(&m, "pullgate_fetched_bytes_total{source=\"registry\"}"),
+        blob_bytes as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "pullgate_mirror_requests_total{kind=\"blob\",status=\"2xx\"}"),
+        img.blob_count() as f64,
+        "{m}"
+    );
+    let (code, body) = node.pullgate.http_get("/readyz").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_no_ingests(&node).await;
+
+    // The administrator's tool rewrites the file without pullgate: /readyz says so, and the next
+    // pull puts the entry back before containerd reads it.
+    node.containerd.add_registry(&node.registry);
+    let (code, body) = node.pullgate.http_get("/readyz").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("hosts.toml"), "{body}");
+    node.via()
+        .remove_image(RemoveImageRequest {
+            image: spec(&img.reference()),
+        })
+        .await
+        .unwrap();
+    node.via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .unwrap();
+    assert_eq!(node.pullgate.http_get("/readyz").await.unwrap().0, 200);
+    assert!(blob_gets(&node)
+        .iter()
+        .all(|r| r.user_agent.starts_with(PULLGATE_UA)));
+    assert_no_ingests(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_pullgate_never_saw_still_works_through_the_mirror_unscheduled() {
+    let node = Node::start(None).await;
+    let img = push_image(&node.registry, "unseen/app", "v1", &[512 << 10], None).await;
+    // Through containerd's own socket: pullgate's mirror gets requests for blobs no job needs.
+    node.direct()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .expect("pull through containerd's socket");
+    assert!(present(&node, &img.reference()).await);
+    let m = node.pullgate.metrics().await;
+    assert_eq!(
+        metric_value(&m, "pullgate_mirror_unscheduled_blobs_total"),
+        img.blob_count() as f64,
+        "{m}"
+    );
+    assert!(blob_gets(&node)
+        .iter()
+        .all(|r| r.user_agent.starts_with(PULLGATE_UA)));
+    // The manifest was not pullgate's to serve: containerd resolved it at the registry.
+    assert!(
+        metric_value(&m, "pullgate_mirror_requests_total{kind=\"manifest\",status=\"404\"}") >= 1.0,
+        "{m}"
+    );
+    assert_no_ingests(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_image_pullgate_never_saw_is_left_to_containerds_credentials() {
+    let node = Node::start(Some(("dora", "d0ra-pass-91"))).await;
+    let img = push_image(
+        &node.registry,
+        "unseen/private",
+        "v1",
+        &[256 << 10],
+        Some(("dora", "d0ra-pass-91")),
+    )
+    .await;
+    let mut req = pull_request(&img.reference());
+    req.auth = Some(auth_config("dora", "d0ra-pass-91"));
+    node.direct()
+        .pull_image(req)
+        .await
+        .expect("containerd pulls with its own credentials");
+    // pullgate was refused anonymously upstream and answered 404: containerd went on itself.
+    assert!(blob_gets(&node)
+        .iter()
+        .filter(|r| r.status == 200)
+        .all(|r| r.user_agent.starts_with(CONTAINERD_UA)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pullgate_down_containerd_pulls_by_itself() {
+    let mut node = Node::start(None).await;
+    let img = push_image(&node.registry, "down/app", "v1", &[256 << 10], None).await;
+    node.pullgate.kill_now();
+    let started = Instant::now();
+    node.direct()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .expect("pull with pullgate's mirror down");
+    let took = started.elapsed();
+    eprintln!("pull with the mirror's port closed: {took:?}");
+    assert!(present(&node, &img.reference()).await);
+    assert!(blob_gets(&node)
+        .iter()
+        .all(|r| r.user_agent.starts_with(CONTAINERD_UA)));
+    assert!(took < Duration::from_secs(30), "fallback took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pullgate_killed_mid_pull_the_retry_completes() {
+    let mut node = Node::start(None).await;
+    let size = 4 << 20;
+    let img = push_image(&node.registry, "crash/app", "v1", &[size], None).await;
+    let proxy = node.slow_proxy(1 << 20).await;
+    let reference = img.reference_via(&proxy.addr);
+
+    let mut client = node.via();
+    let req = pull_request(&reference);
+    let first = tokio::spawn(async move { client.pull_image(req).await });
+    wait_for("half the layer through", Duration::from_secs(30), || async {
+        proxy.bytes() >= 2 << 20
+    })
+    .await;
+    node.pullgate.kill_now();
+    assert!(first.await.unwrap().is_err(), "the client sees the crash");
+    let before = proxy.bytes();
+    let ingests = node.store().ingests().await;
+    eprintln!("after kill -9: {before} bytes sent, containerd's ingests: {ingests:?}");
+
+    node.pullgate.restart().await;
+    let reply = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect("pull completes after restart")
+        .into_inner();
+    assert_eq!(reply.image_ref, img.config_digest);
+    let total = proxy.bytes();
+    eprintln!(
+        "registry bytes over both attempts: {total} for a {} byte image ({:.2}x)",
+        img.total_size,
+        total as f64 / img.total_size as f64
+    );
+    assert_no_ingests(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_upstream_body_is_resumed_and_containerd_sees_one_stream() {
+    let node = Node::start(None).await;
+    let img = push_image(&node.registry, "fault/trunc", "v1", &[2 << 20], None).await;
+    let proxy = node.fault_proxy().await;
+    let layer = img.layer_digests[0].clone();
+    proxy.inject(&layer, Fault::Truncate, 1);
+
+    let reference = img.reference_via(&proxy.addr);
+    let reply = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect("pull survives a truncated body")
+        .into_inner();
+    assert_eq!(reply.image_ref, img.config_digest);
+    let gets = proxy.blob_gets(&layer);
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert!(gets.iter().all(|g| g.user_agent.starts_with(PULLGATE_UA)));
+    let range = gets[1].range.clone().expect("second GET resumes with Range");
+    let half = img.layer_blob_sizes[0] / 2;
+    assert!(range.starts_with(&format!("bytes={half}-")), "{range}");
+    let m = node.pullgate.metrics().await;
+    assert_eq!(metric_value(&m, "pullgate_blob_retries_total"), 1.0, "{m}");
+    assert_no_ingests(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_blob_is_refused_by_containerd_and_never_committed() {
+    let node = Node::start(None).await;
+    let img = push_image(&node.registry, "fault/flip", "v1", &[512 << 10], None).await;
+    let proxy = node.fault_proxy().await;
+    let layer = img.layer_digests[0].clone();
+    proxy.inject(&layer, Fault::Flip, 1000);
+
+    let reference = img.reference_via(&proxy.addr);
+    let direct = node
+        .direct()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect_err("corrupt blob fails containerd's own pull");
+    let via = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect_err("corrupt blob must fail the pull");
+    assert_eq!(via.code(), direct.code(), "via {via:?}\ndirect {direct:?}");
+    assert!(via.message().contains(&layer[7..]), "{via:?}");
+    assert!(!node.store().has(&layer).await, "corrupt blob committed");
+    // containerd keeps the failed ingest (uncommitted) as it does without pullgate; the next pull
+    // starts it over.
+
+    // The registry heals: the next pull works.
+    proxy.inject(&layer, Fault::None, 0);
+    node.via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect("pull after the fault is gone");
+    assert!(node.store().has(&layer).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_registry_fails_the_pull_cleanly() {
+    let node = Node::start_with(None, "retries = 1\nrequest_timeout = \"1s\"").await;
+    let img = push_image(&node.registry, "fault/stall", "v1", &[1 << 20], None).await;
+    let proxy = node.fault_proxy().await;
+    let layer = img.layer_digests[0].clone();
+    proxy.inject(&layer, Fault::Stall, 1000);
+
+    let reference = img.reference_via(&proxy.addr);
+    let started = Instant::now();
+    let err = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect_err("stalled blob must fail the pull");
+    eprintln!("stalled registry: {err:?} after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(!node.store().has(&layer).await);
+    assert!(node.pullgate.log().contains("blob stream cut upstream"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_off_leaves_the_fetch_to_containerd() {
+    let node = Node::start_with(None, "enabled = false").await;
+    let img = push_image(&node.registry, "off/app", "v1", &[256 << 10], None).await;
+    node.via()
+        .pull_image(pull_request(&img.reference()))
+        .await
+        .unwrap();
+    let gets = blob_gets(&node);
+    assert_eq!(gets.len(), img.blob_count());
+    assert!(gets.iter().all(|r| r.user_agent.starts_with(CONTAINERD_UA)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_administrators_mirror_comes_after_pullgate_and_never_gets_credentials() {
+    const USER: &str = "erin";
+    const PASS: &str = "3rin-pass-55";
+    let node = Node::start(Some((USER, PASS))).await;
+    let img = push_image(&node.registry, "admin/app", "v1", &[256 << 10], Some((USER, PASS))).await;
+    // The administrator's mirror: a recording proxy to the registry, listed as a [host].
+    let proxy = common::faultproxy::FaultProxy::start(&node.registry.addr()).await;
+    let reg = node.registry.addr();
+    let hosts = node.containerd.dir().join("certs.d").join(&reg).join("hosts.toml");
+    std::fs::write(
+        &hosts,
+        format!(
+            "server = \"http://{reg}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            proxy.addr
+        ),
+    )
+    .unwrap();
+    let mut req = pull_request(&img.reference());
+    req.auth = Some(auth_config(USER, PASS));
+    node.via().pull_image(req).await.expect("pull");
+    // pullgate asked the administrator's mirror first, anonymously (it answered 401), then the
+    // registry with the credentials.
+    let seen = proxy.requests();
+    assert!(seen.iter().any(|r| r.user_agent.starts_with(PULLGATE_UA)), "{seen:?}");
+    assert!(seen.iter().all(|r| r.authorization.is_none()), "{seen:?}");
+    let text = std::fs::read_to_string(&hosts).unwrap();
+    let (ours, theirs) = (text.find("# >>> pullgate").unwrap(), text.find(&proxy.addr).unwrap());
+    assert!(ours < theirs, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_resolves_to_the_nodes_platform() {
+    let node = Node::start(None).await;
+    let arm = push_image(&node.registry, "multi/app", "arm64", &[128 << 10], None).await;
+    let amd = push_image(&node.registry, "multi/app", "amd64", &[96 << 10], None).await;
+    let index = push_index(
+        &node.registry,
+        "multi/app",
+        "v1",
+        &[("arm64", "v8", &arm), ("amd64", "", &amd)],
+    )
+    .await;
+    let reference = format!("{}/{}:{}", index.registry, index.repo, index.tag);
+    let reply = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .unwrap()
+        .into_inner();
+    let (node_arch, other) = if cfg!(target_arch = "aarch64") {
+        (&arm, &amd)
+    } else {
+        (&amd, &arm)
+    };
+    assert_eq!(reply.image_ref, node_arch.config_digest);
+    let gets = blob_gets(&node);
+    let fetched = |digest: &str| gets.iter().filter(|r| r.path.ends_with(digest)).count();
+    assert_eq!(fetched(&node_arch.layer_digests[0]), 1);
+    assert_eq!(fetched(&other.layer_digests[0]), 0);
+    assert!(gets.iter().all(|r| r.user_agent.starts_with(PULLGATE_UA)));
+}
