@@ -158,7 +158,10 @@ fn mirror_hosts(config: Option<PathBuf>, remove: bool, write: bool) -> ExitCode 
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("pullgate: cannot edit hosts.toml under {}: {e}", dir.display());
+                eprintln!(
+                    "pullgate: cannot edit hosts.toml under {}: {e}",
+                    dir.display()
+                );
                 ExitCode::FAILURE
             }
         };
@@ -176,14 +179,22 @@ fn mirror_hosts(config: Option<PathBuf>, remove: bool, write: bool) -> ExitCode 
                 }
             }
         }
-        return if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+        return if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        };
     }
     let missing = keeper.missing();
     for f in &missing {
         println!("{} does not list {} first", f.display(), cfg.mirror.url());
     }
     if missing.is_empty() {
-        println!("every hosts.toml under {} lists {} first", dir.display(), cfg.mirror.url());
+        println!(
+            "every hosts.toml under {} lists {} first",
+            dir.display(),
+            cfg.mirror.url()
+        );
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -14,10 +14,10 @@ use crate::config::Config;
 use crate::frontdoor::{self, CriProxy};
 use crate::jobs::JobBoard;
 use crate::metrics::{self, ClassLabels, Health, Metrics};
-use crate::prewarm::gate::{P2pGate, ProbeKind};
-use crate::prewarm::Prewarmer;
 use crate::mirror::hosts_dir::HostsKeeper;
 use crate::mirror::{Demand, Mirror};
+use crate::prewarm::gate::{P2pGate, ProbeKind};
+use crate::prewarm::Prewarmer;
 use crate::pull::{Class, ContainerdPuller, PullCoordinator, Puller, ScheduledPuller};
 use crate::registry::{Platform, RegistryClient, RegistryConfig};
 use crate::schedule::{Scheduler, Setup};
@@ -59,9 +59,15 @@ async fn pull_path(
             let keeper = HostsKeeper::new(m.hosts_dir.clone(), m.url());
             keeper.ensure_all();
             hosts = Some(keeper);
-        } else if !HostsKeeper::new(m.hosts_dir.clone(), m.url()).missing().is_empty() {
-            warn!(url = m.url(), "mirror.manage_hosts is off and some hosts.toml files do not list \
-                  pullgate first: containerd fetches those registries unscheduled");
+        } else if !HostsKeeper::new(m.hosts_dir.clone(), m.url())
+            .missing()
+            .is_empty()
+        {
+            warn!(
+                url = m.url(),
+                "mirror.manage_hosts is off and some hosts.toml files do not list \
+                  pullgate first: containerd fetches those registries unscheduled"
+            );
         }
     } else {
         info!("mirror disabled: containerd fetches images itself, unpaced; pullgate still orders and admits pulls");

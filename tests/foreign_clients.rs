@@ -243,7 +243,11 @@ async fn pullgate_s_own_failures_reach_every_client_intact() {
             "corrupt blob, {client:?}: direct {direct_answer}, through pullgate {via_answer}"
         );
         assert!(error_code(&direct_answer).is_some(), "{direct_answer}");
-        assert_eq!(error_code(&via_answer), error_code(&direct_answer), "{client:?}");
+        assert_eq!(
+            error_code(&via_answer),
+            error_code(&direct_answer),
+            "{client:?}"
+        );
         let message = via_answer["message"].as_str().unwrap();
         assert!(message.contains(&layer[7..]), "{layer} not in {message}");
         if let Some(first) = &first {

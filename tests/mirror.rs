@@ -104,7 +104,10 @@ async fn containerd_fetches_every_blob_through_the_mirror_and_resolves_once() {
         "{m}"
     );
     assert_eq!(
-        metric_value(&m, "pullgate_mirror_requests_total{kind=\"blob\",status=\"2xx\"}"),
+        metric_value(
+            &m,
+            "pullgate_mirror_requests_total{kind=\"blob\",status=\"2xx\"}"
+        ),
         img.blob_count() as f64,
         "{m}"
     );
@@ -156,7 +159,10 @@ async fn a_pull_pullgate_never_saw_still_works_through_the_mirror_unscheduled() 
         .all(|r| r.user_agent.starts_with(PULLGATE_UA)));
     // The manifest was not pullgate's to serve: containerd resolved it at the registry.
     assert!(
-        metric_value(&m, "pullgate_mirror_requests_total{kind=\"manifest\",status=\"404\"}") >= 1.0,
+        metric_value(
+            &m,
+            "pullgate_mirror_requests_total{kind=\"manifest\",status=\"404\"}"
+        ) >= 1.0,
         "{m}"
     );
     assert_no_ingests(&node).await;
@@ -216,9 +222,11 @@ async fn pullgate_killed_mid_pull_the_retry_completes() {
     let mut client = node.via();
     let req = pull_request(&reference);
     let first = tokio::spawn(async move { client.pull_image(req).await });
-    wait_for("half the layer through", Duration::from_secs(30), || async {
-        proxy.bytes() >= 2 << 20
-    })
+    wait_for(
+        "half the layer through",
+        Duration::from_secs(30),
+        || async { proxy.bytes() >= 2 << 20 },
+    )
     .await;
     node.pullgate.kill_now();
     assert!(first.await.unwrap().is_err(), "the client sees the crash");
@@ -262,7 +270,10 @@ async fn a_truncated_upstream_body_is_resumed_and_containerd_sees_one_stream() {
     let gets = proxy.blob_gets(&layer);
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert!(gets.iter().all(|g| g.user_agent.starts_with(PULLGATE_UA)));
-    let range = gets[1].range.clone().expect("second GET resumes with Range");
+    let range = gets[1]
+        .range
+        .clone()
+        .expect("second GET resumes with Range");
     let half = img.layer_blob_sizes[0] / 2;
     assert!(range.starts_with(&format!("bytes={half}-")), "{range}");
     let m = node.pullgate.metrics().await;
@@ -343,11 +354,23 @@ async fn the_administrators_mirror_comes_after_pullgate_and_never_gets_credentia
     const USER: &str = "erin";
     const PASS: &str = "3rin-pass-55";
     let node = Node::start(Some((USER, PASS))).await;
-    let img = push_image(&node.registry, "admin/app", "v1", &[256 << 10], Some((USER, PASS))).await;
+    let img = push_image(
+        &node.registry,
+        "admin/app",
+        "v1",
+        &[256 << 10],
+        Some((USER, PASS)),
+    )
+    .await;
     // The administrator's mirror: a recording proxy to the registry, listed as a [host].
     let proxy = common::faultproxy::FaultProxy::start(&node.registry.addr()).await;
     let reg = node.registry.addr();
-    let hosts = node.containerd.dir().join("certs.d").join(&reg).join("hosts.toml");
+    let hosts = node
+        .containerd
+        .dir()
+        .join("certs.d")
+        .join(&reg)
+        .join("hosts.toml");
     std::fs::write(
         &hosts,
         format!(
@@ -362,10 +385,16 @@ async fn the_administrators_mirror_comes_after_pullgate_and_never_gets_credentia
     // pullgate asked the administrator's mirror first, anonymously (it answered 401), then the
     // registry with the credentials.
     let seen = proxy.requests();
-    assert!(seen.iter().any(|r| r.user_agent.starts_with(PULLGATE_UA)), "{seen:?}");
+    assert!(
+        seen.iter().any(|r| r.user_agent.starts_with(PULLGATE_UA)),
+        "{seen:?}"
+    );
     assert!(seen.iter().all(|r| r.authorization.is_none()), "{seen:?}");
     let text = std::fs::read_to_string(&hosts).unwrap();
-    let (ours, theirs) = (text.find("# >>> pullgate").unwrap(), text.find(&proxy.addr).unwrap());
+    let (ours, theirs) = (
+        text.find("# >>> pullgate").unwrap(),
+        text.find(&proxy.addr).unwrap(),
+    );
     assert!(ours < theirs, "{text}");
 }
 

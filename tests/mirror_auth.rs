@@ -119,10 +119,16 @@ async fn bearer_token_pull_goes_through_the_mirror_and_wrong_credentials_get_con
     );
 
     let m = pullgate.metrics().await;
-    let served = metric_value(&m, "pullgate_mirror_requests_total{kind=\"blob\",status=\"2xx\"}");
+    let served = metric_value(
+        &m,
+        "pullgate_mirror_requests_total{kind=\"blob\",status=\"2xx\"}",
+    );
     assert_eq!(served, img.blob_count() as f64, "{m}");
     assert!(
-        metric_value(&m, "pullgate_mirror_requests_total{kind=\"manifest\",status=\"401\"}") >= 1.0,
+        metric_value(
+            &m,
+            "pullgate_mirror_requests_total{kind=\"manifest\",status=\"401\"}"
+        ) >= 1.0,
         "the mirror challenged containerd for the pull's credentials: {m}"
     );
     assert_eq!(
@@ -166,7 +172,10 @@ async fn bearer_token_pull_goes_through_the_mirror_and_wrong_credentials_get_con
         "{m}"
     );
     assert_eq!(
-        metric_value(&m, "pullgate_mirror_requests_total{kind=\"blob\",status=\"2xx\"}"),
+        metric_value(
+            &m,
+            "pullgate_mirror_requests_total{kind=\"blob\",status=\"2xx\"}"
+        ),
         served,
         "nothing served for the refused pull: {m}"
     );

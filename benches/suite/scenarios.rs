@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use pullgate::proto::runtime::v1::image_service_client::ImageServiceClient;
 use pullgate::proto::runtime::v1::{ImageSpec, ImageStatusRequest};
-use pullgate::upstream::ContentStore;
 use tonic::transport::Channel;
 
 use crate::common::daemon::Pullgate;
@@ -49,8 +48,8 @@ impl Site {
         image_client(&socket)
     }
 
-    fn store(&self) -> ContentStore {
-        ContentStore::new(uds_channel_now(&self.containerd.socket()), "k8s.io")
+    fn store(&self) -> crate::common::store::Store {
+        crate::common::store::Store::new(&self.containerd.socket())
     }
 }
 

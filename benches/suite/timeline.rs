@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::store::Store;
 use plotters::prelude::*;
-use pullgate::upstream::ContentStore;
 use tokio::sync::Notify;
 
 /// (seconds since start, cumulative bytes per class: [urgent, prewarm]).
@@ -20,7 +20,7 @@ pub struct Sampler {
 
 impl Sampler {
     /// `blobs`: digest → (class index, size).
-    pub fn start(store: ContentStore, blobs: HashMap<String, (usize, u64)>, t0: Instant) -> Self {
+    pub fn start(store: Store, blobs: HashMap<String, (usize, u64)>, t0: Instant) -> Self {
         let stop = Arc::new(Notify::new());
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -28,12 +28,12 @@ impl Sampler {
             let mut committed: HashMap<String, bool> = HashMap::new();
             loop {
                 let mut sum = [0u64; 2];
-                let ingests = store.list_ingests("").await.unwrap_or_default();
+                let ingests = store.ingests().await;
                 let offsets: HashMap<String, u64> = ingests
                     .into_iter()
-                    .filter_map(|i| {
-                        let digest = i.reference.split_once('-').map(|(_, d)| d.to_string())?;
-                        Some((digest, i.offset))
+                    .filter_map(|(reference, offset, _)| {
+                        let digest = reference.split_once('-').map(|(_, d)| d.to_string())?;
+                        Some((digest, offset.max(0) as u64))
                     })
                     .collect();
                 for (digest, (class, size)) in &blobs {
@@ -41,7 +41,7 @@ impl Sampler {
                         Some(true) => true,
                         _ if offsets.contains_key(digest) => false,
                         _ => {
-                            let present = store.info(digest).await.ok().flatten().is_some();
+                            let present = store.has(digest).await;
                             if present {
                                 committed.insert(digest.clone(), true);
                             }

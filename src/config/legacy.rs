@@ -91,7 +91,9 @@ mod tests {
             let t: toml::Table = format!("[{section}]\n{key} = 1\n").parse().unwrap();
             assert_eq!(check(&t), Err((dotted.to_string(), *instead)));
         }
-        let t: toml::Table = "[schedule]\nbandwidth = \"1MB\"\n[mirror]\n".parse().unwrap();
+        let t: toml::Table = "[schedule]\nbandwidth = \"1MB\"\n[mirror]\n"
+            .parse()
+            .unwrap();
         assert_eq!(check(&t), Ok(()));
         let t: toml::Table = "[fetch]\n".parse().unwrap();
         assert!(check(&t).is_err());

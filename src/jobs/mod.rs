@@ -12,8 +12,8 @@ use tokio::sync::watch;
 
 pub mod progress;
 
-use progress::JobProgress;
 use crate::schedule::Priority;
+use progress::JobProgress;
 
 /// Ended jobs kept for `pullgate jobs`.
 const KEEP_ENDED: usize = 100;

@@ -126,7 +126,11 @@ async fn route(
                     "not serving the CRI socket\n".into(),
                 )
             } else {
-                let missing = health.hosts.as_ref().map(|h| h.missing()).unwrap_or_default();
+                let missing = health
+                    .hosts
+                    .as_ref()
+                    .map(|h| h.missing())
+                    .unwrap_or_default();
                 match health.probe().await {
                     Ok(_) if !missing.is_empty() => text(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -59,7 +59,11 @@ pub async fn serve(
     let partial = range.is_some();
     let range = range.unwrap_or(0..size);
     let mut resp = Response::builder()
-        .status(if partial { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK })
+        .status(if partial {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        })
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, range.end - range.start)
         .header(header::ACCEPT_RANGES, "bytes")
@@ -67,7 +71,11 @@ pub async fn serve(
     if partial {
         resp = resp.header(
             header::CONTENT_RANGE,
-            format!("bytes {}-{}/{size}", range.start, range.end.saturating_sub(1)),
+            format!(
+                "bytes {}-{}/{size}",
+                range.start,
+                range.end.saturating_sub(1)
+            ),
         );
     }
     if head || range.is_empty() {
@@ -75,7 +83,11 @@ pub async fn serve(
     }
     // Upstream headers come before containerd's: a refusal here (404, 401, 5xx) lets
     // containerd try its next host instead of failing mid-body.
-    let _slot = mirror.scheduler.streams.acquire(source.priority.clone()).await;
+    let _slot = mirror
+        .scheduler
+        .streams
+        .acquire(source.priority.clone())
+        .await;
     let first = match fetch(mirror, &source, range.clone()).await {
         Ok(b) => b,
         Err(e) => return upstream_error(&key, &e),
@@ -152,7 +164,12 @@ impl Pump {
     }
 
     /// Opens the rest of the range again; false when out of retries or upstream refuses.
-    async fn resume(&mut self, body: &mut crate::registry::BlobBody, retries: &mut u32, e: RegistryError) -> bool {
+    async fn resume(
+        &mut self,
+        body: &mut crate::registry::BlobBody,
+        retries: &mut u32,
+        e: RegistryError,
+    ) -> bool {
         self.mirror.metrics.blob_retries.inc();
         if *retries == 0 {
             warn!(blob = %self.source.key.name, repository = %self.source.key.repository,
@@ -206,7 +223,9 @@ impl Mirror {
         let creds = Credentials::Anonymous;
         let size = match self.registry.blob_size(&image, &creds, &key.name).await {
             Ok(s) => s,
-            Err(RegistryError::Unauthorized(_)) | Err(RegistryError::NotFound(_)) => return Ok(None),
+            Err(RegistryError::Unauthorized(_)) | Err(RegistryError::NotFound(_)) => {
+                return Ok(None)
+            }
             Err(e) => return Err(e),
         };
         let digest: oci_spec::image::Digest = key

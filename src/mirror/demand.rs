@@ -379,8 +379,14 @@ mod tests {
 
         drop(rb);
         assert_eq!(demand.class(&shared, Class::Urgent), Class::Prewarm);
-        assert!(matches!(demand.manifest(&Key::of(&b, "2"), None), Access::Unknown));
-        assert!(matches!(demand.manifest(&Key::of(&a, "1"), None), Access::Granted(_)));
+        assert!(matches!(
+            demand.manifest(&Key::of(&b, "2"), None),
+            Access::Unknown
+        ));
+        assert!(matches!(
+            demand.manifest(&Key::of(&a, "1"), None),
+            Access::Granted(_)
+        ));
         drop(ra);
         assert_eq!(demand.len(), (0, 0));
         assert!(matches!(demand.blob(&shared, None), Access::Unknown));
@@ -417,11 +423,20 @@ mod tests {
             ..right.clone()
         };
         let own = Key::of(&a, &digest);
-        assert!(matches!(demand.blob(&own, Some(&right)), Access::Granted(_)));
+        assert!(matches!(
+            demand.blob(&own, Some(&right)),
+            Access::Granted(_)
+        ));
         assert!(matches!(demand.blob(&own, None), Access::Challenge));
         assert!(matches!(demand.blob(&own, Some(&wrong)), Access::Unknown));
-        assert!(matches!(demand.manifest(&Key::of(&a, "1"), None), Access::Challenge));
-        assert!(matches!(demand.manifest(&Key::of(&a, "1"), Some(&wrong)), Access::Unknown));
+        assert!(matches!(
+            demand.manifest(&Key::of(&a, "1"), None),
+            Access::Challenge
+        ));
+        assert!(matches!(
+            demand.manifest(&Key::of(&a, "1"), Some(&wrong)),
+            Access::Unknown
+        ));
         for key in [&other_repo, &other_registry] {
             assert!(matches!(demand.blob(key, Some(&right)), Access::Unknown));
         }
@@ -433,6 +448,9 @@ mod tests {
         assert_eq!((p.username.as_str(), p.password.as_str()), ("u", "p:q"));
         assert!(Presented::from_header("Bearer abc").is_none());
         assert!(Presented::from_header("Basic !!!").is_none());
-        assert!(Presented::from_header("Basic dXNlcg==").is_none(), "no colon");
+        assert!(
+            Presented::from_header("Basic dXNlcg==").is_none(),
+            "no colon"
+        );
     }
 }

@@ -159,7 +159,9 @@ fn write_atomically(file: &Path, text: &str) -> std::io::Result<()> {
 fn log(file: &Path, outcome: &Outcome) {
     match outcome {
         Outcome::Unchanged => debug!(file = %file.display(), "hosts.toml lists pullgate first"),
-        Outcome::Written => info!(file = %file.display(), "pullgate's mirror entry written first in hosts.toml"),
+        Outcome::Written => {
+            info!(file = %file.display(), "pullgate's mirror entry written first in hosts.toml")
+        }
         Outcome::Refused(why) => warn!(file = %file.display(), why = why.as_str(),
             "hosts.toml left as it is: containerd will not fetch this registry through pullgate"),
     }
@@ -184,9 +186,16 @@ mod tests {
         let done = keeper.ensure_all();
         assert!(done.iter().all(|(_, o)| *o == Outcome::Written), "{done:?}");
         assert!(keeper.missing().is_empty());
-        assert!(keeper.ensure_all().iter().all(|(_, o)| *o == Outcome::Unchanged));
+        assert!(keeper
+            .ensure_all()
+            .iter()
+            .all(|(_, o)| *o == Outcome::Unchanged));
         assert_eq!(keeper.ensure("registry.test"), Outcome::Unchanged);
-        assert_eq!(keeper.ensure("other.test"), Outcome::Unchanged, "_default covers it");
+        assert_eq!(
+            keeper.ensure("other.test"),
+            Outcome::Unchanged,
+            "_default covers it"
+        );
 
         // An administrator's tool rewrites the file: the next pull puts the entry back.
         std::fs::write(reg.join("hosts.toml"), admin).unwrap();
@@ -194,7 +203,10 @@ mod tests {
 
         let changed = remove_all(dir.path()).unwrap();
         assert_eq!(changed.len(), 2);
-        assert_eq!(std::fs::read_to_string(reg.join("hosts.toml")).unwrap(), admin);
+        assert_eq!(
+            std::fs::read_to_string(reg.join("hosts.toml")).unwrap(),
+            admin
+        );
         assert!(!dir.path().join("_default").exists());
     }
 
@@ -206,7 +218,10 @@ mod tests {
         std::fs::write(reg.join("hosts.toml"), "this is not toml [").unwrap();
         let keeper = HostsKeeper::new(dir.path().to_path_buf(), URL.into());
         assert!(matches!(keeper.ensure("r.test"), Outcome::Refused(_)));
-        assert_eq!(std::fs::read_to_string(reg.join("hosts.toml")).unwrap(), "this is not toml [");
+        assert_eq!(
+            std::fs::read_to_string(reg.join("hosts.toml")).unwrap(),
+            "this is not toml ["
+        );
         assert!(matches!(keeper.ensure("../etc"), Outcome::Refused(_)));
     }
 }

@@ -23,13 +23,16 @@ pub fn parse(path: &str, query: Option<&str>) -> Route {
         return Route::Unknown("not a /v2/ path");
     };
     let Some(registry) = query.and_then(ns) else {
-        return Route::Unknown("no ns query parameter: pullgate serves containerd's mirror requests only");
+        return Route::Unknown(
+            "no ns query parameter: pullgate serves containerd's mirror requests only",
+        );
     };
-    let (kind, repository, name) = match (rest.rsplit_once("/manifests/"), rest.rsplit_once("/blobs/")) {
-        (Some((repo, name)), _) if !name.contains('/') => ("manifest", repo, name),
-        (_, Some((repo, name))) if !name.contains('/') => ("blob", repo, name),
-        _ => return Route::Unknown("not a manifest or blob path"),
-    };
+    let (kind, repository, name) =
+        match (rest.rsplit_once("/manifests/"), rest.rsplit_once("/blobs/")) {
+            (Some((repo, name)), _) if !name.contains('/') => ("manifest", repo, name),
+            (_, Some((repo, name))) if !name.contains('/') => ("blob", repo, name),
+            _ => return Route::Unknown("not a manifest or blob path"),
+        };
     if repository.is_empty() || name.is_empty() || !valid_repository(repository) {
         return Route::Unknown("invalid repository or reference");
     }
@@ -78,7 +81,9 @@ fn valid_digest(name: &str) -> bool {
     match name.split_once(':') {
         Some((algo, hex)) => {
             !algo.is_empty()
-                && algo.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'+')
+                && algo
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'+')
                 && !hex.is_empty()
                 && hex.len() <= 128
                 && hex.bytes().all(|b| b.is_ascii_hexdigit())
@@ -125,8 +130,10 @@ mod tests {
     #[test]
     fn containerds_requests_parse() {
         assert_eq!(parse("/v2/", None), Route::Base);
-        let Route::Blob(k) = parse(&format!("/v2/library/busybox/blobs/{D}"), Some("ns=docker.io"))
-        else {
+        let Route::Blob(k) = parse(
+            &format!("/v2/library/busybox/blobs/{D}"),
+            Some("ns=docker.io"),
+        ) else {
             panic!("blob")
         };
         assert_eq!(
@@ -137,10 +144,12 @@ mod tests {
         else {
             panic!("manifest")
         };
-        assert_eq!((k.registry.as_str(), k.name.as_str()), ("127.0.0.1:5000", "v1.2"));
+        assert_eq!(
+            (k.registry.as_str(), k.name.as_str()),
+            ("127.0.0.1:5000", "v1.2")
+        );
         // A repository may itself be called "blobs" or "manifests".
-        let Route::Blob(k) = parse(&format!("/v2/x/manifests/blobs/{D}"), Some("ns=r"))
-        else {
+        let Route::Blob(k) = parse(&format!("/v2/x/manifests/blobs/{D}"), Some("ns=r")) else {
             panic!("blob in a repo named manifests")
         };
         assert_eq!(k.repository, "x/manifests");
@@ -157,7 +166,10 @@ mod tests {
             ("/v2/busybox/manifests/x", Some("ns=evil.test/path")),
             ("/metrics", None),
         ] {
-            assert!(matches!(parse(path, query), Route::Unknown(_)), "{path} {query:?}");
+            assert!(
+                matches!(parse(path, query), Route::Unknown(_)),
+                "{path} {query:?}"
+            );
         }
     }
 

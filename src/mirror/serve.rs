@@ -75,7 +75,10 @@ pub fn spawn(
 async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
-        return Ok(status(StatusCode::METHOD_NOT_ALLOWED, "the mirror serves pulls only"));
+        return Ok(status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the mirror serves pulls only",
+        ));
     }
     let route = route::parse(req.uri().path(), req.uri().query());
     let presented = req
@@ -92,10 +95,16 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<
                 .headers()
                 .get(header::RANGE)
                 .and_then(|v| v.to_str().ok());
-            ("blob", blob::serve(&mirror, key, presented, range, head).await)
+            (
+                "blob",
+                blob::serve(&mirror, key, presented, range, head).await,
+            )
         }
         Route::Unknown(why) => {
-            debug!(path = req.uri().path(), why, "mirror: not a request it serves");
+            debug!(
+                path = req.uri().path(),
+                why, "mirror: not a request it serves"
+            );
             ("other", status(StatusCode::NOT_FOUND, why))
         }
     };
@@ -119,17 +128,28 @@ fn base() -> Response<Body> {
 }
 
 /// A manifest a running job resolved, exactly as pullgate received it.
-fn manifest(mirror: &Mirror, key: &Key, presented: Option<&Presented>, head: bool) -> Response<Body> {
+fn manifest(
+    mirror: &Mirror,
+    key: &Key,
+    presented: Option<&Presented>,
+    head: bool,
+) -> Response<Body> {
     let m = match mirror.demand.manifest(key, presented) {
         Access::Granted(m) => m,
         Access::Challenge => return blob::challenge(),
-        Access::Unknown => return status(StatusCode::NOT_FOUND, "manifest not resolved by pullgate"),
+        Access::Unknown => {
+            return status(StatusCode::NOT_FOUND, "manifest not resolved by pullgate")
+        }
     };
     let builder = Response::builder()
         .header(header::CONTENT_TYPE, m.descriptor.media_type().to_string())
         .header(header::CONTENT_LENGTH, m.bytes.len())
         .header("docker-content-digest", m.descriptor.digest().to_string());
-    let body = if head { blob::empty() } else { blob::full(m.bytes) };
+    let body = if head {
+        blob::empty()
+    } else {
+        blob::full(m.bytes)
+    };
     builder.body(body).expect("valid response")
 }
 

@@ -82,7 +82,11 @@ impl Puller for Arc<ScheduledPuller> {
             // containerd's own fetch of an unresolved image cannot be paced, but it still takes
             // its turn.
             ticket.admit(size).await;
-            info!(bytes = size, lane = ticket.in_lane(), "admitted: containerd pulls through the mirror");
+            info!(
+                bytes = size,
+                lane = ticket.in_lane(),
+                "admitted: containerd pulls through the mirror"
+            );
             let reply = me.finish.pull(job).await;
             drop(ticket);
             drop(registration);
@@ -94,7 +98,10 @@ impl Puller for Arc<ScheduledPuller> {
 
 impl ScheduledPuller {
     fn unresolved(&self, reason: &'static str, detail: &str) {
-        warn!(reason, detail, "cannot resolve the image: containerd pulls it unscheduled");
+        warn!(
+            reason,
+            detail, "cannot resolve the image: containerd pulls it unscheduled"
+        );
         self.metrics
             .fetch_fallbacks
             .get_or_create(&ReasonLabels { reason })

@@ -185,30 +185,36 @@ impl RegistryClient {
     ) -> Result<u64, RegistryError> {
         let hosts = self.hosts(image)?;
         let what = format!("blob {digest} of {}", image.name());
-        self.try_hosts(&hosts, |h| h.pull, "pull", &what, |host| {
-            let path = format!("{}/blobs/{digest}", image.repository);
-            let what = what.clone();
-            async move {
-                let range = vec![(RANGE, HeaderValue::from_static("bytes=0-0"))];
-                let resp = self.get(host, image, creds, &path, range, &what).await?;
-                let size = match resp.status() {
-                    StatusCode::PARTIAL_CONTENT => resp
-                        .headers()
-                        .get(http::header::CONTENT_RANGE)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.rsplit_once('/'))
-                        .and_then(|(_, total)| total.parse::<u64>().ok()),
-                    StatusCode::OK => resp.content_length(),
-                    s => return Err(status_error(s, host, image, &what)),
-                };
-                size.ok_or_else(|| {
-                    RegistryError::Protocol(format!(
-                        "{} did not say the size of {what}",
-                        host.authority()
-                    ))
-                })
-            }
-        })
+        self.try_hosts(
+            &hosts,
+            |h| h.pull,
+            "pull",
+            &what,
+            |host| {
+                let path = format!("{}/blobs/{digest}", image.repository);
+                let what = what.clone();
+                async move {
+                    let range = vec![(RANGE, HeaderValue::from_static("bytes=0-0"))];
+                    let resp = self.get(host, image, creds, &path, range, &what).await?;
+                    let size = match resp.status() {
+                        StatusCode::PARTIAL_CONTENT => resp
+                            .headers()
+                            .get(http::header::CONTENT_RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.rsplit_once('/'))
+                            .and_then(|(_, total)| total.parse::<u64>().ok()),
+                        StatusCode::OK => resp.content_length(),
+                        s => return Err(status_error(s, host, image, &what)),
+                    };
+                    size.ok_or_else(|| {
+                        RegistryError::Protocol(format!(
+                            "{} did not say the size of {what}",
+                            host.authority()
+                        ))
+                    })
+                }
+            },
+        )
         .await
     }
 

@@ -25,7 +25,11 @@ impl Node {
     }
 
     /// With containerd's CRI unpacking into `snapshotter` ("native" or "overlayfs").
-    pub async fn start_on(auth: Option<(&str, &str)>, mirror_toml: &str, snapshotter: &str) -> Node {
+    pub async fn start_on(
+        auth: Option<(&str, &str)>,
+        mirror_toml: &str,
+        snapshotter: &str,
+    ) -> Node {
         let dir = tempdir();
         let registry = Registry::start(&dir.path().join("registry"), auth).await;
         let containerd =
