@@ -60,7 +60,7 @@ async fn main() {
         started.elapsed()
     );
 
-    // pullgate fetched the blobs into containerd's content store; containerd fetched none.
+    // containerd fetched every blob through pullgate's mirror, none from the registry itself.
     let by_containerd = registry
         .requests()
         .iter()
@@ -70,7 +70,10 @@ async fn main() {
                 && r.user_agent.starts_with("containerd/")
         })
         .count();
-    println!("blob downloads by containerd itself: {by_containerd} (pullgate fetched them)");
+    println!(
+        "blob downloads by containerd from the registry itself: {by_containerd} \
+         (it fetched them through pullgate's mirror)"
+    );
 
     // Five clients asking for one image at once: one upstream pull.
     let mut tasks = Vec::new();
@@ -128,7 +131,7 @@ async fn main() {
         "pullgate_pull_requests_total{class=\"prewarm\",result=\"ok\"}",
         "pullgate_pull_requests_merged_total",
         "pullgate_upstream_pulls_total{result=\"ok\"}",
-        "pullgate_blobs_total{outcome=\"fetched\"}",
+        "pullgate_mirror_requests_total{kind=\"blob\",status=\"2xx\"}",
         "pullgate_fetched_bytes_total{source=\"registry\"}",
         "pullgate_class_bytes_total{class=\"prewarm\"}",
         "pullgate_upstream_up",

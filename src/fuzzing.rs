@@ -14,7 +14,7 @@ use crate::registry::hosts;
 use crate::registry::manifest::{self, Parsed, Platform};
 use crate::registry::ImageRef;
 
-/// An intercepted `PullImage` message: decode, classify, fingerprint, then what the fetcher does
+/// An intercepted `PullImage` message: decode, classify, fingerprint, then what the scheduled puller does
 /// with it (its reference parsed again, its credentials read).
 pub fn pull_request(message: &[u8]) {
     let Ok(info) = PullRequestInfo::decode(message) else {

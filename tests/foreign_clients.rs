@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::clients::{self, call, error_code, status_json, Client, ALL, EVERY_DIAL};
+use common::containerd::containerd_version;
 use common::faultproxy::Fault;
 use common::node::Node;
 use common::*;
@@ -176,14 +177,18 @@ async fn failed_pulls_reach_every_client_with_containerd_s_code_and_message() {
     let closed_host = format!("127.0.0.1:{}", free_port());
     node.containerd.add_host(&closed_host);
     let closed = format!("{closed_host}/gone/app:v1");
+    // A pull through pullgate first puts its mirror entry into the new hosts.toml, so both arms
+    // below see the same file.
+    let _ = node.via().pull_image(pull_request(&closed)).await;
     let answer = fails_alike(&node, &["pull", &closed, "--sandbox"]).await;
-    assert!(
-        answer["message"]
-            .as_str()
-            .unwrap()
-            .contains("connection refused"),
-        "{answer}"
-    );
+    let message = answer["message"].as_str().unwrap();
+    if containerd_version().major >= 2 {
+        // containerd 2.x reports a host's 404 before a later host's connection error, so with
+        // pullgate's mirror first it says "not found" (README, Behaviour worth knowing).
+        assert!(message.contains("not found"), "{answer}");
+    } else {
+        assert!(message.contains("connection refused"), "{answer}");
+    }
 
     // A private registry: no credentials, then wrong ones.
     let img = push_image(

@@ -24,6 +24,7 @@ use super::Mirror;
 use crate::metrics::SourceLabels;
 use crate::pull::Class;
 use crate::registry::{Credentials, Descriptor, RegistryError, Source};
+use crate::schedule::UrgentStream;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -47,7 +48,7 @@ pub async fn serve(
     let size = source.descriptor.size();
     let range = match super::route::parse_range(range, size) {
         Ok(r) => r,
-        Err(()) => {
+        Err(super::route::Unsatisfiable) => {
             let mut r = status(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
             r.headers_mut().insert(
                 header::CONTENT_RANGE,
@@ -88,6 +89,10 @@ pub async fn serve(
         .streams
         .acquire(source.priority.clone())
         .await;
+    // Prewarm yields from the first urgent request on, before its first byte arrives.
+    let urgent = (class.unwrap_or_else(|| mirror.demand.class(&source.key, Class::Urgent))
+        == Class::Urgent)
+        .then(|| mirror.scheduler.bandwidth.urgent_stream());
     let first = match fetch(mirror, &source, range.clone()).await {
         Ok(b) => b,
         Err(e) => return upstream_error(&key, &e),
@@ -100,6 +105,7 @@ pub async fn serve(
         at: range.start,
         end: range.end,
         _slot,
+        urgent,
     };
     tokio::spawn(pump.run(first, tx));
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -116,6 +122,8 @@ struct Pump {
     at: u64,
     end: u64,
     _slot: crate::schedule::SlotPermit,
+    /// Held while the stream is urgent: prewarm yields to it.
+    urgent: Option<UrgentStream>,
 }
 
 type Tx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
@@ -130,6 +138,13 @@ impl Pump {
                     let n = chunk.len() as u64;
                     let (mirror, key, fixed) = (&self.mirror, &self.source.key, self.class);
                     let class = || fixed.unwrap_or_else(|| mirror.demand.class(key, Class::Urgent));
+                    match (class(), self.urgent.is_some()) {
+                        (Class::Urgent, false) => {
+                            self.urgent = Some(mirror.scheduler.bandwidth.urgent_stream())
+                        }
+                        (Class::Prewarm, true) => self.urgent = None,
+                        _ => {}
+                    }
                     mirror.scheduler.bandwidth.received_bytes(class, n).await;
                     mirror.count_bytes(&body.source, class(), n);
                     if tx.send(Ok(Frame::data(chunk))).await.is_err() {

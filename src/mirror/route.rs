@@ -92,10 +92,17 @@ fn valid_digest(name: &str) -> bool {
     }
 }
 
+/// A range that starts at or past the end of the blob (answered 416).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
 /// A `Range` header, for a blob of `size` bytes: `Ok(None)` without one, `Ok(Some(a..b))` for
 /// `bytes=a-` or `bytes=a-b`, `Err` for a range that cannot be satisfied (416). Suffix ranges
 /// and multiple ranges (which containerd never sends) are ignored: the whole blob is served.
-pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<std::ops::Range<u64>>, ()> {
+pub fn parse_range(
+    header: Option<&str>,
+    size: u64,
+) -> Result<Option<std::ops::Range<u64>>, Unsatisfiable> {
     let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
         return Ok(None);
     };
@@ -116,7 +123,7 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<std::ops::R
         },
     };
     if start >= size {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some(start..end))
 }
@@ -179,7 +186,7 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=4-"), 10), Ok(Some(4..10)));
         assert_eq!(parse_range(Some("bytes=0-3"), 10), Ok(Some(0..4)));
         assert_eq!(parse_range(Some("bytes=2-99"), 10), Ok(Some(2..10)));
-        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
         assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(None));
         assert_eq!(parse_range(Some("bytes=5-2"), 10), Ok(None));
         assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Ok(None));

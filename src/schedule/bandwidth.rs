@@ -2,6 +2,13 @@
 //! receives from upstream is paid for from token buckets shared by all jobs, before it is passed
 //! on to containerd.
 //!
+//! Prewarm pauses (or drops to its floor) while urgent bytes flow: while at least one stream of
+//! urgent class is open at the mirror, not merely while an urgent job is admitted. On containerd
+//! 2.x one semaphore limits the downloads of every pull on the node (the transfer service's
+//! `max_concurrent_downloads`, default 3), so a pod's pull may wait inside containerd for a slot
+//! that a prewarm stream holds; pausing prewarm then would keep that slot forever. Prewarm runs on
+//! until a slot frees and the pod's first stream opens, and pauses from then on.
+//!
 //! Buckets run in debt: a stream that just received `n` bytes charges them, then waits until the
 //! bucket is out of debt, so the long-run rate is exact whatever the chunk sizes. Waits are cut
 //! into slices of at most [`RECHECK`], so a prewarm stream notices within that time that urgent
@@ -9,7 +16,7 @@
 //! its connection ever being closed.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -73,12 +80,25 @@ enum Which {
     Prewarm,
 }
 
+/// An urgent stream's mark on the budget: prewarm yields while any is held.
+#[derive(Debug)]
+pub struct UrgentStream {
+    bw: Arc<Bandwidth>,
+}
+
+impl Drop for UrgentStream {
+    fn drop(&mut self) {
+        self.bw.settle();
+        self.bw.urgent.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Shared by every stream of every job.
 #[derive(Debug)]
 pub struct Bandwidth {
     limits: Mutex<Limits>,
     buckets: Mutex<Buckets>,
-    /// Urgent jobs in flight; while > 0 prewarm runs at its floor.
+    /// Urgent streams open; while > 0 prewarm runs at its floor.
     urgent: AtomicUsize,
     /// Bytes received, by class (urgent, prewarm).
     received: [AtomicU64; 2],
@@ -108,13 +128,12 @@ impl Bandwidth {
         *self.limits.lock().unwrap() = limits;
     }
 
-    /// Tells how many urgent jobs are in flight.
-    pub fn set_urgent(&self, jobs: usize) {
-        if self.urgent.load(Ordering::SeqCst) != jobs {
-            // Earned tokens are credited at the rate that was in force while they were earned.
-            self.settle();
-            self.urgent.store(jobs, Ordering::SeqCst);
-        }
+    /// Marks an urgent stream open until the guard drops.
+    pub fn urgent_stream(self: &Arc<Self>) -> UrgentStream {
+        // Earned tokens are credited at the rate that was in force while they were earned.
+        self.settle();
+        self.urgent.fetch_add(1, Ordering::SeqCst);
+        UrgentStream { bw: self.clone() }
     }
 
     pub fn urgent_in_flight(&self) -> bool {
@@ -252,7 +271,6 @@ fn class_index(c: Class) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     const MB: u64 = 1_000_000;
 
@@ -299,7 +317,7 @@ mod tests {
             node: 20 * MB,
             ..Default::default()
         }));
-        bw.set_urgent(1);
+        let _urgent = bw.urgent_stream();
         let bytes = Arc::new(AtomicU64::new(0));
         let t = stream(bw.clone(), Class::Urgent, bytes.clone());
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -316,13 +334,12 @@ mod tests {
             node: 50 * MB,
             prewarm: 40 * MB,
             prewarm_floor: 0,
-            ..Default::default()
         }));
         let prewarm = Arc::new(AtomicU64::new(0));
         let t = stream(bw.clone(), Class::Prewarm, prewarm.clone());
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(prewarm.load(Ordering::Relaxed) > 30 * MB);
-        bw.set_urgent(1);
+        let urgent = bw.urgent_stream();
         tokio::time::sleep(Duration::from_millis(100)).await;
         let paused_at = prewarm.load(Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -332,7 +349,7 @@ mod tests {
             "no prewarm byte 100 ms after urgent work arrived"
         );
         assert!(!t.is_finished(), "paused, not killed");
-        bw.set_urgent(0);
+        drop(urgent);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let resumed = prewarm.load(Ordering::Relaxed) - paused_at;
         assert!(resumed > 30 * MB, "prewarm resumed: {resumed}");
@@ -345,9 +362,8 @@ mod tests {
             node: 50 * MB,
             prewarm: 40 * MB,
             prewarm_floor: 2 * MB,
-            ..Default::default()
         }));
-        bw.set_urgent(1);
+        let _urgent = bw.urgent_stream();
         let (p, u) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let tp = stream(bw.clone(), Class::Prewarm, p.clone());
         let tu = stream(bw.clone(), Class::Urgent, u.clone());

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::watch;
 
-pub use bandwidth::{Bandwidth, Limits};
+pub use bandwidth::{Bandwidth, Limits, UrgentStream};
 pub use priority::{ClassRank, Priority};
 pub use slots::{SlotPermit, Slots};
 
@@ -161,13 +161,6 @@ impl Scheduler {
         let adm = *self.admission.lock().unwrap();
         let gate_open = self.gate_open();
         let mut st = self.state.lock().unwrap();
-        let urgent = st
-            .entries
-            .values()
-            .filter(|e| e.record.priority().is_urgent())
-            .count();
-        self.bandwidth.set_urgent(urgent);
-
         let mut lane_busy = st.entries.values().any(|e| e.holds_lane);
         let mut running_prewarm = st
             .entries
@@ -482,7 +475,6 @@ mod tests {
         tokio::time::sleep(100 * MS).await;
         assert_eq!(w.started(), vec!["busy", "pod"]);
         assert_eq!(queued.state(), JobState::Queued);
-        assert!(w.sched.bandwidth.urgent_in_flight());
         // A pod now waits for the queued prewarm image: promoted, admitted at once.
         queued.set_priority(Priority::urgent(0));
         tokio::time::sleep(MS).await;
@@ -490,7 +482,6 @@ mod tests {
         for t in [a, b, c] {
             t.await.unwrap();
         }
-        assert!(!w.sched.bandwidth.urgent_in_flight());
     }
 
     #[tokio::test(start_paused = true)]
