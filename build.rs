@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/version.proto",
         "proto/containerd/events.proto",
         "proto/containerd/content.proto",
+        "proto/containerd/leases.proto",
         "proto/containerd/types.proto",
     ];
     let api = "proto/pullgate/v1/api.proto";

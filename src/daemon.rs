@@ -21,7 +21,7 @@ use crate::prewarm::Prewarmer;
 use crate::pull::{Class, ContainerdPuller, PullCoordinator, Puller, ScheduledPuller};
 use crate::registry::{Platform, RegistryClient, RegistryConfig};
 use crate::schedule::{Scheduler, Setup};
-use crate::upstream::Containerd;
+use crate::upstream::{Containerd, Leases};
 
 /// The pull path: the scheduled puller in front of containerd, and the mirror containerd fetches
 /// through (when enabled), with pullgate's entries written into containerd's hosts.toml files.
@@ -80,6 +80,15 @@ async fn pull_path(
         metrics: metrics.clone(),
         platform: Platform::node(),
         hosts: hosts.clone(),
+        resume: (!m.keep_partial.is_zero()).then(|| {
+            (
+                Leases::new(containerd.channel(), cfg.containerd.namespace.clone()),
+                m.keep_partial,
+            )
+        }),
+        preempt: cfg.containerd.preempt_prewarm,
+        containerd: containerd.clone(),
+        shared_limit: Default::default(),
     });
     Ok((Arc::new(puller), hosts))
 }
@@ -119,7 +128,18 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         containerd: containerd.clone(),
         serving: false.into(),
         hosts,
+        containerd_config: (cfg.mirror.enabled
+            && !cfg.containerd.config_file.as_os_str().is_empty())
+        .then(|| {
+            (
+                cfg.containerd.config_file.clone(),
+                cfg.mirror.hosts_dir.clone(),
+            )
+        }),
     });
+    if let Some(problem) = health.mirror_problem() {
+        warn!(problem, "containerd does not fetch through pullgate's mirror: pulls work, unscheduled; /readyz answers 503 until this is fixed");
+    }
     tokio::spawn(sample_loop(
         scheduler.clone(),
         board.clone(),

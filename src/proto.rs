@@ -24,6 +24,11 @@ pub mod containerd {
             tonic::include_proto!("containerd.services.content.v1");
         }
     }
+    pub mod leases {
+        pub mod v1 {
+            tonic::include_proto!("containerd.services.leases.v1");
+        }
+    }
     pub mod events {
         pub mod v1 {
             tonic::include_proto!("containerd.services.events.v1");

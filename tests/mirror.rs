@@ -213,7 +213,7 @@ async fn with_pullgate_down_containerd_pulls_by_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pullgate_killed_mid_pull_the_retry_completes() {
+async fn pullgate_killed_mid_pull_the_retry_resumes_what_containerd_kept() {
     let mut node = Node::start(None).await;
     let size = 4 << 20;
     let img = push_image(&node.registry, "crash/app", "v1", &[size], None).await;
@@ -244,12 +244,21 @@ async fn pullgate_killed_mid_pull_the_retry_completes() {
         .into_inner();
     assert_eq!(reply.image_ref, img.config_digest);
     let total = proxy.bytes();
+    let ratio = total as f64 / img.total_size as f64;
     eprintln!(
-        "registry bytes over both attempts: {total} for a {} byte image ({:.2}x)",
-        img.total_size,
-        total as f64 / img.total_size as f64
+        "registry bytes over both attempts: {total} for a {} byte image ({ratio:.2}x)",
+        img.total_size
     );
+    // containerd kept the partial layer under the pull's lease and asked for the rest.
+    assert!(ratio <= 1.05, "re-fetched: {ratio:.2}x the image");
     assert_no_ingests(&node).await;
+    // The pull that succeeded deleted its lease; the killed one's stays until it expires.
+    let leases = node.containerd.ctr(&["leases", "ls", "-q"]);
+    let ours: Vec<_> = leases
+        .lines()
+        .filter(|l| l.starts_with("pullgate-"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{leases}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 # root (containerd).
 #
 #   tests/run.sh                      # everything
-#   tests/run.sh fetcher -- unpack    # cargo test args for the end-to-end runs (here: one file)
+#   tests/run.sh mirror -- resume     # cargo test args for the end-to-end runs (here: one file)
 #   PULLGATE_TEST_VERSIONS="sid" tests/run.sh   # only some versions (codenames)
 set -euo pipefail
 cd "$(dirname "$0")/.."

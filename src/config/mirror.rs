@@ -30,6 +30,11 @@ pub struct MirrorConfig {
     /// chunk of a blob before the stream is resumed elsewhere.
     #[serde(with = "units::duration")]
     pub request_timeout: Duration,
+    /// How long what a failed or interrupted pull downloaded stays in containerd, so that the
+    /// next attempt resumes it (a containerd lease per forwarded pull); 0: containerd drops it
+    /// with the pull.
+    #[serde(with = "units::duration")]
+    pub keep_partial: Duration,
     /// Resumptions (ranged, from the byte reached) of one blob stream cut upstream.
     #[serde(deserialize_with = "units::whole::<_, _, 0, 100>")]
     pub retries: u32,
@@ -55,6 +60,7 @@ impl Default for MirrorConfig {
             manage_hosts: true,
             mirror_credentials: false,
             request_timeout: Duration::from_secs(30),
+            keep_partial: Duration::from_secs(3600),
             retries: 4,
             unscheduled: Unscheduled::Urgent,
             header_read_timeout: Duration::from_secs(10),

@@ -163,6 +163,24 @@ pub struct ContainerdConfig {
     /// How often containerd's liveness is probed for `/healthz` and `pullgate_upstream_up`.
     #[serde(with = "units::duration")]
     pub health_interval: Duration,
+    /// containerd's own config file, read to check that its CRI registry `config_path` is
+    /// `mirror.hosts_dir` (at start and in `/readyz`); empty: not checked.
+    pub config_file: PathBuf,
+    /// Hand prewarm pulls back from containerd while a pod's pull runs (what they downloaded is
+    /// kept, see `mirror.keep_partial`), and forward them again after: `auto` on containerd 2.x,
+    /// whose transfer service limits the downloads of every pull on the node with one semaphore
+    /// (`max_concurrent_downloads`, default 3) that paused prewarm streams would hold; `always`;
+    /// `never` (prewarm streams are paused at the mirror instead).
+    pub preempt_prewarm: Preempt,
+}
+
+/// When prewarm pulls are handed back from containerd for a pod's pull.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Preempt {
+    Auto,
+    Always,
+    Never,
 }
 
 impl Default for ContainerdConfig {
@@ -172,6 +190,8 @@ impl Default for ContainerdConfig {
             namespace: "k8s.io".into(),
             connect_timeout: Duration::from_secs(5),
             health_interval: Duration::from_secs(5),
+            config_file: PathBuf::from("/etc/containerd/config.toml"),
+            preempt_prewarm: Preempt::Auto,
         }
     }
 }
@@ -317,6 +337,13 @@ impl Config {
         if self.api.enabled {
             paths.push(("api.socket", &self.api.socket, DEFAULT_API_SOCKET));
         }
+        if !self.containerd.config_file.as_os_str().is_empty() {
+            paths.push((
+                "containerd.config_file",
+                &self.containerd.config_file,
+                "/etc/containerd/config.toml",
+            ));
+        }
         for (key, path, like) in paths {
             if let Err(why) = absolute(path, like) {
                 return fail(key, why);
@@ -397,7 +424,7 @@ impl Config {
     }
 
     /// Every duration key with the range it accepts (documented in config/pullgate.toml).
-    fn durations(&self) -> [(&'static str, Duration, DurationRange); 8] {
+    fn durations(&self) -> [(&'static str, Duration, DurationRange); 9] {
         let ms = Duration::from_millis;
         let s = Duration::from_secs;
         let (min, hour) = (s(60), s(3600));
@@ -422,6 +449,12 @@ impl Config {
                 "mirror.request_timeout",
                 self.mirror.request_timeout,
                 DurationRange::new(s(1), 10 * min, "30s"),
+            ),
+            // A lease expiry becomes an RFC 3339 label: a week outlives any retry.
+            (
+                "mirror.keep_partial",
+                self.mirror.keep_partial,
+                DurationRange::new(min, 7 * 24 * hour, "1h").or_zero(),
             ),
             (
                 "mirror.header_read_timeout",
@@ -814,6 +847,7 @@ image = "registry.example/ml/model:v3"
             ("[containerd]\nconnect_timeout = \"1ms\"\n", &["containerd.connect_timeout", "between 10ms and 5m"]),
             ("[containerd]\nhealth_interval = \"0s\"\n", &["containerd.health_interval: 0s is out of range", "between 100ms and 1h"]),
             ("[mirror]\nheader_read_timeout = \"0s\"\n", &["mirror.header_read_timeout", "between 10ms and 10m"]),
+            ("[mirror]\nkeep_partial = \"30s\"\n", &["mirror.keep_partial", "expected 0 (no limit) or a duration between 1m and 7d"]),
             ("[mirror]\nrequest_timeout = \"1d\"\n", &["mirror.request_timeout", "between 1s and 10m"]),
             ("[metrics]\nheader_read_timeout = \"0s\"\n", &["metrics.header_read_timeout", "between 10ms and 10m"]),
             ("[p2p_gate]\ninterval = \"0s\"\n", &["p2p_gate.interval", "between 10ms and 1h"]),

@@ -8,6 +8,7 @@
 //! sockets, and a scraper retries on its next interval anyway.
 
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,9 +38,32 @@ pub struct Health {
     pub serving: AtomicBool,
     /// pullgate's hosts.toml entries, when it keeps them (`mirror.manage_hosts`).
     pub hosts: Option<HostsKeeper>,
+    /// containerd's config file and the directory its `config_path` must name (mirror on).
+    pub containerd_config: Option<(PathBuf, PathBuf)>,
 }
 
 impl Health {
+    /// Why containerd does not fetch through pullgate's mirror, if it does not.
+    pub fn mirror_problem(&self) -> Option<String> {
+        if let Some((file, dir)) = &self.containerd_config {
+            if let Err(e) = crate::mirror::containerd_config::check(file, dir) {
+                return Some(e);
+            }
+        }
+        let missing = self.hosts.as_ref().map(|h| h.missing()).unwrap_or_default();
+        if missing.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "these hosts.toml files do not list pullgate's mirror first (see the log): {}",
+            missing
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+
     /// Probes containerd and records the result in `pullgate_upstream_up`.
     pub async fn probe(&self) -> Result<String, tonic::Status> {
         let res = self.containerd.version(Duration::from_secs(2)).await;

@@ -92,6 +92,7 @@ pub struct Metrics {
     pub class_bytes: Family<ClassLabels, Counter>,
     pub class_rate: Family<ClassLabels, Gauge>,
     pub promotions: Counter,
+    pub preemptions: Counter,
     pub prewarm_jobs: Family<StateLabels, Gauge>,
     pub p2p_gate_open: Gauge,
     pub lane_running: Gauge,
@@ -180,6 +181,12 @@ impl Metrics {
             "blob_retries",
             "Blob streams the mirror resumed upstream with a Range after a cut or stall",
             blob_retries.clone(),
+        );
+        let preemptions = Counter::default();
+        registry.register(
+            "prewarm_preemptions",
+            "Prewarm pulls handed back from containerd while a pod's pull ran (containerd 2.x shares one download limit), forwarded again after",
+            preemptions.clone(),
         );
         let fetch_fallbacks = Family::<ReasonLabels, Counter>::default();
         registry.register(
@@ -282,6 +289,7 @@ impl Metrics {
             class_bytes,
             class_rate,
             promotions,
+            preemptions,
             prewarm_jobs,
             p2p_gate_open,
             lane_running,

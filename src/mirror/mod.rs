@@ -17,6 +17,7 @@
 //! down or does not know a blob. [`hosts_file`] and [`hosts_dir`] keep pullgate's entry first.
 
 mod blob;
+pub mod containerd_config;
 pub mod demand;
 pub mod hosts_dir;
 pub mod hosts_file;

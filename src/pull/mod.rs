@@ -40,7 +40,7 @@ pub struct ForwardRequest {
 }
 
 /// One upstream pull, shared by every requester merged into it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PullJob {
     /// Job number, for logs.
     pub id: u64,

@@ -10,20 +10,27 @@
 //! manifest resolved here (one resolution per pull) and paces the blobs. A pull pullgate cannot
 //! resolve (registry down, unknown auth scheme, not found) still takes its turn and is forwarded:
 //! containerd then fetches from its other hosts and answers with its own error if it fails too.
+//! Each forwarded pull runs under a lease pullgate creates ([`crate::upstream::leases`]), so a
+//! pull cut short keeps what containerd downloaded for the next attempt.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tracing::{debug, info, warn};
 
 use super::{ContainerdPuller, PullJob, Puller};
+use crate::config::Preempt;
 use crate::grpc::CapturedReply;
+use crate::jobs::JobState;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::mirror::hosts_dir::HostsKeeper;
 use crate::mirror::Demand;
 use crate::registry::{Credentials, ImageRef, Platform, RegistryClient, RegistryError};
 use crate::schedule::Scheduler;
+use crate::upstream::leases::LEASE_HEADER;
+use crate::upstream::{Containerd, Leases};
 
 /// A [`Puller`] that admits each job before containerd pulls it through the mirror.
 pub struct ScheduledPuller {
@@ -35,6 +42,13 @@ pub struct ScheduledPuller {
     pub platform: Platform,
     /// Re-checks pullgate's hosts.toml entry for the image's registry before each pull.
     pub hosts: Option<HostsKeeper>,
+    /// The lease each forwarded pull runs under, and how long it outlives a failed pull.
+    pub resume: Option<(Leases, Duration)>,
+    /// Hand prewarm pulls back from containerd while a pod's pull runs.
+    pub preempt: Preempt,
+    /// For `Preempt::Auto`: containerd's version decides, asked once.
+    pub containerd: Containerd,
+    pub shared_limit: tokio::sync::OnceCell<bool>,
 }
 
 impl Puller for Arc<ScheduledPuller> {
@@ -87,9 +101,24 @@ impl Puller for Arc<ScheduledPuller> {
                 lane = ticket.in_lane(),
                 "admitted: containerd pulls through the mirror"
             );
-            let reply = me.finish.pull(job).await;
+            let mut job = job;
+            let lease = me.resume_lease(&mut job).await;
+            let reply = me.forward(job).await;
             drop(ticket);
             drop(registration);
+            if let (Some(id), Some((leases, _))) = (lease, &me.resume) {
+                // Kept after a failure (it expires by itself) so the next attempt resumes what
+                // containerd downloaded; after success the image holds the content.
+                if reply.status().code() == tonic::Code::Ok {
+                    if let Err(e) = leases.delete(&id).await {
+                        debug!(
+                            lease = id,
+                            error = e.message(),
+                            "lease not deleted; it expires by itself"
+                        );
+                    }
+                }
+            }
             reply
         }
         .boxed()
@@ -97,6 +126,78 @@ impl Puller for Arc<ScheduledPuller> {
 }
 
 impl ScheduledPuller {
+    /// Forwards the pull to containerd. A prewarm pull is handed back (the call dropped, which
+    /// cancels containerd's pull; its downloads stay under the lease) while a pod's pull runs,
+    /// and forwarded again once none does, when containerd shares one download limit between
+    /// all pulls.
+    async fn forward(&self, job: PullJob) -> CapturedReply {
+        let preempt = match self.preempt {
+            Preempt::Never => false,
+            Preempt::Always => true,
+            Preempt::Auto => self.containerd_shares_download_slots().await,
+        };
+        if !preempt {
+            return self.finish.pull(job).await;
+        }
+        let mut urgent = self.scheduler.urgent_jobs();
+        let mut prio = job.record.watch_priority();
+        loop {
+            let fwd = self.finish.pull(job.clone());
+            let yield_now = until(&mut urgent, &mut prio, |u, p| u > 0 && !p.is_urgent());
+            tokio::select! {
+                reply = fwd => return reply,
+                () = yield_now => {}
+            }
+            info!(
+                "a pod's pull is waiting: prewarm pull handed back by containerd until it is done \
+                   (its downloads are kept)"
+            );
+            self.metrics.preemptions.inc();
+            job.record.set_state(JobState::Queued);
+            until(&mut urgent, &mut prio, |u, p| u == 0 || p.is_urgent()).await;
+            job.record.set_state(JobState::Fetching);
+            info!("forwarding the prewarm pull again");
+        }
+    }
+
+    /// containerd 2.x: its transfer service limits the downloads of every pull with one
+    /// semaphore. Unknown (containerd down at the first pull): assumed, the safe side.
+    async fn containerd_shares_download_slots(&self) -> bool {
+        *self
+            .shared_limit
+            .get_or_init(|| async {
+                let v = self.containerd.version(Duration::from_secs(5)).await;
+                let major = v.as_deref().ok().and_then(|v| {
+                    v.trim_start_matches('v').split('.').next()?.parse::<u32>().ok()
+                });
+                info!(version = v.as_deref().unwrap_or("unknown"), shared = major.is_none_or(|m| m >= 2),
+                      "containerd download limit: shared by all pulls when 2.x (prewarm is preempted for pods)");
+                major.is_none_or(|m| m >= 2)
+            })
+            .await
+    }
+
+    /// Creates the pull's lease and names it in the forwarded request; `None` (containerd uses
+    /// its own) when off or containerd refuses.
+    async fn resume_lease(&self, job: &mut PullJob) -> Option<String> {
+        let (leases, keep) = self.resume.as_ref()?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let id = format!("pullgate-{}-{nanos}", job.id);
+        let value = http::HeaderValue::from_str(&id).ok()?;
+        if let Err(e) = leases.create(&id, job.id, *keep).await {
+            warn!(
+                error = e.message(),
+                "cannot create the pull's lease: an interrupted pull will start over"
+            );
+            return None;
+        }
+        job.request.headers.insert(LEASE_HEADER, value);
+        Some(id)
+    }
+
     fn unresolved(&self, reason: &'static str, detail: &str) {
         warn!(
             reason,
@@ -106,6 +207,23 @@ impl ScheduledPuller {
             .fetch_fallbacks
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+}
+
+/// Waits until `cond(urgent jobs, the job's priority)` holds.
+async fn until(
+    urgent: &mut tokio::sync::watch::Receiver<usize>,
+    prio: &mut tokio::sync::watch::Receiver<crate::schedule::Priority>,
+    cond: impl Fn(usize, crate::schedule::Priority) -> bool,
+) {
+    loop {
+        if cond(*urgent.borrow_and_update(), *prio.borrow_and_update()) {
+            return;
+        }
+        tokio::select! {
+            r = urgent.changed() => if r.is_err() { std::future::pending::<()>().await },
+            r = prio.changed() => if r.is_err() { std::future::pending::<()>().await },
+        }
     }
 }
 

@@ -91,6 +91,8 @@ pub struct Scheduler {
     gate: watch::Receiver<bool>,
     /// Bumped on every admission.
     admitted: watch::Sender<u64>,
+    /// Urgent jobs in the scheduler (a pod waits for each).
+    urgent: watch::Sender<usize>,
     metrics: Arc<Metrics>,
 }
 
@@ -112,6 +114,7 @@ impl Scheduler {
             streams: Slots::new(setup.max_blob_streams),
             gate: setup.gate,
             admitted: watch::channel(0).0,
+            urgent: watch::channel(0).0,
             metrics,
         });
         // Promotions and gate changes re-run the dispatch; the task ends with the scheduler.
@@ -156,11 +159,23 @@ impl Scheduler {
         }
     }
 
+    /// The number of urgent jobs in the scheduler, watched.
+    pub fn urgent_jobs(&self) -> watch::Receiver<usize> {
+        self.urgent.subscribe()
+    }
+
     /// Admits whatever may run now. Cheap; called on every change.
     fn dispatch(&self) {
         let adm = *self.admission.lock().unwrap();
         let gate_open = self.gate_open();
         let mut st = self.state.lock().unwrap();
+        let urgent = st
+            .entries
+            .values()
+            .filter(|e| e.record.priority().is_urgent())
+            .count();
+        self.urgent
+            .send_if_modified(|u| std::mem::replace(u, urgent) != urgent);
         let mut lane_busy = st.entries.values().any(|e| e.holds_lane);
         let mut running_prewarm = st
             .entries

@@ -1,5 +1,17 @@
 //! Clients of the services pullgate sits in front of.
 
 pub mod containerd;
+pub mod leases;
 
 pub use containerd::Containerd;
+pub use leases::Leases;
+
+/// A request to one of containerd's services, in `namespace`.
+pub(crate) fn namespaced<T>(msg: T, namespace: &str) -> tonic::Request<T> {
+    use tonic::metadata::MetadataValue;
+    let mut req = tonic::Request::new(msg);
+    if let Ok(v) = MetadataValue::try_from(namespace) {
+        req.metadata_mut().insert("containerd-namespace", v);
+    }
+    req
+}

@@ -293,6 +293,23 @@ impl Containerd {
     }
 
     /// Path of containerd's gRPC socket (`dir/containerd.sock`; same across restarts).
+    /// Runs containerd's `ctr` (beside the containerd binary) in the CRI namespace; its stdout.
+    pub fn ctr(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(containerd_bin().with_file_name("ctr"))
+            .arg("-a")
+            .arg(self.socket())
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("ctr {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.socket.clone()
     }

@@ -40,8 +40,10 @@ impl Pullgate {
         std::fs::write(
             &config,
             format!(
-                "[api]\nsocket = {:?}\n[mirror]\naddr = \"127.0.0.1:{}\"\nhosts_dir = {:?}\n{mirror_toml}\n",
+                "[api]\nsocket = {:?}\n[containerd]\nconfig_file = {:?}\n\
+                 [mirror]\naddr = \"127.0.0.1:{}\"\nhosts_dir = {:?}\n{mirror_toml}\n",
                 dir.join("api.sock"),
+                containerd.config_path(),
                 super::free_port(),
                 containerd.dir().join("certs.d")
             ),
