@@ -26,9 +26,10 @@ use crate::grpc::CapturedReply;
 use crate::jobs::JobState;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::mirror::hosts_dir::HostsKeeper;
-use crate::mirror::Demand;
+use crate::mirror::{Demand, Registration};
 use crate::registry::{Credentials, ImageRef, Platform, RegistryClient, RegistryError};
 use crate::schedule::Scheduler;
+use crate::upstream::content::{abort_ingest, failed_commit_ref};
 use crate::upstream::leases::LEASE_HEADER;
 use crate::upstream::{Containerd, Leases};
 
@@ -59,39 +60,7 @@ impl Puller for Arc<ScheduledPuller> {
             // pull ends, dropped or not.
             let ticket = me.scheduler.enter(job.record.clone());
             ticket.wait_gate().await;
-            let creds = job
-                .info
-                .auth
-                .as_ref()
-                .map(Credentials::from_auth_config)
-                .unwrap_or(Credentials::Anonymous);
-            let registration = match ImageRef::parse(&job.info.image) {
-                Ok(image) => {
-                    if let Some(h) = &me.hosts {
-                        h.ensure(&image.registry);
-                    }
-                    match me.registry.resolve(&image, &creds, &me.platform).await {
-                        Ok(resolved) => {
-                            let size = std::iter::once(&resolved.config)
-                                .chain(&resolved.layers)
-                                .map(|d| d.size())
-                                .sum::<u64>();
-                            debug!(manifest = %resolved.manifest.descriptor.digest(),
-                                   layers = resolved.layers.len(), bytes = size, "resolved");
-                            let reg = me.demand.register(&job.record, &image, &creds, &resolved);
-                            Some((reg, size))
-                        }
-                        Err(e) => {
-                            me.unresolved(reason(&e), &e.to_string());
-                            None
-                        }
-                    }
-                }
-                Err(e) => {
-                    me.unresolved("reference", &e.to_string());
-                    None
-                }
-            };
+            let registration = me.resolve(&job).await;
             let size = registration.as_ref().map(|(_, s)| *s);
             // containerd's own fetch of an unresolved image cannot be paced, but it still takes
             // its turn.
@@ -106,18 +75,10 @@ impl Puller for Arc<ScheduledPuller> {
             let reply = me.forward(job).await;
             drop(ticket);
             drop(registration);
-            if let (Some(id), Some((leases, _))) = (lease, &me.resume) {
-                // Kept after a failure (it expires by itself) so the next attempt resumes what
-                // containerd downloaded; after success the image holds the content.
-                if reply.status().code() == tonic::Code::Ok {
-                    if let Err(e) = leases.delete(&id).await {
-                        debug!(
-                            lease = id,
-                            error = e.message(),
-                            "lease not deleted; it expires by itself"
-                        );
-                    }
-                }
+            if reply.status().code() == tonic::Code::Ok {
+                me.release_lease(lease).await;
+            } else {
+                me.drop_corrupt_ingest(reply.status().message()).await;
             }
             reply
         }
@@ -126,6 +87,78 @@ impl Puller for Arc<ScheduledPuller> {
 }
 
 impl ScheduledPuller {
+    /// Resolves the job's image with the requester's credentials and registers its manifests and
+    /// blobs with the mirror; with the image's size. `None`: containerd pulls it unscheduled.
+    async fn resolve(&self, job: &PullJob) -> Option<(Registration, u64)> {
+        let creds = job
+            .info
+            .auth
+            .as_ref()
+            .map(Credentials::from_auth_config)
+            .unwrap_or(Credentials::Anonymous);
+        let image = match ImageRef::parse(&job.info.image) {
+            Ok(i) => i,
+            Err(e) => {
+                self.unresolved("reference", &e.to_string());
+                return None;
+            }
+        };
+        if let Some(h) = &self.hosts {
+            h.ensure(&image.registry);
+        }
+        match self.registry.resolve(&image, &creds, &self.platform).await {
+            Ok(resolved) => {
+                let size = std::iter::once(&resolved.config)
+                    .chain(&resolved.layers)
+                    .map(|d| d.size())
+                    .sum::<u64>();
+                debug!(manifest = %resolved.manifest.descriptor.digest(),
+                       layers = resolved.layers.len(), bytes = size, "resolved");
+                let reg = self.demand.register(&job.record, &image, &creds, &resolved);
+                Some((reg, size))
+            }
+            Err(e) => {
+                self.unresolved(reason(&e), &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A blob that failed containerd's verification must not stay as a complete ingest (kept by
+    /// the lease, the next attempt would fail its commit again): it is aborted.
+    async fn drop_corrupt_ingest(&self, message: &str) {
+        let (Some(reference), Some((leases, _))) = (failed_commit_ref(message), &self.resume)
+        else {
+            return;
+        };
+        let (channel, namespace) = leases.channel();
+        match abort_ingest(channel.clone(), namespace, reference).await {
+            Ok(()) => info!(
+                ingest = reference,
+                "corrupt download dropped: the next attempt fetches it again"
+            ),
+            Err(e) => warn!(
+                ingest = reference,
+                error = e.message(),
+                "cannot drop the corrupt download"
+            ),
+        }
+    }
+
+    /// After a successful pull the image holds its content: the lease goes. After a failure it
+    /// stays (it expires by itself), so the next attempt resumes what containerd downloaded.
+    async fn release_lease(&self, lease: Option<String>) {
+        let (Some(id), Some((leases, _))) = (lease, &self.resume) else {
+            return;
+        };
+        if let Err(e) = leases.delete(&id).await {
+            debug!(
+                lease = id,
+                error = e.message(),
+                "lease not deleted; it expires by itself"
+            );
+        }
+    }
     /// Forwards the pull to containerd. A prewarm pull is handed back (the call dropped, which
     /// cancels containerd's pull; its downloads stay under the lease) while a pod's pull runs,
     /// and forwarded again once none does, when containerd shares one download limit between

@@ -34,6 +34,11 @@ pub struct Leases {
 }
 
 impl Leases {
+    /// containerd's channel and the namespace of the leases.
+    pub fn channel(&self) -> (&Channel, &str) {
+        (&self.channel, &self.namespace)
+    }
+
     pub fn new(channel: Channel, namespace: impl Into<String>) -> Self {
         Leases {
             channel,

@@ -1,6 +1,7 @@
 //! Clients of the services pullgate sits in front of.
 
 pub mod containerd;
+pub mod content;
 pub mod leases;
 
 pub use containerd::Containerd;
