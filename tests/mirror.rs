@@ -7,7 +7,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::containerd::containerd_version;
 use common::daemon::metric_value;
 use common::faultproxy::Fault;
 use common::node::Node;
