@@ -167,3 +167,32 @@ pub fn h2_client_stream(data: &[u8]) {
         "the rewrite depends on how the bytes arrive"
     );
 }
+
+/// A request to pullgate's mirror (from containerd, or any local process): its target
+/// (`path?query`), `Range` header and `Authorization` header, one per line. A blob route names a
+/// digest; a range is within the blob.
+pub fn mirror_request(text: &str) {
+    use crate::mirror::demand::Presented;
+    use crate::mirror::route::{self, Route};
+    let mut lines = text.splitn(3, '\n');
+    let target = lines.next().unwrap_or_default();
+    let range = lines.next();
+    let authorization = lines.next();
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    match route::parse(path, query) {
+        Route::Blob(k) => assert!(k.name.contains(':'), "a blob is named by digest"),
+        Route::Manifest(k) => assert!(!k.repository.is_empty() && !k.registry.is_empty()),
+        Route::Base | Route::Unknown(_) => {}
+    }
+    for size in [0, 1, 1000, u64::MAX] {
+        if let Ok(Some(r)) = route::parse_range(range, size) {
+            assert!(r.start < r.end && r.end <= size, "{r:?} within {size}");
+        }
+    }
+    if let Some(p) = authorization.and_then(Presented::from_header) {
+        let _ = (p.username.len(), p.password.len());
+    }
+}

@@ -141,6 +141,63 @@ async fn urgent_pull_during_four_big_prewarms_finishes_first_and_prewarms_comple
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_shared_with_a_paused_prewarm_streams_at_the_pods_class() {
+    // A 20 MB/s link; prewarm pauses while a pod's bytes flow.
+    let node = Node::start_with(None, "[schedule]\nbandwidth = \"20MB\"\n").await;
+    let base = common::registry::random_layer_tar(0, 12 * MB);
+    let pre = common::registry::push_image_on(
+        &node.registry,
+        "share/pre",
+        "v1",
+        Some(&base),
+        &[12 * MB],
+        None,
+    )
+    .await;
+    let pod = common::registry::push_image_on(
+        &node.registry,
+        "share/pod",
+        "v1",
+        Some(&base),
+        &[MB],
+        None,
+    )
+    .await;
+    assert_eq!(
+        pre.layer_digests[0], pod.layer_digests[0],
+        "one shared base layer"
+    );
+    submit(&node, &pre.reference(), 0).await;
+    wait_for("prewarm bytes flowing", Duration::from_secs(20), || async {
+        node.pullgate
+            .metric("pullgate_class_bytes_total{class=\"prewarm\"}")
+            .await
+            > 2.0 * MB as f64
+    })
+    .await;
+    let started = std::time::Instant::now();
+    node.via()
+        .pull_image(pull_request(&pod.reference()))
+        .await
+        .expect("pod pull");
+    let took = started.elapsed();
+    let urgent = node
+        .pullgate
+        .metric("pullgate_class_bytes_total{class=\"urgent\"}")
+        .await;
+    eprintln!("pod pull sharing a base with a prewarm: {took:?}, urgent bytes {urgent}");
+    // The rest of the shared base came at the pod's class, not only the pod's own layer: the pod
+    // did not wait for a paused prewarm stream (containerd fetches a digest once; the pod's pull
+    // waits on that download).
+    assert!(
+        urgent > (pod.layer_blob_sizes[1] + MB as u64) as f64,
+        "urgent bytes {urgent}: the shared layer stayed at prewarm pace"
+    );
+    // At link speed: under the 24 MB both images hold at 20 MB/s, with room for a noisy machine.
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_waiting_for_a_prewarm_image_promotes_the_job_without_refetching() {
     // Prewarm is held to 4 MB/s; the pod's pull of the same image joins and promotes it.
     let node = Node::start_with(None, "[schedule]\nprewarm_bandwidth = \"4MB\"\n").await;

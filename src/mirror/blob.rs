@@ -57,28 +57,8 @@ pub async fn serve(
             return r;
         }
     };
-    let partial = range.is_some();
+    let resp = head_of(&key, size, range.clone());
     let range = range.unwrap_or(0..size);
-    let mut resp = Response::builder()
-        .status(if partial {
-            StatusCode::PARTIAL_CONTENT
-        } else {
-            StatusCode::OK
-        })
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, range.end - range.start)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header("docker-content-digest", key.name.as_str());
-    if partial {
-        resp = resp.header(
-            header::CONTENT_RANGE,
-            format!(
-                "bytes {}-{}/{size}",
-                range.start,
-                range.end.saturating_sub(1)
-            ),
-        );
-    }
     if head || range.is_empty() {
         return resp.body(empty()).expect("valid response");
     }
@@ -93,6 +73,8 @@ pub async fn serve(
     let urgent = (class.unwrap_or_else(|| mirror.demand.class(&source.key, Class::Urgent))
         == Class::Urgent)
         .then(|| mirror.scheduler.bandwidth.urgent_stream());
+    debug!(blob = %key.name, repository = %key.repository, job = source.job,
+           from = range.start, to = range.end, urgent = urgent.is_some(), "serving blob");
     let first = match fetch(mirror, &source, range.clone()).await {
         Ok(b) => b,
         Err(e) => return upstream_error(&key, &e),
@@ -110,6 +92,27 @@ pub async fn serve(
     tokio::spawn(pump.run(first, tx));
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     resp.body(BodyExt::boxed(body)).expect("valid response")
+}
+
+/// The status and headers of a blob response: 200 for the whole blob, 206 for a range.
+fn head_of(key: &Key, size: u64, range: Option<Range<u64>>) -> http::response::Builder {
+    let (status, r) = match range {
+        Some(r) => (StatusCode::PARTIAL_CONTENT, r),
+        None => (StatusCode::OK, 0..size),
+    };
+    let resp = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, r.end - r.start)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("docker-content-digest", key.name.as_str());
+    if status == StatusCode::OK {
+        return resp;
+    }
+    resp.header(
+        header::CONTENT_RANGE,
+        format!("bytes {}-{}/{size}", r.start, r.end.saturating_sub(1)),
+    )
 }
 
 /// Feeds one response body; ends when the range is delivered, upstream fails for good, or

@@ -255,16 +255,16 @@ impl Demand {
         })
     }
 
-    /// The class blob `key` is served at now: the highest of the jobs needing it; `unknown` when
-    /// none does (any more).
+    /// The class blob `key` is served at now: the highest of the jobs needing that digest, in
+    /// any repository (containerd downloads a digest once, and a pull needing it waits on the
+    /// download in flight, so a pod's layer shared with a prewarm image must not stay at prewarm
+    /// pace); `unknown` when no job needs it (any more).
     pub fn class(&self, key: &Key, unknown: Class) -> Class {
         let st = self.state.lock().unwrap();
-        let Some(entry) = st.blobs.get(key) else {
-            return unknown;
-        };
-        entry
-            .needs
+        st.blobs
             .iter()
+            .filter(|(k, _)| k.name == key.name)
+            .flat_map(|(_, e)| e.needs.iter())
             .map(|n| n.record.priority().class())
             .max()
             .unwrap_or(unknown)
@@ -368,6 +368,13 @@ mod tests {
         let rb = demand.register(&pod, &b, &Credentials::Anonymous, &resolved(&['1']));
         assert_eq!(demand.class(&shared, Class::Prewarm), Class::Urgent);
         assert_eq!(demand.class(&only_a, Class::Urgent), Class::Prewarm);
+        // The same digest in another repository is the same download in containerd.
+        let c = ImageRef::parse("reg.test/other:1").unwrap();
+        let other = record(&board, 3, &c.whole(), Priority::prewarm(0));
+        let rc = demand.register(&other, &c, &Credentials::Anonymous, &resolved(&['1']));
+        let elsewhere = Key::of(&c, desc('1', 1).digest().as_ref());
+        assert_eq!(demand.class(&elsewhere, Class::Prewarm), Class::Urgent);
+        drop(rc);
         let Access::Granted(src) = demand.blob(&shared, None) else {
             panic!("public blob")
         };

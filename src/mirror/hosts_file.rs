@@ -10,10 +10,14 @@ const BEGIN: &str =
     "# >>> pullgate mirror: managed by pullgate, `pullgate mirror-hosts --remove` takes it out";
 const END: &str = "# <<< pullgate mirror";
 
-/// The block naming `url` (e.g. `http://127.0.0.1:5077`) as a pull and resolve host.
+/// The block naming `url` (e.g. `http://127.0.0.1:5077`) as a pull host. Not a resolve host:
+/// containerd resolves tags at the administrator's hosts and the registry, as without pullgate,
+/// so a failing pull gets the registry's own answer (containerd 2.x reports a mirror's 404 ahead
+/// of a later host's authorization or connection error). Manifests by digest and blobs come
+/// through the mirror.
 fn block(url: &str) -> String {
     format!(
-        "{BEGIN}\n[host.{}]\n  capabilities = [\"pull\", \"resolve\"]\n{END}\n",
+        "{BEGIN}\n[host.{}]\n  capabilities = [\"pull\"]\n{END}\n",
         toml_string(url)
     )
 }

@@ -483,14 +483,34 @@ pub async fn push_image(
     layer_sizes: &[usize],
     auth: Option<(&str, &str)>,
 ) -> TestImage {
+    push_image_on(registry, repo, tag, None, layer_sizes, auth).await
+}
+
+/// Like [`push_image`], with `base` (a layer tar, e.g. from [`random_layer_tar`]) as the first
+/// layer, so images can share it.
+pub async fn push_image_on(
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    base: Option<&[u8]>,
+    layer_sizes: &[usize],
+    auth: Option<(&str, &str)>,
+) -> TestImage {
     let client = http_client();
-    let base = registry.url();
+    let base_url = registry.url();
+    let offset = usize::from(base.is_some());
+    let tars = base.map(<[u8]>::to_vec).into_iter().chain(
+        layer_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| random_layer_tar(i + offset, size)),
+    );
+    let base = base_url;
 
     let mut layer_digests = Vec::new();
     let mut layer_blob_sizes = Vec::new();
     let mut layer_descriptors = Vec::new();
-    for (i, &size) in layer_sizes.iter().enumerate() {
-        let tar = random_layer_tar(i, size);
+    for tar in tars {
         let digest = sha256_digest(&tar);
         let len = tar.len() as u64;
         upload_blob(&client, &base, repo, tar, &digest, auth).await;
