@@ -74,11 +74,17 @@ async fn pull(client: &mut ImageServiceClient<Channel>, reference: &str, urgent:
     } else {
         prewarm_request(reference)
     };
+    // As kubelet does, a failed pull is pulled again; the time counts every attempt, since the
+    // pod waits through them (failures are reported: containerd's own fetch on the shaped link
+    // now and then loses a connection to the registry).
     let t = Instant::now();
-    client
-        .pull_image(req)
-        .await
-        .unwrap_or_else(|e| panic!("pull of {reference} failed: {e}"));
+    for attempt in 1..=3 {
+        match client.pull_image(req.clone()).await {
+            Ok(_) => break,
+            Err(e) if attempt < 3 => eprintln!("  pull of {reference} failed, retrying: {e}"),
+            Err(e) => panic!("pull of {reference} failed 3 times: {e}"),
+        }
+    }
     t.elapsed()
 }
 
