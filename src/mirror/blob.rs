@@ -141,7 +141,10 @@ impl Pump {
                     let n = chunk.len() as u64;
                     let (mirror, key, fixed) = (&self.mirror, &self.source.key, self.class);
                     let class = || fixed.unwrap_or_else(|| mirror.demand.class(key, Class::Urgent));
-                    match (class(), self.urgent.is_some()) {
+                    // Read once per chunk here (the demand table scan is on every chunk's path);
+                    // the bandwidth wait re-reads it while it waits.
+                    let now = class();
+                    match (now, self.urgent.is_some()) {
                         (Class::Urgent, false) => {
                             self.urgent = Some(mirror.scheduler.bandwidth.urgent_stream())
                         }
@@ -149,7 +152,7 @@ impl Pump {
                         _ => {}
                     }
                     mirror.scheduler.bandwidth.received_bytes(class, n).await;
-                    mirror.count_bytes(&body.source, class(), n);
+                    mirror.count_bytes(&body.source, now, n);
                     if tx.send(Ok(Frame::data(chunk))).await.is_err() {
                         debug!(blob = %self.source.key.name, at = self.at, "containerd closed the stream");
                         return;
