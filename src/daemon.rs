@@ -43,13 +43,14 @@ async fn pull_path(
     let demand = Demand::new();
     let mut hosts = None;
     if m.enabled {
-        let mirror = Arc::new(Mirror {
-            cfg: m.clone(),
-            demand: demand.clone(),
-            registry: registry.clone(),
-            scheduler: scheduler.clone(),
-            metrics: metrics.clone(),
-        });
+        let mirror = Arc::new(Mirror::new(
+            m.clone(),
+            demand.clone(),
+            registry.clone(),
+            scheduler.clone(),
+            metrics.clone(),
+            crate::mirror::containerd_config::keepalive(&cfg.containerd.config_file),
+        ));
         mirror
             .serve(stop.clone())
             .await

@@ -456,3 +456,45 @@ async fn an_index_resolves_to_the_nodes_platform() {
     assert_eq!(fetched(&other.layer_digests[0]), 0);
     assert!(gets.iter().all(|r| r.user_agent.starts_with(PULLGATE_UA)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_capping_each_connection_is_read_in_ranged_parts_without_rereading() {
+    let node = Node::start(None).await;
+    // 24 MiB behind a proxy pacing each connection at 4 MiB/s: one connection needs 6 s.
+    let size = 24 << 20;
+    let img = push_image(&node.registry, "capped/app", "v1", &[size], None).await;
+    let proxy = node.slow_proxy(4 << 20).await;
+    let reference = img.reference_via(&proxy.addr);
+
+    let mut client = node.via();
+    let pull = tokio::spawn(async move { client.pull_image(pull_request(&reference)).await });
+    let mut most_open = 0;
+    while !pull.is_finished() {
+        most_open = most_open.max(proxy.open_connections());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = pull.await.unwrap().expect("pull completes").into_inner();
+    assert_eq!(reply.image_ref, img.config_digest);
+
+    let m = node.pullgate.metrics().await;
+    let parts = metric_value(&m, "pullgate_mirror_range_parts_total");
+    let sent = proxy.bytes();
+    let ratio = sent as f64 / img.total_size as f64;
+    eprintln!("ranged parts: {parts}, most connections open: {most_open}, proxy bytes {ratio:.3}x the image");
+    // The probe found the cap (one connection, then two reading twice as fast) and split the
+    // rest of the layer over `mirror.parallel_ranges` (4) connections.
+    assert!(
+        parts >= 3.0,
+        "parts: {parts}\n{}",
+        tail(&node.pullgate.log(), 30)
+    );
+    assert!(most_open >= 3, "connections open at once: {most_open}");
+    // Parts are asked for from where the single stream stopped: nothing is read twice.
+    assert!(ratio <= 1.02, "read {ratio:.3}x the image");
+    assert!(
+        node.pullgate.log().contains("host caps each connection"),
+        "{}",
+        tail(&node.pullgate.log(), 30)
+    );
+    assert_no_ingests(&node).await;
+}

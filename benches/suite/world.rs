@@ -69,6 +69,25 @@ pub fn shape_port(id: u32, port: u16, bytes_per_sec: u64) {
     ));
 }
 
+/// Like [`shape_port`], with a plain byte FIFO holding `queue` of traffic (a link's buffer:
+/// a deeper queue delays every new flow, a pod's included, by that much).
+pub fn shape_port_fifo(id: u32, port: u16, bytes_per_sec: u64, queue: std::time::Duration) {
+    let bits = bytes_per_sec * 8;
+    tc(&format!(
+        "class replace dev lo parent 1: classid 1:{id} htb rate {bits}bit ceil {bits}bit \
+         burst 256k cburst 256k"
+    ));
+    let limit = ((bytes_per_sec as f64 * queue.as_secs_f64()) as u64).max(64 * 1024);
+    tc(&format!(
+        "qdisc replace dev lo parent 1:{id} handle {}: bfifo limit {limit}",
+        id + 100
+    ));
+    tc(&format!(
+        "filter replace dev lo parent 1: protocol ip prio {id} u32 match ip sport {port} 0xffff \
+         flowid 1:{id}"
+    ));
+}
+
 /// The snapshotter the simulated nodes unpack into: overlayfs, containerd's default and what a
 /// real node runs, when this kernel lets us mount it; else native (which copies each parent).
 pub fn snapshotter() -> &'static str {

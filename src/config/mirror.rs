@@ -49,6 +49,15 @@ pub struct MirrorConfig {
     /// host).
     #[serde(deserialize_with = "units::whole::<_, _, 1, 65536>")]
     pub max_connections: usize,
+    /// Connections one blob may use where a host is measured to cap each connection's rate
+    /// (ranged parts, fetched at once and passed on in order); 1: always one.
+    #[serde(deserialize_with = "units::whole::<_, _, 1, 16>")]
+    pub parallel_ranges: usize,
+    /// Size of one ranged part; 0: never split.
+    pub range_part: units::Bytes,
+    /// Blob bytes the whole node may hold fetched ahead of containerd's reads (split blobs
+    /// reserve `(parallel_ranges - 1) × range_part` each); 0: never split.
+    pub buffer_budget: units::Bytes,
 }
 
 impl Default for MirrorConfig {
@@ -65,6 +74,9 @@ impl Default for MirrorConfig {
             unscheduled: Unscheduled::Urgent,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            parallel_ranges: 4,
+            range_part: units::Bytes(2 << 20),
+            buffer_budget: units::Bytes(32 << 20),
         }
     }
 }

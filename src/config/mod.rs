@@ -480,7 +480,7 @@ impl Config {
     }
 
     /// Every byte quantity key with the range it accepts; 0 means "unlimited" or "off" for all.
-    fn sizes(&self) -> [(&'static str, u64, SizeRange); 4] {
+    fn sizes(&self) -> [(&'static str, u64, SizeRange); 6] {
         const KB: u64 = 1000;
         const TB: u64 = 1_000_000_000_000;
         let rate = SizeRange {
@@ -518,6 +518,24 @@ impl Config {
                     min: 1_000_000,
                     max: 1 << 40,
                     like: "1GiB",
+                },
+            ),
+            (
+                "mirror.range_part",
+                self.mirror.range_part.0,
+                SizeRange {
+                    min: 64 << 10,
+                    max: 1 << 30,
+                    like: "2MiB",
+                },
+            ),
+            (
+                "mirror.buffer_budget",
+                self.mirror.buffer_budget.0,
+                SizeRange {
+                    min: 1 << 20,
+                    max: 16 << 30,
+                    like: "32MiB",
                 },
             ),
         ]

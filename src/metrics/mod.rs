@@ -86,6 +86,8 @@ pub struct Metrics {
     pub mirror_requests: Family<MirrorLabels, Counter>,
     pub mirror_unscheduled: Counter,
     pub blob_retries: Counter,
+    pub parked_streams: Counter,
+    pub range_parts: Counter,
     pub fetch_fallbacks: Family<ReasonLabels, Counter>,
     pub queue_length: Family<ClassLabels, Gauge>,
     pub queue_wait: Family<ClassLabels, Histogram>,
@@ -181,6 +183,18 @@ impl Metrics {
             "blob_retries",
             "Blob streams the mirror resumed upstream with a Range after a cut or stall",
             blob_retries.clone(),
+        );
+        let parked_streams = Counter::default();
+        registry.register(
+            "mirror_parked_streams",
+            "Prewarm blob streams whose upstream connection was closed while prewarm paused for a pod (reopened with a Range afterwards)",
+            parked_streams.clone(),
+        );
+        let range_parts = Counter::default();
+        registry.register(
+            "mirror_range_parts",
+            "Ranged parts the mirror fetched over extra connections, for hosts measured to cap each connection",
+            range_parts.clone(),
         );
         let preemptions = Counter::default();
         registry.register(
@@ -283,6 +297,8 @@ impl Metrics {
             mirror_requests,
             mirror_unscheduled,
             blob_retries,
+            parked_streams,
+            range_parts,
             fetch_fallbacks,
             queue_length,
             queue_wait,

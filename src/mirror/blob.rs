@@ -7,7 +7,9 @@
 //! reading upstream, and a promotion speeds up a stream already open. The body channel holds one
 //! chunk: what containerd has not read yet is not read upstream either.
 
+use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,6 +22,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::demand::{Access, BlobSource, Key, Presented};
+use super::parts::{Part, Phase, Probe, Verdict};
 use super::Mirror;
 use crate::metrics::SourceLabels;
 use crate::pull::Class;
@@ -80,6 +83,10 @@ pub async fn serve(
         Err(e) => return upstream_error(&key, &e),
     };
     let (tx, rx) = mpsc::channel(1);
+    let probe = match mirror.pace.capped(&first.host) {
+        None if mirror.splits(range.end - range.start) => Probe::new(0),
+        _ => Probe::done(),
+    };
     let pump = Pump {
         mirror: mirror.clone(),
         source,
@@ -88,6 +95,14 @@ pub async fn serve(
         end: range.end,
         _slot,
         urgent,
+        head_end: range.end,
+        parts: VecDeque::new(),
+        next: range.end,
+        ahead: 0,
+        parts_read: Arc::new(AtomicU64::new(0)),
+        head_read: 0,
+        probe,
+        budget: None,
     };
     tokio::spawn(pump.run(first, tx));
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -127,93 +142,330 @@ struct Pump {
     _slot: crate::schedule::SlotPermit,
     /// Held while the stream is urgent: prewarm yields to it.
     urgent: Option<UrgentStream>,
+    /// Where the one upstream body stops being read: ranged parts follow from there.
+    head_end: u64,
+    /// Parts fetched ahead, in order from `head_end` (see [`super::parts`]).
+    parts: VecDeque<Part>,
+    /// The first byte no part covers yet.
+    next: u64,
+    /// Parts to keep in flight ahead of the one being read: 0 (one connection), 1 (probing a
+    /// host), `parallel_ranges - 1` (a capped host).
+    ahead: usize,
+    parts_read: Arc<AtomicU64>,
+    head_read: u64,
+    probe: Probe,
+    /// This blob's share of the node's buffer budget while it is split.
+    budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 type Tx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
 
+/// What a paused prewarm stream sends containerd per keep-alive: containerd's CRI cancels a pull
+/// whose streams read nothing for `image_pull_progress_timeout`.
+const KEEPALIVE_BYTES: usize = 1024;
+
+/// Why a body ends early.
+enum Stop {
+    /// containerd went away: nothing more to send.
+    Gone,
+    /// Upstream failed for good: containerd's read must fail.
+    Failed,
+}
+
 impl Pump {
     async fn run(mut self, first: crate::registry::BlobBody, tx: Tx) {
-        let mut body = first;
+        match self.pump(first, &tx).await {
+            Ok(()) | Err(Stop::Gone) => {}
+            // Cutting the body short makes containerd's read fail: it keeps what it has written,
+            // and its next attempt resumes with a Range.
+            Err(Stop::Failed) => {
+                let _ = tx
+                    .send(Err(std::io::Error::other("upstream stream failed")))
+                    .await;
+            }
+        }
+    }
+
+    /// The blob's class now; the demand table decides unless it is fixed.
+    fn class(&self) -> Class {
+        self.class
+            .unwrap_or_else(|| self.mirror.demand.class(&self.source.key, Class::Urgent))
+    }
+
+    async fn pump(&mut self, first: crate::registry::BlobBody, tx: &Tx) -> Result<(), Stop> {
         let mut retries = self.mirror.cfg.retries;
-        loop {
-            match body.stream.next().await {
-                Some(Ok(chunk)) => {
-                    let n = chunk.len() as u64;
-                    let (mirror, key, fixed) = (&self.mirror, &self.source.key, self.class);
-                    let class = || fixed.unwrap_or_else(|| mirror.demand.class(key, Class::Urgent));
-                    // Read once per chunk here (the demand table scan is on every chunk's path);
-                    // the bandwidth wait re-reads it while it waits.
-                    let now = class();
-                    match (now, self.urgent.is_some()) {
-                        (Class::Urgent, false) => {
-                            self.urgent = Some(mirror.scheduler.bandwidth.urgent_stream())
-                        }
-                        (Class::Prewarm, true) => self.urgent = None,
-                        _ => {}
+        let mut host = first.host.clone();
+        let mut source = first.source.clone();
+        // `None`: parked (closed while prewarm paused), or read up to `head_end`.
+        let mut body = Some(first);
+        while self.at < self.end {
+            if self.at >= self.head_end {
+                body = None;
+                self.top_up();
+                let Some(front) = self.parts.front_mut() else {
+                    // No part ahead (the host turned out uncapped): one connection again.
+                    self.head_end = self.end;
+                    self.next = self.end;
+                    self.budget = None;
+                    body = Some(self.reopen(&mut retries, None).await?);
+                    continue;
+                };
+                match front.rx.recv().await {
+                    // Paid for in the bandwidth buckets by the part's task.
+                    Some(Ok(chunk)) => self.send(chunk, tx).await?,
+                    None if self.at >= front.range.end => {
+                        self.parts.pop_front();
                     }
-                    mirror.scheduler.bandwidth.received_bytes(class, n).await;
-                    mirror.count_bytes(&body.source, now, n);
-                    if tx.send(Ok(Frame::data(chunk))).await.is_err() {
-                        debug!(blob = %self.source.key.name, at = self.at, "containerd closed the stream");
-                        return;
+                    failed => {
+                        // The part failed for good: its rest comes over one connection.
+                        let e = match failed {
+                            Some(Err(e)) => e,
+                            _ => RegistryError::Transport("part ended early".into()),
+                        };
+                        self.head_end = front.range.end;
+                        self.parts.pop_front();
+                        body = Some(self.reopen(&mut retries, Some(e)).await?);
                     }
-                    self.at += n;
-                    mirror.demand.progress(key, self.at);
                 }
-                None if self.at >= self.end => return,
+                self.consider_split(&host);
+                continue;
+            }
+            let Some(open) = body.as_mut() else {
+                body = Some(self.reopen(&mut retries, None).await?);
+                continue;
+            };
+            let mut chunk = match open.stream.next().await {
+                Some(Ok(chunk)) => chunk,
                 None => {
                     let e = RegistryError::Transport(format!(
                         "upstream body ended at byte {} of {}",
                         self.at, self.end
                     ));
-                    if !self.resume(&mut body, &mut retries, e).await {
-                        break;
-                    }
+                    body = Some(self.reopen(&mut retries, Some(e)).await?);
+                    continue;
                 }
                 Some(Err(e)) => {
-                    if !self.resume(&mut body, &mut retries, e).await {
-                        break;
+                    body = Some(self.reopen(&mut retries, Some(e)).await?);
+                    continue;
+                }
+            };
+            host.clone_from(&open.host);
+            source.clone_from(&open.source);
+            self.head_read += chunk.len() as u64;
+            // The parts after `head_end` fetch the rest.
+            chunk.truncate(chunk.len().min((self.head_end - self.at) as usize));
+            // Read once per chunk here (the demand table scan is on every chunk's path); the
+            // bandwidth wait re-reads it while it waits.
+            let now = self.class();
+            match (now, self.urgent.is_some()) {
+                (Class::Urgent, false) => {
+                    self.urgent = Some(self.mirror.scheduler.bandwidth.urgent_stream())
+                }
+                (Class::Prewarm, true) => self.urgent = None,
+                _ => {}
+            }
+            if now == Class::Prewarm && self.should_park(&host) {
+                // A paused stream that keeps its connection keeps receiving until its TCP
+                // window is full: megabytes per stream that take the link from the pod.
+                // Closing it stops the sender at once; the rest is asked for with a Range.
+                body = None;
+                self.mirror.metrics.parked_streams.inc();
+                debug!(blob = %self.source.key.name, at = self.at, "prewarm paused: upstream connection closed, reopened with a Range afterwards");
+                self.sit_out_pause(&mut chunk, tx).await?;
+                if self.probe.phase != Phase::Done {
+                    self.probe = Probe::new(self.read());
+                }
+            }
+            let n = chunk.len() as u64;
+            if n == 0 {
+                continue;
+            }
+            let (mirror, key, fixed) = (&self.mirror, &self.source.key, self.class);
+            let class = || fixed.unwrap_or_else(|| mirror.demand.class(key, Class::Urgent));
+            let paying = tokio::time::Instant::now();
+            mirror.scheduler.bandwidth.received_bytes(class, n).await;
+            self.probe.waited(paying.elapsed());
+            mirror.count_bytes(&source, now, n);
+            self.send(chunk, tx).await?;
+            self.consider_split(&host);
+        }
+        Ok(())
+    }
+
+    /// Bytes received upstream so far over every connection of this stream.
+    fn read(&self) -> u64 {
+        self.head_read + self.parts_read.load(Ordering::Relaxed)
+    }
+
+    /// Decides whether (and how far) to fetch ahead in ranged parts: at once for a host known
+    /// to cap connections, after the probe for one not measured yet.
+    fn consider_split(&mut self, host: &str) {
+        let k = self.mirror.cfg.parallel_ranges;
+        if self.ahead + 1 >= k || self.mirror.registry.ranges_work(host) == Some(false) {
+            return;
+        }
+        let want = match self.mirror.pace.capped(host) {
+            Some(false) => return,
+            Some(true) => k - 1,
+            None => match self.probe.step(self.read()) {
+                Verdict::Wait => return,
+                Verdict::Pair => 1,
+                Verdict::Inconclusive => 0,
+                Verdict::Decided {
+                    capped,
+                    single,
+                    paired,
+                } => {
+                    self.mirror.pace.note(host, capped, single, paired);
+                    if capped {
+                        k - 1
+                    } else {
+                        0
+                    }
+                }
+            },
+        };
+        if want <= self.ahead {
+            self.ahead = want;
+            return;
+        }
+        let part = self.mirror.cfg.range_part.0;
+        if self.end - self.at < 2 * part {
+            return;
+        }
+        // The budget is reserved for the most this blob may hold ahead; without it the blob
+        // stays on one connection (asked again on its next chunk).
+        let Some(budget) = self.mirror.buffers.reserve(want as u64 * part) else {
+            debug!(blob = %self.source.key.name, "buffer budget taken: not split");
+            return;
+        };
+        self.budget = Some(budget);
+        self.ahead = want;
+        if self.parts.is_empty() && self.next >= self.end {
+            // Not split yet: the open body reads one more part's worth, the parts the rest.
+            self.head_end = (self.at + part).min(self.end);
+            self.next = self.head_end;
+        }
+        self.top_up();
+    }
+
+    /// Starts parts until `ahead` are in flight past the one being read.
+    fn top_up(&mut self) {
+        let part = self.mirror.cfg.range_part.0;
+        // The part being read (past `head_end`) is not one ahead.
+        let reading = usize::from(self.at >= self.head_end);
+        while self.parts.len() < self.ahead + reading && self.next < self.end {
+            let range = self.next..(self.next + part).min(self.end);
+            self.next = range.end;
+            self.mirror.metrics.range_parts.inc();
+            self.parts.push_back(Part::spawn(
+                &self.mirror,
+                &self.source,
+                self.class,
+                range,
+                self.parts_read.clone(),
+            ));
+        }
+    }
+
+    /// Whether to close the upstream connection of this prewarm stream: prewarm is paused, and
+    /// the host honours `Range` (else reopening would read the blob again from its start).
+    fn should_park(&self, host: &str) -> bool {
+        self.mirror.scheduler.bandwidth.prewarm_paused()
+            && self.mirror.registry.ranges_work(host) != Some(false)
+    }
+
+    async fn send(&mut self, chunk: Bytes, tx: &Tx) -> Result<(), Stop> {
+        let n = chunk.len() as u64;
+        if tx.send(Ok(Frame::data(chunk))).await.is_err() {
+            debug!(blob = %self.source.key.name, at = self.at, "containerd closed the stream");
+            return Err(Stop::Gone);
+        }
+        self.at += n;
+        self.mirror.demand.progress(&self.source.key, self.at);
+        Ok(())
+    }
+
+    /// Waits while prewarm is paused and this blob is still prewarm, sending containerd a few
+    /// bytes of `held` (the chunk received as the pause began) every keep-alive interval so that
+    /// its CRI does not cancel the pull as stalled; fetches a few more when `held` runs out.
+    async fn sit_out_pause(&mut self, held: &mut Bytes, tx: &Tx) -> Result<(), Stop> {
+        let keepalive = self.mirror.keepalive;
+        let mut last = tokio::time::Instant::now();
+        while self.class() == Class::Prewarm && self.mirror.scheduler.bandwidth.prewarm_paused() {
+            if tx.is_closed() {
+                return Err(Stop::Gone);
+            }
+            tokio::time::sleep(crate::schedule::bandwidth::RECHECK).await;
+            if last.elapsed() < keepalive {
+                continue;
+            }
+            last = tokio::time::Instant::now();
+            let at = self.at + held.len() as u64;
+            if held.is_empty() && at < self.end {
+                let want = at..self.end.min(at + KEEPALIVE_BYTES as u64);
+                match fetch(&self.mirror, &self.source, want).await {
+                    Ok(b) => {
+                        let parts: Vec<Bytes> =
+                            b.stream.filter_map(|r| async { r.ok() }).collect().await;
+                        *held = parts.concat().into();
+                    }
+                    Err(e) => {
+                        debug!(blob = %self.source.key.name, error = %e, "keep-alive fetch failed")
                     }
                 }
             }
+            let piece = held.split_to(held.len().min(KEEPALIVE_BYTES));
+            if piece.is_empty() {
+                continue;
+            }
+            self.mirror
+                .scheduler
+                .bandwidth
+                .received_unpaced(Class::Prewarm, piece.len() as u64);
+            self.send(piece, tx).await?;
         }
-        // Cutting the body short makes containerd's read fail: it keeps what it has written, and
-        // its next attempt resumes with a Range.
-        let _ = tx
-            .send(Err(std::io::Error::other("upstream stream failed")))
-            .await;
+        Ok(())
     }
 
-    /// Opens the rest of the range again; false when out of retries or upstream refuses.
-    async fn resume(
+    /// Opens the rest of the range again: after a cut upstream (`cut`, counted against the
+    /// retries) or after a pause.
+    async fn reopen(
         &mut self,
-        body: &mut crate::registry::BlobBody,
         retries: &mut u32,
-        e: RegistryError,
-    ) -> bool {
-        self.mirror.metrics.blob_retries.inc();
-        if *retries == 0 {
-            warn!(blob = %self.source.key.name, repository = %self.source.key.repository,
-                  error = %e, "blob stream failed upstream, out of retries: containerd's read fails");
-            return false;
-        }
-        *retries -= 1;
-        warn!(blob = %self.source.key.name, at = self.at, error = %e, retries_left = *retries,
-              "blob stream cut upstream: resuming with a Range");
-        match fetch(&self.mirror, &self.source, self.at..self.end).await {
-            Ok(b) => {
-                *body = b;
-                true
+        cut: Option<RegistryError>,
+    ) -> Result<crate::registry::BlobBody, Stop> {
+        if let Some(e) = cut {
+            self.mirror.metrics.blob_retries.inc();
+            if *retries == 0 {
+                warn!(blob = %self.source.key.name, repository = %self.source.key.repository,
+                      error = %e, "blob stream failed upstream, out of retries: containerd's read fails");
+                return Err(Stop::Failed);
             }
-            Err(e) => {
-                warn!(blob = %self.source.key.name, error = %e, "cannot resume the blob stream");
-                false
+            *retries -= 1;
+            warn!(blob = %self.source.key.name, at = self.at, error = %e, retries_left = *retries,
+                  "blob stream cut upstream: resuming with a Range");
+        }
+        loop {
+            match fetch(&self.mirror, &self.source, self.at..self.end).await {
+                Ok(b) => return Ok(b),
+                Err(e) if *retries > 0 && matches!(e, RegistryError::Transport(_)) => {
+                    *retries -= 1;
+                    self.mirror.metrics.blob_retries.inc();
+                    warn!(blob = %self.source.key.name, error = %e, retries_left = *retries,
+                          "cannot reopen the blob stream yet: retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    warn!(blob = %self.source.key.name, error = %e, "cannot resume the blob stream");
+                    return Err(Stop::Failed);
+                }
             }
         }
     }
 }
 
-async fn fetch(
+pub(super) async fn fetch(
     mirror: &Mirror,
     source: &BlobSource,
     range: Range<u64>,
@@ -274,7 +526,13 @@ impl Mirror {
         )))
     }
 
-    fn count_bytes(&self, source: &Source, class: Class, n: u64) {
+    /// Whether a stream of `len` bytes is long enough to be worth probing and splitting.
+    fn splits(&self, len: u64) -> bool {
+        let part = self.cfg.range_part.0;
+        self.cfg.parallel_ranges > 1 && part > 0 && self.cfg.buffer_budget.0 > 0 && len >= 4 * part
+    }
+
+    pub(super) fn count_bytes(&self, source: &Source, class: Class, n: u64) {
         let source = match source {
             Source::Registry => "registry",
             Source::Mirror(_) => "mirror",

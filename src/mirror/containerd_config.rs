@@ -2,6 +2,7 @@
 //! (containerd ignores `hosts.toml` without it) must name `mirror.hosts_dir`.
 
 use std::path::Path;
+use std::time::Duration;
 
 /// The CRI registry `config_path` of a containerd config file: version 2 configs (containerd 1.x,
 /// and 2.x reading them) under `io.containerd.grpc.v1.cri`, version 3 under
@@ -17,6 +18,59 @@ fn config_path(table: &toml::Table) -> Option<&str> {
                 .get("config_path")?
                 .as_str()
         })
+}
+
+/// containerd's CRI `image_pull_progress_timeout` (containerd 1.7 and later): a pull whose
+/// streams read nothing for this long is cancelled. `None`: not set (containerd's default, 5
+/// minutes, where it has the setting), unreadable, or 0 (disabled).
+pub fn progress_timeout(file: &Path) -> Option<Duration> {
+    let table: toml::Table = std::fs::read_to_string(file).ok()?.parse().ok()?;
+    let plugins = table.get("plugins")?.as_table()?;
+    let text = ["io.containerd.cri.v1.images", "io.containerd.grpc.v1.cri"]
+        .iter()
+        .find_map(|p| {
+            plugins
+                .get(*p)?
+                .get("image_pull_progress_timeout")?
+                .as_str()
+        })?;
+    go_duration(text).filter(|d| !d.is_zero())
+}
+
+/// A Go `time.Duration` string as containerd writes it (`5m0s`, `1m30s`, `500ms`, `1.5s`).
+fn go_duration(text: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut rest = text.trim();
+    if rest == "0" {
+        return Some(Duration::ZERO);
+    }
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let value: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = &rest[unit_end..];
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+/// How often a paused prewarm stream sends containerd a few bytes: a third of containerd's
+/// progress timeout (it checks every 10 s at most), at most a minute.
+pub fn keepalive(file: &Path) -> Duration {
+    let timeout = progress_timeout(file).unwrap_or(Duration::from_secs(300));
+    (timeout / 3).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 /// `Err` says why containerd will not fetch through pullgate's mirror.
@@ -51,6 +105,29 @@ mod tests {
         let f = dir.path().join("config.toml");
         std::fs::write(&f, text).unwrap();
         check(&f, Path::new("/etc/containerd/certs.d"))
+    }
+
+    #[test]
+    fn progress_timeout_and_keepalive_follow_containerds_setting() {
+        assert_eq!(go_duration("5m0s"), Some(Duration::from_secs(300)));
+        assert_eq!(go_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(go_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(go_duration("0"), Some(Duration::ZERO));
+        assert_eq!(go_duration("5 minutes"), None);
+        assert_eq!(go_duration("m"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("config.toml");
+        std::fs::write(&f, "version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\nimage_pull_progress_timeout = \"6s\"\n").unwrap();
+        assert_eq!(progress_timeout(&f), Some(Duration::from_secs(6)));
+        assert_eq!(keepalive(&f), Duration::from_secs(2));
+        std::fs::write(&f, "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\nimage_pull_progress_timeout = \"0s\"\n").unwrap();
+        assert_eq!(progress_timeout(&f), None);
+        assert_eq!(keepalive(&f), Duration::from_secs(60));
+        assert_eq!(
+            keepalive(&dir.path().join("missing")),
+            Duration::from_secs(60)
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod containerd_config;
 pub mod demand;
 pub mod hosts_dir;
 pub mod hosts_file;
+mod parts;
 pub mod route;
 mod serve;
 
@@ -43,9 +44,36 @@ pub struct Mirror {
     pub registry: RegistryClient,
     pub scheduler: Arc<Scheduler>,
     pub metrics: Arc<Metrics>,
+    /// How often a paused prewarm stream sends containerd a few bytes
+    /// ([`containerd_config::keepalive`]).
+    pub keepalive: std::time::Duration,
+    /// Which upstream hosts cap each connection (measured; see [`parts`]).
+    pace: parts::HostPace,
+    /// The node-wide budget for blob bytes fetched ahead of containerd's reads.
+    buffers: parts::Buffers,
 }
 
 impl Mirror {
+    pub fn new(
+        cfg: MirrorConfig,
+        demand: Arc<Demand>,
+        registry: RegistryClient,
+        scheduler: Arc<Scheduler>,
+        metrics: Arc<Metrics>,
+        keepalive: std::time::Duration,
+    ) -> Mirror {
+        Mirror {
+            buffers: parts::Buffers::new(cfg.buffer_budget.0),
+            pace: Default::default(),
+            cfg,
+            demand,
+            registry,
+            scheduler,
+            metrics,
+            keepalive,
+        }
+    }
+
     /// Binds `cfg.addr` and serves until `stop` is cancelled.
     pub async fn serve(
         self: Arc<Self>,

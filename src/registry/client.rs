@@ -96,6 +96,8 @@ pub struct Resolved {
 /// A blob body being streamed.
 pub struct BlobBody {
     pub source: Source,
+    /// The host that answered (`host[:port]`).
+    pub host: String,
     /// The number of bytes `stream` yields when it completes (`range.end - range.start`).
     pub len: u64,
     /// Chunks in order; ends with an error if the body is cut short, runs long or stalls.
@@ -127,6 +129,8 @@ struct Inner {
     challenges: Mutex<HashMap<(String, String), Challenge>>,
     /// Serialises token fetches so parallel blob requests share one token.
     token_fetch: tokio::sync::Mutex<()>,
+    /// Per host (`host[:port]`): whether it honours `Range` (206), as last seen.
+    ranges: Mutex<HashMap<String, bool>>,
 }
 
 /// A registry client; cheap to clone (clones share HTTP clients, tokens and challenges).
@@ -158,6 +162,7 @@ impl RegistryClient {
                 tokens: TokenCache::default(),
                 challenges: Mutex::new(HashMap::new()),
                 token_fetch: tokio::sync::Mutex::new(()),
+                ranges: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -302,8 +307,14 @@ impl RegistryClient {
                 .find(|h| h.pull)
                 .map(Source::of)
                 .unwrap_or(Source::Registry);
+            let host = hosts
+                .iter()
+                .find(|h| h.pull)
+                .map(|h| h.authority().to_string())
+                .unwrap_or_default();
             return Ok(BlobBody {
                 source,
+                host,
                 len: 0,
                 stream: stream::empty().boxed(),
             });
@@ -338,6 +349,7 @@ impl RegistryClient {
                                 )));
                             }
                             if !whole {
+                                self.note_ranges(host, false);
                                 tracing::debug!(
                                     host = host.authority(),
                                     %what,
@@ -361,6 +373,7 @@ impl RegistryClient {
                                     range.start
                                 )));
                             }
+                            self.note_ranges(host, true);
                             0
                         }
                         s => return Err(status_error(s, host, image, &what)),
@@ -368,6 +381,7 @@ impl RegistryClient {
                     let want = range.end - range.start;
                     Ok(BlobBody {
                         source: Source::of(host),
+                        host: host.authority().to_string(),
                         len: want,
                         stream: body_stream(
                             resp,
@@ -521,6 +535,23 @@ impl RegistryClient {
             }
         }
         Err(result.expect("the last candidate ran"))
+    }
+
+    fn note_ranges(&self, host: &RegistryHost, work: bool) {
+        let mut ranges = self.inner.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        if ranges.insert(host.authority().to_string(), work) != Some(work) && !work {
+            tracing::info!(
+                host = host.authority(),
+                "host ignores Range: its streams are not split or closed early (each reopening \
+                 would read the blob from its start)"
+            );
+        }
+    }
+
+    /// Whether `host` (`host[:port]`) honoured `Range` when last asked; `None`: never asked.
+    pub fn ranges_work(&self, host: &str) -> Option<bool> {
+        let ranges = self.inner.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        ranges.get(host).copied()
     }
 
     fn http_for(&self, host: &RegistryHost) -> Result<reqwest::Client, RegistryError> {

@@ -149,6 +149,24 @@ impl Bandwidth {
         }
     }
 
+    /// Prewarm is stopped outright (urgent streams open, no floor): a prewarm stream should
+    /// close its upstream connection rather than let bytes in flight fill its receive window.
+    pub fn prewarm_paused(&self) -> bool {
+        self.urgent_in_flight() && self.limits().prewarm_floor == 0
+    }
+
+    /// Counts `n` bytes that are not paced (a paused stream's keep-alive): they are charged to
+    /// the node bucket, and nobody waits for them.
+    pub fn received_unpaced(&self, class: Class, n: u64) {
+        self.received[class_index(class)].fetch_add(n, Ordering::Relaxed);
+        let rate = self.rate(Which::Node);
+        let mut b = self.buckets.lock().unwrap();
+        if rate != 0 {
+            b.node.refill(Instant::now(), rate);
+            b.node.tokens -= n as f64;
+        }
+    }
+
     /// Bytes received so far by class.
     pub fn received(&self, class: Class) -> u64 {
         self.received[class_index(class)].load(Ordering::Relaxed)
