@@ -498,3 +498,65 @@ async fn a_host_capping_each_connection_is_read_in_ranged_parts_without_rereadin
     );
     assert_no_ingests(&node).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prewarm_pull_paused_longer_than_containerds_progress_timeout_is_kept_alive() {
+    // containerd 1.7 and 2.x cancel a CRI pull whose streams read nothing for
+    // image_pull_progress_timeout (1.6 has no such setting). A 4 MB/s node budget: the pod's
+    // 24 MiB pull keeps prewarm paused for about 6 s, past the 3 s timeout set here.
+    let node = Node::start_tuned(
+        None,
+        "[schedule]\nbandwidth = \"4MB\"\n",
+        "native",
+        "image_pull_progress_timeout = \"3s\"",
+    )
+    .await;
+    let pre = push_image(&node.registry, "keep/pre", "v1", &[12 << 20], None).await;
+    let pod = push_image(&node.registry, "keep/pod", "v1", &[24 << 20], None).await;
+
+    let mut client = node.via();
+    let r = pre.reference();
+    let prewarm = tokio::spawn(async move { client.pull_image(prewarm_request(&r)).await });
+    wait_for("prewarm bytes flowing", Duration::from_secs(20), || async {
+        node.pullgate
+            .metric("pullgate_class_bytes_total{class=\"prewarm\"}")
+            .await
+            > 1.0 * (1 << 20) as f64
+    })
+    .await;
+    let started = Instant::now();
+    node.via()
+        .pull_image(pull_request(&pod.reference()))
+        .await
+        .expect("pod's pull");
+    let paused = started.elapsed();
+    // The premise: prewarm stayed paused longer than containerd's timeout.
+    assert!(
+        paused > Duration::from_secs(4),
+        "pod pull took only {paused:?}"
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(60), prewarm)
+        .await
+        .expect("prewarm pull answered")
+        .unwrap()
+        .expect("the paused prewarm pull was not cancelled by containerd")
+        .into_inner();
+    assert_eq!(reply.image_ref, pre.config_digest);
+    let parked = node
+        .pullgate
+        .metric("pullgate_mirror_parked_streams_total")
+        .await;
+    let preempted = node
+        .pullgate
+        .metric("pullgate_prewarm_preemptions_total")
+        .await;
+    eprintln!("pod pull {paused:?}; parked prewarm streams {parked}, preemptions {preempted}");
+    // Parked (its connection closed, kept alive towards containerd) or, on containerd 2.x,
+    // handed back from containerd while the pod's pull ran and forwarded again.
+    assert!(parked + preempted >= 1.0, "prewarm never paused");
+    assert!(
+        !node.containerd.log().contains("no progress"),
+        "containerd cancelled a pull"
+    );
+    assert_no_ingests(&node).await;
+}

@@ -152,6 +152,18 @@ impl Containerd {
         extra_toml: &str,
         snapshotter: &str,
     ) -> Containerd {
+        Self::start_tuned(dir, registry_addrs, extra_toml, snapshotter, "").await
+    }
+
+    /// Like `start_on`, with `cri_images` (e.g. `image_pull_progress_timeout = "4s"`) added to
+    /// the CRI plugin's image settings of the config version in use.
+    pub async fn start_tuned(
+        dir: &Path,
+        registry_addrs: &[String],
+        extra_toml: &str,
+        snapshotter: &str,
+        cri_images: &str,
+    ) -> Containerd {
         std::fs::create_dir_all(dir)
             .unwrap_or_else(|e| panic!("Containerd: cannot create {}: {e}", dir.display()));
         let dir = dir
@@ -172,7 +184,8 @@ impl Containerd {
             write_hosts_toml(&dir, addr);
         }
         let config_path = dir.join("config.toml");
-        let mut config = containerd_config(containerd_version().major, &dir, &socket, snapshotter);
+        let mut config = containerd_config(containerd_version().major, &dir, &socket, snapshotter)
+            .replacen("    # cri images\n", &format!("    {cri_images}\n"), 1);
         config.push_str(extra_toml);
         std::fs::write(&config_path, config)
             .unwrap_or_else(|e| panic!("Containerd: cannot write config: {e}"));
@@ -476,6 +489,7 @@ fn plugins_v2(dir: &Path, snapshotter: &str) -> String {
     let p = |sub: &str| toml_str(&dir.join(sub).to_string_lossy());
     format!(
         r#"  [plugins."io.containerd.grpc.v1.cri"]
+    # cri images
     sandbox_image = "registry.k8s.io/pause:3.6"
     stream_server_address = "127.0.0.1"
     stream_server_port = "0"
@@ -514,6 +528,7 @@ fn plugins_v3(dir: &Path, snapshotter: &str) -> String {
     };
     format!(
         r#"  [plugins."io.containerd.cri.v1.images"]
+    # cri images
     snapshotter = {snapshotter:?}
     disable_snapshot_annotations = true
     discard_unpacked_layers = false

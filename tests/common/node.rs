@@ -30,11 +30,26 @@ impl Node {
         mirror_toml: &str,
         snapshotter: &str,
     ) -> Node {
+        Node::start_tuned(auth, mirror_toml, snapshotter, "").await
+    }
+
+    /// With `cri_images` lines in containerd's CRI image settings.
+    pub async fn start_tuned(
+        auth: Option<(&str, &str)>,
+        mirror_toml: &str,
+        snapshotter: &str,
+        cri_images: &str,
+    ) -> Node {
         let dir = tempdir();
         let registry = Registry::start(&dir.path().join("registry"), auth).await;
-        let containerd =
-            Containerd::start_on(&dir.path().join("ctd"), &[registry.addr()], "", snapshotter)
-                .await;
+        let containerd = Containerd::start_tuned(
+            &dir.path().join("ctd"),
+            &[registry.addr()],
+            "",
+            snapshotter,
+            cri_images,
+        )
+        .await;
         let pullgate = Pullgate::start(&dir.path().join("pg"), &containerd, mirror_toml).await;
         Node {
             pullgate,
