@@ -320,7 +320,7 @@ pub async fn capped(o: &Opts) -> Vec<Row> {
         o.rounds,
     )
     .await;
-    vec![ratio_row(name, &arms, 0.6)]
+    vec![ratio_row(name, &arms, 0.40)]
 }
 
 /// Four nodes prewarm the same four images through one shared, bounded cache in front of a

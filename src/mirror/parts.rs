@@ -297,3 +297,66 @@ impl Probe {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_calls_a_host_capped_only_when_two_connections_read_faster() {
+        // 4 MB/s alone, then 8 MB/s with a second connection: capped.
+        let mut p = Probe::new(0);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(matches!(p.step(2_000_000), Verdict::Wait));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(matches!(p.step(4_000_000), Verdict::Pair));
+        tokio::time::advance(PROBE).await;
+        match p.step(12_000_000) {
+            Verdict::Decided {
+                capped,
+                single,
+                paired,
+            } => {
+                assert!(capped);
+                assert!((single - 4e6).abs() < 1e5 && (paired - 8e6).abs() < 1e5);
+            }
+            _ => panic!("no verdict"),
+        }
+        assert_eq!(p.phase, Phase::Done);
+
+        // A shared link: the second connection only splits the same rate.
+        let mut p = Probe::new(0);
+        tokio::time::advance(PROBE).await;
+        assert!(matches!(p.step(4_000_000), Verdict::Pair));
+        tokio::time::advance(PROBE).await;
+        assert!(matches!(
+            p.step(8_500_000),
+            Verdict::Decided { capped: false, .. }
+        ));
+
+        // Held back by pullgate's own budget: nothing is concluded.
+        let mut p = Probe::new(0);
+        p.waited(Duration::from_millis(400));
+        tokio::time::advance(PROBE).await;
+        assert!(matches!(p.step(4_000_000), Verdict::Inconclusive));
+    }
+
+    #[test]
+    fn the_buffer_budget_is_reserved_whole_or_not_at_all() {
+        let b = Buffers::new(8 << 20);
+        let first = b.reserve(6 << 20).expect("fits");
+        assert!(b.reserve(4 << 20).is_none(), "over the budget");
+        drop(first);
+        assert!(b.reserve(8 << 20).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_host_verdict_expires() {
+        let pace = HostPace::default();
+        assert_eq!(pace.capped("r:5000"), None);
+        pace.note("r:5000", true, 4e6, 8e6);
+        assert_eq!(pace.capped("r:5000"), Some(true));
+        tokio::time::advance(REMEMBER).await;
+        assert_eq!(pace.capped("r:5000"), None);
+    }
+}

@@ -6,8 +6,9 @@
 //! urgent class is open at the mirror, not merely while an urgent job is admitted. On containerd
 //! 2.x one semaphore limits the downloads of every pull on the node (the transfer service's
 //! `max_concurrent_downloads`, default 3), so a pod's pull may wait inside containerd for a slot
-//! that a prewarm stream holds; pausing prewarm then would keep that slot forever. Prewarm runs on
-//! until a slot frees and the pod's first stream opens, and pauses from then on.
+//! that a prewarm stream holds; pausing prewarm then would keep that slot forever. Prewarm pauses
+//! for at most [`LINGER`] when a pod's job arrives and between its streams, and otherwise only
+//! from the pod's first stream on.
 //!
 //! Buckets run in debt: a stream that just received `n` bytes charges them, then waits until the
 //! bucket is out of debt, so the long-run rate is exact whatever the chunk sizes. Waits are cut
@@ -25,6 +26,13 @@ use crate::pull::Class;
 
 /// Longest sleep before a waiting stream re-reads the limits.
 pub const RECHECK: Duration = Duration::from_millis(50);
+
+/// While an urgent job is in the scheduler, prewarm stays paused this long after its last urgent
+/// stream closed (or after the job arrived): the gaps between a pod's manifest, config and layer
+/// requests are short, and resuming prewarm in each would reopen its connections only to close
+/// them again. Bounded, so a pod's pull waiting inside containerd for a download slot that a
+/// paused prewarm stream holds (containerd 2.x) gets it after this long.
+pub const LINGER: Duration = Duration::from_millis(500);
 
 /// Burst allowance of a bucket: this much time at its rate (at least [`MIN_BURST`] bytes).
 const BURST: f64 = 0.05;
@@ -89,7 +97,9 @@ pub struct UrgentStream {
 impl Drop for UrgentStream {
     fn drop(&mut self) {
         self.bw.settle();
-        self.bw.urgent.fetch_sub(1, Ordering::SeqCst);
+        if self.bw.urgent.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.bw.urgent_mark.lock().unwrap() = Some(Instant::now());
+        }
     }
 }
 
@@ -100,6 +110,10 @@ pub struct Bandwidth {
     buckets: Mutex<Buckets>,
     /// Urgent streams open; while > 0 prewarm runs at its floor.
     urgent: AtomicUsize,
+    /// Urgent jobs in the scheduler, and when the last urgent stream closed or such a job
+    /// arrived: prewarm lingers at its floor for [`LINGER`] from then.
+    urgent_jobs: AtomicUsize,
+    urgent_mark: Mutex<Option<Instant>>,
     /// Bytes received, by class (urgent, prewarm).
     received: [AtomicU64; 2],
 }
@@ -114,6 +128,8 @@ impl Bandwidth {
                 prewarm: Bucket::new(now),
             }),
             urgent: AtomicUsize::new(0),
+            urgent_jobs: AtomicUsize::new(0),
+            urgent_mark: Mutex::new(None),
             received: Default::default(),
         }
     }
@@ -136,8 +152,26 @@ impl Bandwidth {
         UrgentStream { bw: self.clone() }
     }
 
+    /// Urgent streams are open, or an urgent job is between two of its streams ([`LINGER`]).
     pub fn urgent_in_flight(&self) -> bool {
-        self.urgent.load(Ordering::SeqCst) > 0
+        if self.urgent.load(Ordering::SeqCst) > 0 {
+            return true;
+        }
+        self.urgent_jobs.load(Ordering::SeqCst) > 0
+            && self
+                .urgent_mark
+                .lock()
+                .unwrap()
+                .is_some_and(|at| at.elapsed() < LINGER)
+    }
+
+    /// The scheduler's count of urgent jobs; a new one pauses prewarm for up to [`LINGER`]
+    /// before its first stream opens.
+    pub fn set_urgent_jobs(&self, n: usize) {
+        self.settle();
+        if self.urgent_jobs.swap(n, Ordering::SeqCst) < n {
+            *self.urgent_mark.lock().unwrap() = Some(Instant::now());
+        }
     }
 
     /// Returns once no urgent job is in flight, or at once for urgent work (`is_urgent` is

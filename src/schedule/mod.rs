@@ -174,6 +174,7 @@ impl Scheduler {
             .values()
             .filter(|e| e.record.priority().is_urgent())
             .count();
+        self.bandwidth.set_urgent_jobs(urgent);
         self.urgent
             .send_if_modified(|u| std::mem::replace(u, urgent) != urgent);
         let mut lane_busy = st.entries.values().any(|e| e.holds_lane);
