@@ -265,6 +265,59 @@ async fn pullgate_killed_mid_pull_the_retry_resumes_what_containerd_kept() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_dying_mid_pull_the_retry_resumes_what_containerd_kept() {
+    let node = Node::start(None).await;
+    let size = 4 << 20;
+    let img = push_image(&node.registry, "regdeath/app", "v1", &[size], None).await;
+    let mut proxy = node.slow_proxy(1 << 20).await;
+    let reference = img.reference_via(&proxy.addr);
+
+    let mut client = node.via();
+    let req = pull_request(&reference);
+    let first = tokio::spawn(async move { client.pull_image(req).await });
+    wait_for(
+        "half the layer through",
+        Duration::from_secs(30),
+        || async { proxy.bytes() >= 2 << 20 },
+    )
+    .await;
+    // The registry goes away for longer than the mirror's resumptions last.
+    proxy.kill().await;
+    let failed = tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .expect("the pull ends while the registry is down")
+        .unwrap()
+        .expect_err("the pull fails with the registry gone");
+    let before = proxy.bytes();
+    let ingests = node.store().ingests().await;
+    eprintln!("registry down: {failed:?}; {before} bytes sent, containerd's ingests: {ingests:?}");
+    assert!(!present(&node, &reference).await);
+    assert!(
+        !ingests.is_empty(),
+        "the partial layer is kept for the retry"
+    );
+
+    proxy.revive().await;
+    let reply = node
+        .via()
+        .pull_image(pull_request(&reference))
+        .await
+        .expect("pull completes once the registry is back")
+        .into_inner();
+    assert_eq!(reply.image_ref, img.config_digest);
+    let total = proxy.bytes();
+    let ratio = total as f64 / img.total_size as f64;
+    eprintln!(
+        "registry bytes over both attempts: {total} for a {} byte image ({ratio:.2}x)",
+        img.total_size
+    );
+    assert!(ratio <= 1.05, "re-fetched: {ratio:.2}x the image");
+    assert_no_ingests(&node).await;
+    // containerd commits a blob only when its digest matches.
+    assert!(node.store().has(&img.layer_digests[0]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_upstream_body_is_resumed_and_containerd_sees_one_stream() {
     let node = Node::start(None).await;
     let img = push_image(&node.registry, "fault/trunc", "v1", &[2 << 20], None).await;
