@@ -613,3 +613,68 @@ async fn a_prewarm_pull_paused_longer_than_containerds_progress_timeout_is_kept_
     );
     assert_no_ingests(&node).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prewarm_blob_read_in_ranged_parts_is_kept_alive_while_paused() {
+    // The prewarm layer comes from a host capping each connection at 4 MiB/s, so it is read in
+    // parts; the pod's layer from one capping at 1 MiB/s keeps prewarm paused for over 6 s, past
+    // containerd's 3 s image_pull_progress_timeout (1.7 and 2.x; 1.6 has none) and the period
+    // it checks that timeout at.
+    let node = Node::start_tuned(None, "", "native", "image_pull_progress_timeout = \"3s\"").await;
+    let pre = push_image(&node.registry, "keepparts/pre", "v1", &[64 << 20], None).await;
+    let pod = push_image(&node.registry, "keepparts/pod", "v1", &[24 << 20], None).await;
+    let fast = node.slow_proxy(4 << 20).await;
+    let slow = node.slow_proxy(1 << 20).await;
+
+    let mut client = node.via();
+    let r = pre.reference_via(&fast.addr);
+    let prewarm = tokio::spawn(async move { client.pull_image(prewarm_request(&r)).await });
+    // The probe's one part, then (the host found capped) three more ahead: by then containerd's
+    // stream reads from the parts, no longer from the first connection.
+    wait_for(
+        "the prewarm layer split",
+        Duration::from_secs(30),
+        || async {
+            node.pullgate
+                .metric("pullgate_mirror_range_parts_total")
+                .await
+                >= 4.0
+        },
+    )
+    .await;
+    let started = Instant::now();
+    node.via()
+        .pull_image(pull_request(&pod.reference_via(&slow.addr)))
+        .await
+        .expect("pod's pull");
+    let paused = started.elapsed();
+    assert!(
+        paused > Duration::from_secs(6),
+        "pod pull took only {paused:?}"
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(90), prewarm)
+        .await
+        .expect("prewarm pull answered")
+        .unwrap()
+        .expect("the paused prewarm pull was not cancelled by containerd")
+        .into_inner();
+    assert_eq!(reply.image_ref, pre.config_digest);
+    let m = node.pullgate.metrics().await;
+    let parked = metric_value(&m, "pullgate_mirror_parked_streams_total");
+    let preempted = metric_value(&m, "pullgate_prewarm_preemptions_total");
+    let ratio = fast.bytes() as f64 / pre.total_size as f64;
+    eprintln!(
+        "pod pull {paused:?}; parked {parked}, preemptions {preempted}, prewarm proxy bytes {ratio:.3}x"
+    );
+    assert!(parked + preempted >= 1.0, "prewarm never paused");
+    // Paused parts reopen with a Range. On containerd 2.x the prewarm pull is handed back
+    // instead (preempted) and forwarded again: containerd resumes what it wrote, and the parts
+    // pullgate held ahead (at most 4 × 2 MiB of the 64) are read again.
+    let bound = if preempted > 0.0 { 1.15 } else { 1.02 };
+    assert!(ratio <= bound, "read {ratio:.3}x the prewarm image");
+    assert!(
+        !node.containerd.log().contains("no progress"),
+        "containerd cancelled a pull"
+    );
+    assert_no_ingests(&node).await;
+}

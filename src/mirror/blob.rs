@@ -162,7 +162,7 @@ type Tx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
 
 /// What a paused prewarm stream sends containerd per keep-alive: containerd's CRI cancels a pull
 /// whose streams read nothing for `image_pull_progress_timeout`.
-const KEEPALIVE_BYTES: usize = 1024;
+pub(super) const KEEPALIVE_BYTES: usize = 1024;
 
 /// Why a body ends early.
 enum Stop {

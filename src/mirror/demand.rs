@@ -114,6 +114,8 @@ pub enum Access<T> {
 #[derive(Default)]
 struct State {
     blobs: HashMap<Key, BlobEntry>,
+    /// The keys of `blobs` by digest: a blob's class is read per chunk, across repositories.
+    by_digest: HashMap<String, Vec<Key>>,
     manifests: HashMap<Key, ManifestEntry>,
 }
 
@@ -185,6 +187,12 @@ impl Demand {
         }
         for desc in std::iter::once(&resolved.config).chain(&resolved.layers) {
             let key = Key::of(image, desc.digest().as_ref());
+            if !st.blobs.contains_key(&key) {
+                st.by_digest
+                    .entry(key.name.clone())
+                    .or_default()
+                    .push(key.clone());
+            }
             let entry = st.blobs.entry(key.clone()).or_insert_with(|| BlobEntry {
                 descriptor: desc.clone(),
                 needs: Vec::new(),
@@ -261,10 +269,12 @@ impl Demand {
     /// pace); `unknown` when no job needs it (any more).
     pub fn class(&self, key: &Key, unknown: Class) -> Class {
         let st = self.state.lock().unwrap();
-        st.blobs
-            .iter()
-            .filter(|(k, _)| k.name == key.name)
-            .flat_map(|(_, e)| e.needs.iter())
+        st.by_digest
+            .get(&key.name)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| st.blobs.get(k))
+            .flat_map(|e| e.needs.iter())
             .map(|n| n.record.priority().class())
             .max()
             .unwrap_or(unknown)
@@ -302,6 +312,12 @@ impl Demand {
                 e.needs.retain(|n| n.job != job);
                 if e.needs.is_empty() {
                     st.blobs.remove(key);
+                    if let Some(keys) = st.by_digest.get_mut(&key.name) {
+                        keys.retain(|k| k != key);
+                        if keys.is_empty() {
+                            st.by_digest.remove(&key.name);
+                        }
+                    }
                 }
             }
         }
@@ -396,6 +412,7 @@ mod tests {
         ));
         drop(ra);
         assert_eq!(demand.len(), (0, 0));
+        assert!(demand.state.lock().unwrap().by_digest.is_empty());
         assert!(matches!(demand.blob(&shared, None), Access::Unknown));
     }
 

@@ -163,16 +163,19 @@ impl Worker {
             let mut body = Some(body);
             while let Some(open) = body.as_mut() {
                 match open.stream.next().await {
-                    Some(Ok(chunk)) => {
-                        let n = chunk.len() as u64;
-                        self.read.fetch_add(n, Ordering::Relaxed);
+                    Some(Ok(mut chunk)) => {
+                        self.read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                         let now = self.class();
                         let paused = now == Class::Prewarm && bw.prewarm_paused();
                         if paused {
                             // As a whole stream does: close the connection, reopen after.
                             body = None;
-                            bw.yield_to_urgent(|| self.class() == Class::Urgent).await;
+                            self.mirror.metrics.parked_streams.inc();
+                            if !self.sit_out_pause(&mut chunk, &from, &tx).await {
+                                return;
+                            }
                         }
+                        let n = chunk.len() as u64;
                         let (mirror, key, fixed) = (&self.mirror, &self.source.key, self.class);
                         let class =
                             || fixed.unwrap_or_else(|| mirror.demand.class(key, Class::Urgent));
@@ -204,6 +207,51 @@ impl Worker {
                         return;
                     }
                 }
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Waits while prewarm is paused and this part is still prewarm, passing on a few bytes of
+    /// `held` (then of the range, fetched) every keep-alive interval: when this is the front part,
+    /// they are what containerd receives, and its CRI must not cancel the pull as stalled.
+    /// `false` once the blob's stream is gone.
+    async fn sit_out_pause(
+        &mut self,
+        held: &mut Bytes,
+        from: &crate::registry::Source,
+        tx: &mpsc::UnboundedSender<Result<Bytes, RegistryError>>,
+    ) -> bool {
+        let bw = self.mirror.scheduler.bandwidth.clone();
+        loop {
+            tokio::select! {
+                _ = bw.yield_to_urgent(|| self.class() == Class::Urgent) => return true,
+                _ = tokio::time::sleep(self.mirror.keepalive) => {}
+            }
+            if held.is_empty() && !self.range.is_empty() {
+                let at = self.range.start;
+                let want = at..self.range.end.min(at + super::blob::KEEPALIVE_BYTES as u64);
+                match super::blob::fetch(&self.mirror, &self.source, want).await {
+                    Ok(b) => {
+                        let got: Vec<Bytes> =
+                            b.stream.filter_map(|r| async { r.ok() }).collect().await;
+                        *held = got.concat().into();
+                    }
+                    Err(e) => debug!(blob = %self.source.key.name, error = %e,
+                                     "keep-alive fetch of a part failed"),
+                }
+            }
+            let piece = held.split_to(held.len().min(super::blob::KEEPALIVE_BYTES));
+            if piece.is_empty() {
+                continue;
+            }
+            let n = piece.len() as u64;
+            bw.received_unpaced(Class::Prewarm, n);
+            self.mirror.count_bytes(from, Class::Prewarm, n);
+            self.range.start += n;
+            if tx.send(Ok(piece)).is_err() {
+                return false;
             }
         }
     }
