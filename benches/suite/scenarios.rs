@@ -2,7 +2,8 @@
 //! side (alternating which goes first), and returns its table rows.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pullgate::proto::runtime::v1::image_service_client::ImageServiceClient;
@@ -39,17 +40,72 @@ impl Site {
         }
     }
 
-    fn client(&self) -> ImageServiceClient<Channel> {
+    /// The CRI socket the arm pulls through: pullgate's, or containerd's for direct.
+    fn client(&self) -> Cri {
         let socket = self
             .pullgate
             .as_ref()
             .map(|p| p.socket())
             .unwrap_or_else(|| self.containerd.socket());
-        image_client(&socket)
+        Cri { socket }
+    }
+
+    /// CPU seconds containerd and pullgate have used so far.
+    fn cpu(&self) -> f64 {
+        let pg = self
+            .pullgate
+            .as_ref()
+            .map(|p| cpu_secs(p.pid()))
+            .unwrap_or(0.0);
+        pg + self.containerd.pid().map(cpu_secs).unwrap_or(0.0)
     }
 
     fn store(&self) -> crate::common::store::Store {
         crate::common::store::Store::new(&self.containerd.socket())
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pullgate {
+            note_peak_rss(p.pid());
+        }
+    }
+}
+
+/// Pulls go through the Go CRI client (grpc-go, as kubelet's), one process per pull: the same
+/// small start-up cost in both arms.
+#[derive(Clone)]
+struct Cri {
+    socket: PathBuf,
+}
+
+/// The highest peak RSS (KiB) of any pullgate in the scenario running now.
+static PEAK_RSS_KIB: AtomicU64 = AtomicU64::new(0);
+
+fn note_peak_rss(pid: u32) {
+    PEAK_RSS_KIB.fetch_max((peak_rss_mib(pid) * 1024.0) as u64, Ordering::SeqCst);
+}
+
+/// pullgate's peak RSS over the scenario that just ran (MiB), if one ran; starts the next.
+pub fn take_peak_rss() -> Option<f64> {
+    let kib = PEAK_RSS_KIB.swap(0, Ordering::SeqCst);
+    (kib > 0).then(|| kib as f64 / 1024.0)
+}
+
+/// User + system CPU seconds of process `pid` (`/proc/PID/stat` fields 14 and 15).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: field 3 onwards.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    match (f.get(11), f.get(12)) {
+        (Some(u), Some(s)) => (u + s) / ticks,
+        _ => 0.0,
     }
 }
 
@@ -68,19 +124,14 @@ fn pg_toml(arm: usize, toml: &str) -> Option<&str> {
     (arm == 1).then_some(toml)
 }
 
-async fn pull(client: &mut ImageServiceClient<Channel>, reference: &str, urgent: bool) -> Duration {
-    let req = if urgent {
-        pull_request(reference)
-    } else {
-        prewarm_request(reference)
-    };
+async fn pull(client: &Cri, reference: &str, urgent: bool) -> Duration {
     // As kubelet does, a failed pull is pulled again; the time counts every attempt, since the
     // pod waits through them (failures are reported: containerd's own fetch on the shaped link
     // now and then loses a connection to the registry).
     let t = Instant::now();
     for attempt in 1..=3 {
-        match client.pull_image(req.clone()).await {
-            Ok(_) => break,
+        match clients::go_pull(&client.socket, reference, urgent).await {
+            Ok(()) => break,
             Err(e) if attempt < 3 => eprintln!("  pull of {reference} failed, retrying: {e}"),
             Err(e) => panic!("pull of {reference} failed 3 times: {e}"),
         }
@@ -91,10 +142,10 @@ async fn pull(client: &mut ImageServiceClient<Channel>, reference: &str, urgent:
 /// A prewarm pull as kruise-daemon makes it: a failed pull is retried (up to three times), and
 /// each failure is reported. On the shaped link containerd's own fetch now and then loses a
 /// connection to the registry ("connection reset by peer") when many streams share it.
-async fn prewarm_pull(client: &mut ImageServiceClient<Channel>, reference: &str) {
+async fn prewarm_pull(client: &Cri, reference: &str) {
     for attempt in 1..=3 {
-        match client.pull_image(prewarm_request(reference)).await {
-            Ok(_) => return,
+        match clients::go_pull(&client.socket, reference, false).await {
+            Ok(()) => return,
             Err(e) if attempt < 3 => eprintln!("  prewarm {reference} failed, retrying: {e}"),
             Err(e) => panic!("prewarm pull of {reference} failed 3 times: {e}"),
         }
@@ -178,7 +229,7 @@ async fn urgent_with_queue(o: &Opts, queue_ms: u64, target: f64) -> Vec<Row> {
     for round in 0..o.rounds {
         for arm in order(round) {
             let site = Site::start(&node, &hosts, pg_toml(arm, "")).await;
-            let t = pull(&mut site.client(), &pod.reference(), true).await;
+            let t = pull(&site.client(), &pod.reference(), true).await;
             eprintln!(
                 "  round {} {:<18} alone  {:>7.2}s",
                 round + 1,
@@ -193,11 +244,11 @@ async fn urgent_with_queue(o: &Opts, queue_ms: u64, target: f64) -> Vec<Row> {
             let sampler = (round == 0).then(|| Sampler::start(site.store(), blobs.clone(), t0));
             let mut prewarms = Vec::new();
             for p in &pre {
-                let (mut c, r) = (site.client(), p.reference());
-                prewarms.push(tokio::spawn(async move { prewarm_pull(&mut c, &r).await }));
+                let (c, r) = (site.client(), p.reference());
+                prewarms.push(tokio::spawn(async move { prewarm_pull(&c, &r).await }));
             }
             tokio::time::sleep(Duration::from_secs_f64(settle)).await;
-            let t = pull(&mut site.client(), &pod.reference(), true).await;
+            let t = pull(&site.client(), &pod.reference(), true).await;
             let answered = t0.elapsed().as_secs_f64();
             eprintln!(
                 "  round {} {:<18} loaded {:>7.2}s",
@@ -234,38 +285,63 @@ async fn urgent_with_queue(o: &Opts, queue_ms: u64, target: f64) -> Vec<Row> {
             ratio(arm)
         )
     };
-    vec![Row {
-        scenario: name,
-        direct: cell(0),
-        pullgate: cell(1),
-        result: format!("pullgate {:.2}× vs direct {:.2}×", ratio(1), ratio(0)),
-        target: format!("pullgate ≤ {target:.2}×"),
-        met: Some(ratio(1) <= target),
-    }]
+    let lone = median(&alone[1]).as_secs_f64() / median(&alone[0]).as_secs_f64();
+    vec![
+        Row {
+            scenario: format!(
+                "lone pod pull: {} MB, {} MB/s link, {queue_ms} ms queue, idle node",
+                pod_layers.iter().sum::<usize>() / MB,
+                link / MB as u64
+            ),
+            direct: secs(median(&alone[0])),
+            pullgate: secs(median(&alone[1])),
+            result: format!("{lone:.2}"),
+            target: "pullgate / direct ≤ 1.03".into(),
+            met: Some(lone <= 1.03),
+        },
+        Row {
+            scenario: name,
+            direct: cell(0),
+            pullgate: cell(1),
+            result: format!("pullgate {:.2}× vs direct {:.2}×", ratio(1), ratio(0)),
+            target: format!("pullgate ≤ {target:.2}×"),
+            met: Some(ratio(1) <= target),
+        },
+    ]
 }
 
-/// Cold pulls, each on a fresh containerd (and pullgate), alternating, medians.
+/// Cold pulls, each on a fresh containerd (and pullgate), alternating: the times, and the CPU
+/// seconds containerd and pullgate spent on each pull.
 async fn cold_arms(
     root: &Path,
     hosts: &[String],
     reference: &str,
     rounds: usize,
-) -> [Vec<Duration>; 2] {
-    let mut out = [vec![], vec![]];
+) -> ([Vec<Duration>; 2], [Vec<f64>; 2]) {
+    let (mut times, mut cpu) = ([vec![], vec![]], [vec![], vec![]]);
     for round in 0..rounds {
         for arm in order(round) {
             let site = Site::start(&root.join("node"), hosts, pg_toml(arm, "")).await;
-            let t = pull(&mut site.client(), reference, true).await;
+            let before = site.cpu();
+            let t = pull(&site.client(), reference, true).await;
+            let used = site.cpu() - before;
             eprintln!(
-                "  round {} {:<18} {:>7.2}s",
+                "  round {} {:<18} {:>7.2}s, {used:.2} s CPU",
                 round + 1,
                 ARMS[arm],
                 t.as_secs_f64()
             );
-            out[arm].push(t);
+            times[arm].push(t);
+            cpu[arm].push(used);
         }
     }
-    out
+    (times, cpu)
+}
+
+fn median_f(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn ratio_row(name: String, arms: &[Vec<Duration>; 2], target: f64) -> Row {
@@ -292,8 +368,22 @@ pub async fn cold_pull(o: &Opts) -> Vec<Row> {
     let dir = tempdir();
     let registry = Registry::start(&dir.path().join("registry"), None).await;
     let img = push_image(&registry, "cold/app", "v1", &[layer; 4], None).await;
-    let arms = cold_arms(dir.path(), &[registry.addr()], &img.reference(), o.rounds).await;
-    vec![ratio_row(name, &arms, 1.0)]
+    let (arms, cpu) = cold_arms(dir.path(), &[registry.addr()], &img.reference(), o.rounds).await;
+    let gib =
+        (img.layer_blob_sizes.iter().sum::<u64>() + img.config_size) as f64 / (1u64 << 30) as f64;
+    let per_gib = |arm: usize| median_f(&cpu[arm]) / gib;
+    let r = per_gib(1) / per_gib(0);
+    vec![
+        ratio_row(name, &arms, 1.05),
+        Row {
+            scenario: "cold pull CPU: containerd + pullgate, per GiB".into(),
+            direct: format!("{:.2} s", per_gib(0)),
+            pullgate: format!("{:.2} s", per_gib(1)),
+            result: format!("{r:.2}"),
+            target: "pullgate / direct ≤ 1.10".into(),
+            met: Some(r <= 1.10),
+        },
+    ]
 }
 
 /// Cold pull behind nginx capping each connection's rate (`limit_rate`).
@@ -313,7 +403,7 @@ pub async fn capped(o: &Opts) -> Vec<Row> {
     let img = push_image(&registry, "capped/app", "v1", &[layer; 4], None).await;
     let nginx = Nginx::start_rate_limited(&dir.path().join("nginx"), &registry.addr(), rate).await;
     let hosts = vec![registry.addr(), nginx.addr().to_string()];
-    let arms = cold_arms(
+    let (arms, _) = cold_arms(
         dir.path(),
         &hosts,
         &img.reference_via(nginx.addr()),
@@ -380,7 +470,7 @@ pub async fn p2p_cache(o: &Opts) -> Vec<Row> {
             if arm == 0 {
                 let queue = std::sync::Arc::new(std::sync::Mutex::new(refs));
                 for _ in 0..2 {
-                    let (mut c, queue) = (site.client(), queue.clone());
+                    let (c, queue) = (site.client(), queue.clone());
                     tasks.push(tokio::spawn(async move {
                         loop {
                             let next = {
@@ -388,15 +478,15 @@ pub async fn p2p_cache(o: &Opts) -> Vec<Row> {
                                 (!q.is_empty()).then(|| q.remove(0))
                             };
                             let Some(r) = next else { break };
-                            prewarm_pull(&mut c, &r).await;
+                            prewarm_pull(&c, &r).await;
                         }
                     }));
                 }
             } else {
                 for r in refs {
-                    let mut c = site.client();
+                    let c = site.client();
                     tasks.push(tokio::spawn(async move {
-                        prewarm_pull(&mut c, &r).await;
+                        prewarm_pull(&c, &r).await;
                     }));
                     // Arrival order is the node's order; the lane orders them anyway.
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -459,8 +549,8 @@ pub async fn dedupe(o: &Opts) -> Vec<Row> {
         let before = blob_bytes(&registry, "dedupe/");
         let mut tasks = Vec::new();
         for _ in 0..20 {
-            let (mut c, r) = (site.client(), img.reference());
-            tasks.push(tokio::spawn(async move { pull(&mut c, &r, true).await }));
+            let (c, r) = (site.client(), img.reference());
+            tasks.push(tokio::spawn(async move { pull(&c, &r, true).await }));
         }
         for t in tasks {
             t.await.unwrap();
@@ -481,17 +571,23 @@ pub async fn dedupe(o: &Opts) -> Vec<Row> {
     }]
 }
 
-/// `ImageStatus` latency through pullgate and direct.
+/// `ImageStatus` latency through pullgate and direct, interleaved so both see the same machine:
+/// on an idle node, and while a 1 GiB pull runs through pullgate (its mirror streaming, containerd
+/// writing and unpacking).
 pub async fn passthrough(o: &Opts) -> Vec<Row> {
-    let calls = if o.quick { 500 } else { 10_000 };
+    let (calls, layer) = if o.quick {
+        (500, 8 * MIB)
+    } else {
+        (10_000, 256 * MIB)
+    };
     let name = format!("passthrough: ImageStatus p50 / p99 over {calls} calls");
     eprintln!("== {name}");
     let dir = tempdir();
     let registry = Registry::start(&dir.path().join("registry"), None).await;
     let img = push_image(&registry, "pass/app", "v1", &[MB], None).await;
+    let big = push_image(&registry, "pass/big", "v1", &[layer; 4], None).await;
     let site = Site::start(&dir.path().join("node"), &[registry.addr()], Some("")).await;
-    pull(&mut site.client(), &img.reference(), true).await;
-    let mut lat: [Vec<Duration>; 2] = [vec![], vec![]];
+    pull(&site.client(), &img.reference(), true).await;
     let sockets = [
         site.containerd.socket(),
         site.pullgate.as_ref().unwrap().socket(),
@@ -504,39 +600,83 @@ pub async fn passthrough(o: &Opts) -> Vec<Row> {
         }),
         verbose: false,
     };
-    // Interleaved, after a warm-up, so both see the same machine.
-    for i in 0..calls + 100 {
+    let idle = status_latencies(&mut clients, &req, 100, calls, || true).await;
+
+    let c = site.client();
+    let r = big.reference();
+    let load = tokio::spawn(async move { pull(&c, &r, true).await });
+    let busy = status_latencies(&mut clients, &req, 0, usize::MAX - 1, || {
+        !load.is_finished()
+    })
+    .await;
+    let pulled = load.await.unwrap();
+    eprintln!(
+        "  under load: {} calls per arm during a {} MiB pull of {:.1} s",
+        busy[0].len(),
+        4 * layer / MIB,
+        pulled.as_secs_f64()
+    );
+
+    let row = |scenario: String, lat: [Vec<Duration>; 2], target: Option<f64>| {
+        let pct = |v: &[Duration], p: f64| {
+            v.get(((v.len().max(1) - 1) as f64 * p) as usize)
+                .map_or(f64::NAN, Duration::as_secs_f64)
+        };
+        let cell =
+            |v: &[Duration]| format!("{:.0} µs / {:.0} µs", pct(v, 0.5) * 1e6, pct(v, 0.99) * 1e6);
+        let added = |p: f64| (pct(&lat[1], p) - pct(&lat[0], p)) * 1e3;
+        Row {
+            scenario,
+            direct: cell(&lat[0]),
+            pullgate: cell(&lat[1]),
+            result: format!(
+                "+{:.3} ms at p50, +{:.3} ms at p99",
+                added(0.5),
+                added(0.99)
+            ),
+            target: target
+                .map(|t| format!("added p99 ≤ {t} ms"))
+                .unwrap_or_default(),
+            met: target.map(|t| added(0.99) <= t),
+        }
+    };
+    vec![
+        row(name, idle, None),
+        row(
+            format!(
+                "passthrough under load: ImageStatus while a {} MiB pull runs",
+                4 * layer / MIB
+            ),
+            busy,
+            Some(0.2),
+        ),
+    ]
+}
+
+/// Up to `calls` interleaved `ImageStatus` calls per arm, after `warmup` unmeasured ones, while
+/// `go_on()`; each arm's latencies, sorted.
+async fn status_latencies(
+    clients: &mut [ImageServiceClient<Channel>; 2],
+    req: &ImageStatusRequest,
+    warmup: usize,
+    calls: usize,
+    go_on: impl Fn() -> bool,
+) -> [Vec<Duration>; 2] {
+    let mut lat: [Vec<Duration>; 2] = [vec![], vec![]];
+    for i in 0..calls + warmup {
+        if i >= warmup && !go_on() {
+            break;
+        }
         for arm in order(i) {
             let t = Instant::now();
             clients[arm].image_status(req.clone()).await.unwrap();
-            if i >= 100 {
+            if i >= warmup {
                 lat[arm].push(t.elapsed());
             }
         }
     }
-    let pct = |v: &mut Vec<Duration>, p: f64| {
-        v.sort();
-        v[((v.len() as f64 - 1.0) * p) as usize]
-    };
-    let mut cells = Vec::new();
-    let mut p50 = [0.0; 2];
-    for arm in [0, 1] {
-        let (a, b) = (pct(&mut lat[arm], 0.5), pct(&mut lat[arm], 0.99));
-        p50[arm] = a.as_secs_f64();
-        cells.push(format!(
-            "{:.0} µs / {:.0} µs",
-            a.as_secs_f64() * 1e6,
-            b.as_secs_f64() * 1e6
-        ));
-    }
-    vec![Row {
-        scenario: name,
-        direct: cells[0].clone(),
-        pullgate: cells[1].clone(),
-        result: format!("+{:.0} µs at p50", (p50[1] - p50[0]) * 1e6),
-        target: "".into(),
-        met: None,
-    }]
+    lat.iter_mut().for_each(|v| v.sort());
+    lat
 }
 
 fn peak_rss_mib(pid: u32) -> f64 {
@@ -560,7 +700,7 @@ pub async fn memory(o: &Opts) -> Vec<Row> {
     let site = Site::start(&dir.path().join("node"), &[registry.addr()], Some("")).await;
     let pid = site.pullgate.as_ref().unwrap().pid();
     let before = peak_rss_mib(pid);
-    let t = pull(&mut site.client(), &img.reference(), true).await;
+    let t = pull(&site.client(), &img.reference(), true).await;
     let peak = peak_rss_mib(pid);
     let cd = site.containerd.pid().map(peak_rss_mib).unwrap_or(0.0);
     eprintln!(
@@ -596,9 +736,9 @@ pub async fn cap_accuracy(o: &Opts) -> Vec<Row> {
     let site = Site::start(&dir.path().join("node"), &[registry.addr()], Some(&toml)).await;
     let pg = site.pullgate.as_ref().unwrap();
     let metric = "pullgate_class_bytes_total{class=\"prewarm\"}";
-    let mut c = site.client();
+    let c = site.client();
     let r = img.reference();
-    let task = tokio::spawn(async move { pull(&mut c, &r, false).await });
+    let task = tokio::spawn(async move { pull(&c, &r, false).await });
     // Windows start at the first byte.
     let mut samples: Vec<(Instant, f64)> = Vec::new();
     while !task.is_finished() {

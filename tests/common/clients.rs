@@ -204,6 +204,36 @@ pub async fn call(client: Client, socket: &Path, args: &[&str]) -> Value {
     })
 }
 
+/// One PullImage by the Go client (as kubelet makes it with `sandbox`, else as crictl does), with
+/// a deadline long enough for any bench pull; the error's gRPC code and message if it failed.
+pub async fn go_pull(socket: &Path, image: &str, sandbox: bool) -> Result<(), String> {
+    let b = tokio::task::block_in_place(built);
+    let mut cmd = tokio::process::Command::new(&b.go_binary);
+    cmd.args(["-timeout", "60m"])
+        .arg(socket)
+        .args(["pull", image]);
+    if sandbox {
+        cmd.arg("-sandbox");
+    }
+    let out = cmd
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("Go client: cannot run: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.trim()).map_err(|e| {
+        format!(
+            "Go client exited {}: not JSON ({e}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    match error_code(&v) {
+        None => Ok(()),
+        Some(code) => Err(format!("{code}: {}", v["message"].as_str().unwrap_or(""))),
+    }
+}
+
 /// The gRPC spec's name of a tonic code (what the clients print).
 pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
