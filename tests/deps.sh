@@ -44,3 +44,13 @@ if [ "$(cat "$venv/.pins" 2>/dev/null)" != "$py_pins" ]; then
 fi
 
 "$(dirname "$0")/containerd-versions.sh" >/dev/null
+
+# promtool, for the alert rules' unit tests: Debian's prometheus package, unpacked (not installed:
+# no service, nothing on the system changes) into the tests' cache.
+prom="${PULLGATE_PROMETHEUS_DIR:-/var/cache/pullgate-tests/prometheus}"
+if [ ! -x "$prom/root/usr/bin/promtool" ]; then
+  mkdir -p "$prom"
+  rm -f "$prom"/prometheus_*.deb
+  (cd "$prom" && apt-get download -q prometheus 2>/dev/null || { apt-get update -qq && apt-get download -q prometheus; })
+  dpkg -x "$prom"/prometheus_*.deb "$prom/root"
+fi

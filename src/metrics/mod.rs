@@ -72,6 +72,15 @@ pub struct CallLabels {
     pub code: &'static str,
 }
 
+/// Why a pull went to containerd unresolved (`pullgate_fetch_fallbacks_total{reason}`).
+pub const FALLBACK_REASONS: [&str; 5] = [
+    "unsupported",
+    "unauthorized",
+    "not_found",
+    "registry",
+    "reference",
+];
+
 /// Every metric pullgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -283,6 +292,16 @@ impl Metrics {
             let _ = queue_wait.get_or_create(&l);
             let _ = class_bytes.get_or_create(&l);
             let _ = class_rate.get_or_create(&l);
+        }
+        // Series alerts compare with `increase(...) == 0` exist from the start: a series never
+        // created would make such a rule empty, not zero.
+        for reason in FALLBACK_REASONS {
+            let _ = fetch_fallbacks.get_or_create(&ReasonLabels { reason });
+        }
+        for kind in ["manifest", "blob"] {
+            for status in ["2xx", "404", "5xx"] {
+                let _ = mirror_requests.get_or_create(&MirrorLabels { kind, status });
+            }
         }
         Metrics {
             registry,
