@@ -173,6 +173,9 @@ fn blob_bytes(registry: &Registry, repo_prefix: &str) -> u64 {
         .sum()
 }
 
+/// Lone pod pulls per arm and round.
+const LONE_SAMPLES: usize = 3;
+
 /// A pod's pull while four big prewarm pulls run on a shaped link, against the same pull alone,
 /// behind a link queue of 20 ms and of 100 ms.
 pub async fn urgent_under_prewarm(o: &Opts) -> Vec<Row> {
@@ -227,18 +230,22 @@ async fn urgent_with_queue(o: &Opts, queue_ms: u64, target: f64) -> Vec<Row> {
     let (mut alone, mut loaded) = ([vec![], vec![]], [vec![], vec![]]);
     let mut timelines: [Option<(timeline::Series, f64)>; 2] = [None, None];
     for round in 0..o.rounds {
+        // The lone pull is short and its spread (a node's start-up, the link) is of the order of
+        // what is measured: three samples per arm and round, arms alternating.
+        for i in 0..LONE_SAMPLES {
+            for arm in order(round + i) {
+                let site = Site::start(&node, &hosts, pg_toml(arm, "")).await;
+                let t = pull(&site.client(), &pod.reference(), true).await;
+                eprintln!(
+                    "  round {} {:<18} alone  {:>7.2}s",
+                    round + 1,
+                    ARMS[arm],
+                    t.as_secs_f64()
+                );
+                alone[arm].push(t);
+            }
+        }
         for arm in order(round) {
-            let site = Site::start(&node, &hosts, pg_toml(arm, "")).await;
-            let t = pull(&site.client(), &pod.reference(), true).await;
-            eprintln!(
-                "  round {} {:<18} alone  {:>7.2}s",
-                round + 1,
-                ARMS[arm],
-                t.as_secs_f64()
-            );
-            alone[arm].push(t);
-            drop(site);
-
             let site = Site::start(&node, &hosts, pg_toml(arm, "")).await;
             let t0 = Instant::now();
             let sampler = (round == 0).then(|| Sampler::start(site.store(), blobs.clone(), t0));
