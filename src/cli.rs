@@ -56,6 +56,24 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// One screen on this node's image path: pullgate, containerd, kubelet's image endpoint,
+    /// containerd's hosts.toml, the P2P gate, jobs and the last errors (exit 1 when something is
+    /// wrong).
+    Status {
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+        /// Config file [default: /etc/pullgate/config.toml if it exists, else built-in defaults]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// kubelet's config file, read when no running kubelet names one with --config
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/var/lib/kubelet/config.yaml"
+        )]
+        kubelet_config: PathBuf,
+    },
     /// Show, write or remove pullgate's mirror entries in containerd's hosts.toml files
     /// (`pullgate serve` keeps them itself while `mirror.manage_hosts` is on).
     MirrorHosts {
@@ -201,6 +219,33 @@ fn mirror_hosts(config: Option<PathBuf>, remove: bool, write: bool) -> ExitCode 
     }
 }
 
+/// `pullgate status`: exit 0 when nothing is wrong, 1 otherwise, 2 for a broken config.
+fn status(config: Option<PathBuf>, kubelet_config: &std::path::Path, json: bool) -> ExitCode {
+    let cfg = match Config::load_default_or(config.as_deref()) {
+        Ok((c, _)) => c,
+        Err(e) => {
+            eprintln!("pullgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    client(async move {
+        let report = crate::status::gather(&cfg, kubelet_config).await;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("the report serializes")
+            );
+        } else {
+            print!("{}", crate::status::render(&report));
+        }
+        if report.ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    })
+}
+
 /// Runs an API client command on a small runtime.
 fn client(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     match tokio::runtime::Builder::new_current_thread()
@@ -226,6 +271,11 @@ pub fn main() -> ExitCode {
             api: a,
         } => client(api::prewarm(a.api_socket, image, priority, wait)),
         Command::Jobs { all, api: a } => client(api::jobs(a.api_socket, all)),
+        Command::Status {
+            json,
+            config,
+            kubelet_config,
+        } => status(config, &kubelet_config, json),
         Command::Cancel { job, api: a } => client(api::cancel(a.api_socket, job)),
         Command::Wait {
             prewarmed: _,

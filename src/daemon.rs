@@ -174,7 +174,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let listener = frontdoor::socket::bind(&cfg.server.socket, cfg.server.socket_mode_bits())
         .await
         .context("cannot serve the CRI socket")?;
-    let proxy = CriProxy::new(containerd, pulls.clone(), metrics);
+    let proxy = CriProxy::new(containerd.clone(), pulls.clone(), metrics);
     let draining = CancellationToken::new();
     let prewarmer = Prewarmer::new(pulls.clone());
     let api_task = if cfg.api.enabled {
@@ -205,6 +205,14 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         info!(images = cfg.prewarm.len(), "prewarm list loaded");
     }
     prewarmer.apply(&cfg.prewarm);
+    if cfg.node_labels.enabled {
+        tokio::spawn(crate::prewarm::labels::run(
+            cfg.node_labels.clone(),
+            prewarmer.clone(),
+            containerd.clone(),
+            stop.clone(),
+        ));
+    }
     let mut running = cfg.clone();
 
     let result = loop {

@@ -25,4 +25,5 @@ pub mod proto;
 pub mod pull;
 pub mod registry;
 pub mod schedule;
+pub mod status;
 pub mod upstream;

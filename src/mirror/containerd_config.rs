@@ -20,6 +20,25 @@ fn config_path(table: &toml::Table) -> Option<&str> {
         })
 }
 
+/// The snapshotter containerd's CRI unpacks images into: `snapshotter` of the CRI containerd
+/// table (version 2 configs) or of the images plugin (version 3); containerd's default,
+/// overlayfs, when the file does not set it. `None` when the file cannot be read.
+pub fn snapshotter(file: &Path) -> Option<String> {
+    let table: toml::Table = std::fs::read_to_string(file).ok()?.parse().ok()?;
+    let plugins = table.get("plugins").and_then(|p| p.as_table());
+    let set = plugins.and_then(|p| {
+        p.get("io.containerd.cri.v1.images")
+            .and_then(|t| t.get("snapshotter"))
+            .or_else(|| {
+                p.get("io.containerd.grpc.v1.cri")?
+                    .get("containerd")?
+                    .get("snapshotter")
+            })
+            .and_then(|v| v.as_str())
+    });
+    Some(set.unwrap_or("overlayfs").to_string())
+}
+
 /// containerd's CRI `image_pull_progress_timeout` (containerd 1.7 and later): a pull whose
 /// streams read nothing for this long is cancelled. `None`: not set (containerd's default, 5
 /// minutes, where it has the setting), unreadable, or 0 (disabled).
@@ -105,6 +124,21 @@ mod tests {
         let f = dir.path().join("config.toml");
         std::fs::write(&f, text).unwrap();
         check(&f, Path::new("/etc/containerd/certs.d"))
+    }
+
+    #[test]
+    fn the_snapshotter_is_read_from_either_config_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("config.toml");
+        for (text, want) in [
+            ("version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nsnapshotter = \"native\"\n", "native"),
+            ("version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\nsnapshotter = \"stargz\"\n", "stargz"),
+            ("version = 2\n", "overlayfs"),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            assert_eq!(snapshotter(&f).as_deref(), Some(want), "{text}");
+        }
+        assert_eq!(snapshotter(&dir.path().join("absent.toml")), None);
     }
 
     #[test]

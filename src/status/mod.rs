@@ -1,0 +1,408 @@
+//! `pullgate status`: one screen on whether this node's image path goes through pullgate and
+//! works: the daemon, containerd, kubelet's image endpoint, containerd's hosts.toml files, the
+//! P2P gate, the jobs and the last failures. Every check reads what the component itself reads
+//! (its socket, its config file, its process's flags); a problem makes the exit code 1.
+
+pub mod kubelet;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::Config;
+use crate::mirror::hosts_dir::HostsKeeper;
+use crate::upstream::Containerd;
+
+/// Each probe's bound: a status screen answers even with a component hung.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Failed jobs shown.
+const LAST_ERRORS: usize = 5;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub version: &'static str,
+    pub ok: bool,
+    /// What is wrong, one sentence each, saying what to check.
+    pub problems: Vec<String>,
+    pub daemon: Daemon,
+    pub containerd: ContainerdState,
+    /// `None`: no kubelet on this node (no process, no config file).
+    pub kubelet: Option<KubeletState>,
+    pub mirror: MirrorState,
+    /// `None`: unknown (pullgate's metrics not reachable).
+    pub p2p_gate_open: Option<bool>,
+    /// Live jobs by class, then state.
+    pub jobs: BTreeMap<String, BTreeMap<String, usize>>,
+    pub last_errors: Vec<JobError>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Daemon {
+    pub cri_socket: String,
+    pub api_reachable: bool,
+    /// `/readyz`: `None` when the HTTP endpoint is off or unreachable.
+    pub ready: Option<bool>,
+    pub ready_detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ContainerdState {
+    pub socket: String,
+    pub version: Option<String>,
+    pub error: Option<String>,
+    pub snapshotter: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KubeletState {
+    pub source: String,
+    pub image_endpoint: Option<String>,
+    pub uses_pullgate: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MirrorState {
+    pub enabled: bool,
+    pub url: String,
+    pub hosts_dir: String,
+    /// Why containerd's config does not read `hosts_dir`, if it does not.
+    pub config_problem: Option<String>,
+    /// hosts.toml files that do not list pullgate first.
+    pub files_not_first: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobError {
+    pub id: u64,
+    pub image: String,
+    pub class: String,
+    pub message: String,
+}
+
+/// Gathers the report; `kubelet_config` is read when no running kubelet names another.
+pub async fn gather(cfg: &Config, kubelet_config: &Path) -> Report {
+    let mut problems = Vec::new();
+
+    let containerd = Containerd::new(&cfg.containerd);
+    let (version, error) = match containerd.version(PROBE_TIMEOUT).await {
+        Ok(v) => (Some(v), None),
+        Err(s) => {
+            problems.push(format!(
+                "containerd does not answer at {}: {} (systemctl status containerd)",
+                cfg.containerd.socket.display(),
+                s.message()
+            ));
+            (None, Some(s.message().to_string()))
+        }
+    };
+    let containerd = ContainerdState {
+        socket: cfg.containerd.socket.display().to_string(),
+        version,
+        error,
+        snapshotter: crate::mirror::containerd_config::snapshotter(&cfg.containerd.config_file),
+    };
+
+    let (api_reachable, jobs, last_errors) = api_jobs(cfg, &mut problems).await;
+    let (ready, ready_detail, p2p_gate_open) = http_state(cfg, &mut problems).await;
+    let daemon = Daemon {
+        cri_socket: cfg.server.socket.display().to_string(),
+        api_reachable,
+        ready,
+        ready_detail,
+    };
+
+    let kubelet = kubelet::endpoint(kubelet_config).map(|e| {
+        let uses_pullgate = e
+            .image_endpoint
+            .as_deref()
+            .is_some_and(|ep| kubelet::names_socket(ep, &cfg.server.socket));
+        if !uses_pullgate {
+            problems.push(format!(
+                "kubelet's image endpoint is {} ({}), not pullgate's socket unix://{}",
+                e.image_endpoint
+                    .as_deref()
+                    .unwrap_or("not set (containerd's)"),
+                e.source,
+                cfg.server.socket.display()
+            ));
+        }
+        KubeletState {
+            source: e.source,
+            image_endpoint: e.image_endpoint,
+            uses_pullgate,
+        }
+    });
+
+    let mirror = mirror_state(cfg, &mut problems);
+    Report {
+        version: env!("CARGO_PKG_VERSION"),
+        ok: problems.is_empty(),
+        problems,
+        daemon,
+        containerd,
+        kubelet,
+        mirror,
+        p2p_gate_open,
+        jobs,
+        last_errors,
+    }
+}
+
+type Jobs = BTreeMap<String, BTreeMap<String, usize>>;
+
+async fn api_jobs(cfg: &Config, problems: &mut Vec<String>) -> (bool, Jobs, Vec<JobError>) {
+    let mut by_class = Jobs::new();
+    if !cfg.api.enabled {
+        return (false, by_class, vec![]);
+    }
+    let listed = tokio::time::timeout(PROBE_TIMEOUT, async {
+        let mut c = crate::api::client::connect(&cfg.api.socket).await?;
+        c.list(crate::proto::pullgate::v1::ListRequest { all: true })
+            .await
+            .map(|r| r.into_inner().jobs)
+            .map_err(|s| s.message().to_string())
+    })
+    .await
+    .unwrap_or_else(|_| Err("no answer".into()));
+    let mut jobs = match listed {
+        Ok(j) => j,
+        Err(e) => {
+            problems.push(format!(
+                "pullgate's API does not answer at {}: {e} (systemctl status pullgate)",
+                cfg.api.socket.display()
+            ));
+            return (false, by_class, vec![]);
+        }
+    };
+    for j in &jobs {
+        if !matches!(j.state.as_str(), "done" | "failed" | "cancelled") {
+            *by_class
+                .entry(j.class.clone())
+                .or_default()
+                .entry(j.state.clone())
+                .or_default() += 1;
+        }
+    }
+    jobs.retain(|j| j.state == "failed");
+    jobs.sort_by_key(|j| std::cmp::Reverse((j.created_unix, j.id)));
+    let errors = jobs
+        .into_iter()
+        .take(LAST_ERRORS)
+        .map(|j| JobError {
+            id: j.id,
+            image: j.image,
+            class: j.class,
+            message: j.message,
+        })
+        .collect();
+    (true, by_class, errors)
+}
+
+/// `/readyz` and the P2P gate from `/metrics`.
+async fn http_state(
+    cfg: &Config,
+    problems: &mut Vec<String>,
+) -> (Option<bool>, String, Option<bool>) {
+    if !cfg.metrics.enabled {
+        return (None, "metrics endpoint disabled".into(), None);
+    }
+    let addr = cfg.metrics.addr;
+    let (ready, detail) = match http_get(addr, "/readyz").await {
+        Ok((200, body)) => (Some(true), body.trim().to_string()),
+        Ok((_, body)) => {
+            problems.push(format!("pullgate is not ready: {}", body.trim()));
+            (Some(false), body.trim().to_string())
+        }
+        Err(e) => {
+            problems.push(format!("pullgate's /readyz at {addr} does not answer: {e}"));
+            (None, e)
+        }
+    };
+    let gate = match http_get(addr, "/metrics").await {
+        Ok((200, body)) => body
+            .lines()
+            .find_map(|l| l.strip_prefix("pullgate_p2p_gate_open "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v > 0.0),
+        _ => None,
+    };
+    (ready, detail, gate)
+}
+
+fn mirror_state(cfg: &Config, problems: &mut Vec<String>) -> MirrorState {
+    let m = &cfg.mirror;
+    let mut state = MirrorState {
+        enabled: m.enabled,
+        url: m.url(),
+        hosts_dir: m.hosts_dir.display().to_string(),
+        config_problem: None,
+        files_not_first: vec![],
+    };
+    if !m.enabled {
+        return state;
+    }
+    if let Err(e) =
+        crate::mirror::containerd_config::check(&cfg.containerd.config_file, &m.hosts_dir)
+    {
+        problems.push(e.clone());
+        state.config_problem = Some(e);
+    }
+    state.files_not_first = HostsKeeper::new(m.hosts_dir.clone(), m.url())
+        .missing()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    if !state.files_not_first.is_empty() {
+        problems.push(format!(
+            "these hosts.toml files do not send containerd through pullgate first: {} \
+             (pullgate mirror-hosts --write)",
+            state.files_not_first.join(", ")
+        ));
+    }
+    state
+}
+
+/// A plain HTTP/1.0 GET on loopback: status code and body.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let call = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("not an HTTP answer: {head:.60}"))?;
+        Ok((code, body.to_string()))
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err("no answer".into()))
+}
+
+/// The screen.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let verdict = if r.ok {
+        "OK".to_string()
+    } else {
+        format!("{} PROBLEM(S)", r.problems.len())
+    };
+    let _ = writeln!(o, "pullgate {}: {verdict}", r.version);
+    let ready = match r.daemon.ready {
+        Some(true) => "ready".to_string(),
+        Some(false) => format!("NOT READY: {}", r.daemon.ready_detail),
+        None => format!("readiness unknown ({})", r.daemon.ready_detail),
+    };
+    let api = if r.daemon.api_reachable {
+        "API answers"
+    } else {
+        "API unreachable"
+    };
+    let _ = writeln!(o, "  daemon      {}, {ready}, {api}", r.daemon.cri_socket);
+    let c = &r.containerd;
+    let snap = c
+        .snapshotter
+        .as_deref()
+        .unwrap_or("unknown (config unreadable)");
+    match &c.version {
+        Some(v) => {
+            let _ = writeln!(o, "  containerd  {v} at {}, snapshotter {snap}", c.socket);
+        }
+        None => {
+            let err = c.error.as_deref().unwrap_or("");
+            let _ = writeln!(o, "  containerd  UNREACHABLE at {}: {err}", c.socket);
+        }
+    }
+    match &r.kubelet {
+        Some(k) => {
+            let ep = k
+                .image_endpoint
+                .as_deref()
+                .unwrap_or("not set (uses containerd)");
+            let verdict = if k.uses_pullgate {
+                "pullgate"
+            } else {
+                "NOT pullgate"
+            };
+            let _ = writeln!(
+                o,
+                "  kubelet     image endpoint {ep} ({}): {verdict}",
+                k.source
+            );
+        }
+        None => {
+            let _ = writeln!(
+                o,
+                "  kubelet     not found on this node (no process, no config file)"
+            );
+        }
+    }
+    let m = &r.mirror;
+    if !m.enabled {
+        let _ = writeln!(
+            o,
+            "  mirror      off: containerd fetches by itself, unpaced"
+        );
+    } else {
+        let files = if m.files_not_first.is_empty() {
+            "every hosts.toml lists it first".to_string()
+        } else {
+            format!(
+                "{} hosts.toml file(s) do NOT list it first",
+                m.files_not_first.len()
+            )
+        };
+        let config = match &m.config_problem {
+            None => format!("containerd reads {}", m.hosts_dir),
+            Some(_) => format!("containerd does NOT read {}", m.hosts_dir),
+        };
+        let _ = writeln!(o, "  mirror      {}: {config}, {files}", m.url);
+    }
+    let gate = match r.p2p_gate_open {
+        Some(true) => "open",
+        Some(false) => "closed (prewarm waits; pods do not)",
+        None => "unknown",
+    };
+    let _ = writeln!(o, "  p2p gate    {gate}");
+    let jobs = if r.jobs.is_empty() {
+        "none running".to_string()
+    } else {
+        r.jobs
+            .iter()
+            .map(|(class, states)| {
+                let s: Vec<String> = states.iter().map(|(st, n)| format!("{n} {st}")).collect();
+                format!("{class}: {}", s.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let _ = writeln!(o, "  jobs        {jobs}");
+    for (i, e) in r.last_errors.iter().enumerate() {
+        let label = if i == 0 { "last errors" } else { "" };
+        let _ = writeln!(
+            o,
+            "  {label:<11} #{} {} ({}): {}",
+            e.id, e.image, e.class, e.message
+        );
+    }
+    if !r.problems.is_empty() {
+        let _ = writeln!(o, "problems:");
+        for p in &r.problems {
+            let _ = writeln!(o, "  - {p}");
+        }
+    }
+    o
+}
