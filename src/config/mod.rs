@@ -35,8 +35,35 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub api: ApiConfig,
     pub p2p_gate: GateConfig,
+    pub node_labels: NodeLabelsConfig,
     pub prewarm: Vec<PrewarmEntry>,
 }
+
+/// The node-feature-discovery local feature file naming the `[[prewarm]]` images present, so
+/// pods can be scheduled onto nodes that already hold their image.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeLabelsConfig {
+    pub enabled: bool,
+    /// Written only while its directory exists (NFD's `features.d`, made by NFD's worker).
+    pub file: PathBuf,
+    /// How often presence is checked (images also go away by kubelet's garbage collection).
+    #[serde(with = "units::duration")]
+    pub interval: Duration,
+}
+
+impl Default for NodeLabelsConfig {
+    fn default() -> Self {
+        NodeLabelsConfig {
+            enabled: true,
+            file: PathBuf::from(DEFAULT_FEATURE_FILE),
+            interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// node-feature-discovery's local feature directory, and pullgate's file in it.
+pub const DEFAULT_FEATURE_FILE: &str = "/etc/kubernetes/node-feature-discovery/features.d/pullgate";
 
 /// The scheduler: priorities, bandwidth, concurrency, the large-image lane.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -337,6 +364,13 @@ impl Config {
         if self.api.enabled {
             paths.push(("api.socket", &self.api.socket, DEFAULT_API_SOCKET));
         }
+        if self.node_labels.enabled {
+            paths.push((
+                "node_labels.file",
+                &self.node_labels.file,
+                DEFAULT_FEATURE_FILE,
+            ));
+        }
         if !self.containerd.config_file.as_os_str().is_empty() {
             paths.push((
                 "containerd.config_file",
@@ -424,7 +458,7 @@ impl Config {
     }
 
     /// Every duration key with the range it accepts (documented in config/pullgate.toml).
-    fn durations(&self) -> [(&'static str, Duration, DurationRange); 9] {
+    fn durations(&self) -> [(&'static str, Duration, DurationRange); 10] {
         let ms = Duration::from_millis;
         let s = Duration::from_secs;
         let (min, hour) = (s(60), s(3600));
@@ -465,6 +499,11 @@ impl Config {
                 "metrics.header_read_timeout",
                 self.metrics.header_read_timeout,
                 DurationRange::new(ms(10), 10 * min, "10s"),
+            ),
+            (
+                "node_labels.interval",
+                self.node_labels.interval,
+                DurationRange::new(s(1), hour, "30s"),
             ),
             (
                 "p2p_gate.interval",
@@ -575,6 +614,11 @@ impl Config {
             ] {
                 if let Err(why) = range.check(d, None) {
                     return fail(format!("{key}: {why}"));
+                }
+            }
+            if let Some(label) = &p.label {
+                if let Err(why) = crate::prewarm::labels::check_name(label) {
+                    return fail(format!("label: {why}"));
                 }
             }
             if let Some(path) = &p.docker_config {

@@ -47,6 +47,10 @@ pub struct PrewarmEntry {
     /// Docker `config.json` with credentials for the image's registry (none: anonymous).
     #[serde(default)]
     pub docker_config: Option<PathBuf>,
+    /// Its node label's name while the image is present (`node_labels`); derived from the
+    /// reference when not given.
+    #[serde(default)]
+    pub label: Option<String>,
 }
 
 fn default_interval() -> Duration {

@@ -130,6 +130,17 @@ impl Prewarmer {
         v.into_iter().map(|(_, i, s)| (i, s)).collect()
     }
 
+    /// Every configured entry, in config order.
+    pub fn entries(&self) -> Vec<PrewarmEntry> {
+        let running = self.running.lock().unwrap();
+        let mut v: Vec<_> = running
+            .values()
+            .map(|r| (r.order, r.entry.clone()))
+            .collect();
+        v.sort_by_key(|(order, _)| *order);
+        v.into_iter().map(|(_, e)| e).collect()
+    }
+
     /// Stops every entry (after their pulls in flight).
     pub fn stop(&self) {
         for r in self.running.lock().unwrap().values() {

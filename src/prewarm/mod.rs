@@ -1,7 +1,9 @@
 //! Prewarm sources of pullgate's own: the config file's `[[prewarm]]` list and requests from its
-//! API, plus the P2P gate that holds prewarm until the node's P2P component is ready.
+//! API, plus the P2P gate that holds prewarm until the node's P2P component is ready, and the
+//! node labels that tell the cluster which of those images the node holds.
 
 pub mod gate;
+pub mod labels;
 pub mod manager;
 pub mod submit;
 
