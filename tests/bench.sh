@@ -2,7 +2,7 @@
 # The side-by-side benchmark suite (pullgate vs containerd direct): builds its own world in a
 # private network namespace (shaped loopback), prints a markdown table and writes it, with the
 # urgent-under-prewarm timeline PNG, to target/bench/. Needs root.
-#   tests/bench.sh                 every scenario, full size (about 15 minutes on 2 cores)
+#   tests/bench.sh                 every scenario, full size (about 10 minutes on 2 cores)
 #   tests/bench.sh --quick         small sizes, one round, debug build: the smoke test CI runs
 #   tests/bench.sh urgent p2p      only these scenarios
 set -euo pipefail
