@@ -306,6 +306,8 @@ pub fn main() -> ExitCode {
                 }
             };
             crate::logging::init(&cfg.log);
+            // Before the runtime: fds 3.. are systemd's, and the environment is changed.
+            crate::frontdoor::activation::receive();
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -171,16 +171,18 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         stop.clone(),
     ));
 
-    let listener = frontdoor::socket::bind(&cfg.server.socket, cfg.server.socket_mode_bits())
+    let cri = frontdoor::socket::listen(&cfg.server.socket, cfg.server.socket_mode_bits())
         .await
         .context("cannot serve the CRI socket")?;
+    let (listener, own_cri) = (cri.listener, cri.owned);
     let proxy = CriProxy::new(containerd.clone(), pulls.clone(), metrics);
     let draining = CancellationToken::new();
     let prewarmer = Prewarmer::new(pulls.clone());
     let api_task = if cfg.api.enabled {
-        let listener = frontdoor::socket::bind(&cfg.api.socket, cfg.api.socket_mode_bits())
+        let bound = frontdoor::socket::listen(&cfg.api.socket, cfg.api.socket_mode_bits())
             .await
             .context("cannot serve the API socket")?;
+        let (listener, own_api) = (bound.listener, bound.owned);
         let api = Api {
             coordinator: pulls.clone(),
             board: board.clone(),
@@ -188,14 +190,21 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         };
         info!(socket = %cfg.api.socket.display(), "serving pullgate's API");
         let shutdown = draining.clone().cancelled_owned();
-        Some(tokio::spawn(async move {
-            if let Err(e) = api::serve(listener, api, shutdown).await {
-                warn!(error = %crate::errors::chain(&e), "API server failed");
-            }
-        }))
+        Some((
+            tokio::spawn(async move {
+                if let Err(e) = api::serve(listener, api, shutdown).await {
+                    warn!(error = %crate::errors::chain(&e), "API server failed");
+                }
+            }),
+            own_api,
+        ))
     } else {
         None
     };
+    for path in frontdoor::activation::untaken() {
+        warn!(socket = %path.display(),
+              "systemd handed over a socket pullgate does not serve (check the unit's ListenStream= against server.socket and api.socket)");
+    }
     let server = frontdoor::serve(listener, proxy, draining.clone().cancelled_owned());
     tokio::pin!(server);
     health.serving.store(true, Ordering::SeqCst);
@@ -250,14 +259,19 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
-    if let Some(t) = api_task {
+    // A socket systemd handed over stays: calls queue on it until pullgate is back.
+    if let Some((t, owned)) = api_task {
         t.abort();
-        if let Err(e) = std::fs::remove_file(&cfg.api.socket) {
-            warn!(socket = %cfg.api.socket.display(), error = %e, "could not remove API socket");
+        if owned {
+            if let Err(e) = std::fs::remove_file(&cfg.api.socket) {
+                warn!(socket = %cfg.api.socket.display(), error = %e, "could not remove API socket");
+            }
         }
     }
-    if let Err(e) = std::fs::remove_file(&cfg.server.socket) {
-        warn!(socket = %cfg.server.socket.display(), error = %e, "could not remove socket");
+    if own_cri {
+        if let Err(e) = std::fs::remove_file(&cfg.server.socket) {
+            warn!(socket = %cfg.server.socket.display(), error = %e, "could not remove socket");
+        }
     }
     info!("stopped");
     result

@@ -1,6 +1,7 @@
 //! The front door: a tonic server on the CRI unix socket that kubelet's `imageServiceEndpoint`
 //! points at.
 
+pub mod activation;
 pub mod authority;
 mod proxy;
 pub mod socket;

@@ -1,10 +1,34 @@
-//! The CRI unix socket: parent directory, stale sockets, permissions.
+//! The CRI and API unix sockets: handed over by systemd, or bound here (parent directory, stale
+//! sockets, permissions).
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
 use tokio::net::UnixListener;
+
+/// A listening socket, and whether pullgate made its file (and removes it at exit). A socket
+/// systemd handed over stays: systemd owns it, and kubelet's calls queue on it while pullgate
+/// restarts.
+pub struct Bound {
+    pub listener: UnixListener,
+    pub owned: bool,
+}
+
+/// The socket systemd handed over for `path` (socket activation), else binds `path`.
+pub async fn listen(path: &Path, mode: u32) -> io::Result<Bound> {
+    if let Some(l) = super::activation::take(path) {
+        l.set_nonblocking(true)?;
+        return Ok(Bound {
+            listener: UnixListener::from_std(l)?,
+            owned: false,
+        });
+    }
+    Ok(Bound {
+        listener: bind(path, mode).await?,
+        owned: true,
+    })
+}
 
 /// Binds `path`, replacing a stale socket left by a crash; refuses to take over a socket another
 /// process still serves, or to delete anything that is not a socket.
