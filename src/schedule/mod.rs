@@ -4,7 +4,7 @@
 //! job ──enter──▶ [waiting-for-p2p] ──▶ resolving ──admit(size)──▶ queued ──▶ fetching ──▶ finishing
 //!                   prewarm only          │                         │          │              │
 //!                                         ▼                         ▼          ▼              ▼
-//!                                  gate (P2P ready)     prewarm cap, large lane   stream slots, unpack slots
+//!                                  gate (P2P ready)     prewarm cap, large lane   stream slots
 //!                                                                              bandwidth buckets
 //! ```
 //! Urgent jobs (a pod waits) pass every queue at once; prewarm jobs are admitted by priority,

@@ -24,7 +24,7 @@ struct State {
     waiting: BTreeSet<Key>,
 }
 
-/// Limited slots, such as blob streams or concurrent unpacks.
+/// Limited slots, such as the mirror's prewarm blob streams.
 #[derive(Debug)]
 pub struct Slots {
     state: Mutex<State>,
