@@ -89,7 +89,12 @@ pub fn rates(series: &Series, bin: f64) -> Vec<(f64, [f64; 2])> {
         let (a, b) = (at(t), at(t + bin));
         out.push((
             t + bin / 2.0,
-            [(b[0] - a[0]) as f64 / bin, (b[1] - a[1]) as f64 / bin],
+            // An ingest that goes away (a failed attempt pulled again) lowers the sum: no negative
+            // rate for it.
+            [
+                b[0].saturating_sub(a[0]) as f64 / bin,
+                b[1].saturating_sub(a[1]) as f64 / bin,
+            ],
         ));
         t += bin;
     }
