@@ -30,6 +30,33 @@ impl Site {
         let _ = std::fs::remove_dir_all(dir);
         let containerd =
             Containerd::start_on(&dir.join("ctd"), hosts, "", world::snapshotter()).await;
+        Site::with(dir, containerd, pullgate).await
+    }
+
+    /// A node on another containerd binary, with `tuning` in its CRI image and transfer
+    /// settings.
+    async fn start_on(
+        bin: &Path,
+        tuning: &str,
+        dir: &Path,
+        hosts: &[String],
+        pullgate: Option<&str>,
+    ) -> Site {
+        let _ = std::fs::remove_dir_all(dir);
+        let containerd = Containerd::start_binary(
+            bin,
+            &dir.join("ctd"),
+            hosts,
+            "",
+            world::snapshotter(),
+            tuning,
+            tuning,
+        )
+        .await;
+        Site::with(dir, containerd, pullgate).await
+    }
+
+    async fn with(dir: &Path, containerd: Containerd, pullgate: Option<&str>) -> Site {
         let pullgate = match pullgate {
             Some(toml) => Some(Pullgate::start(&dir.join("pg"), &containerd, toml).await),
             None => None,
@@ -410,14 +437,65 @@ pub async fn capped(o: &Opts) -> Vec<Row> {
     let img = push_image(&registry, "capped/app", "v1", &[layer; 4], None).await;
     let nginx = Nginx::start_rate_limited(&dir.path().join("nginx"), &registry.addr(), rate).await;
     let hosts = vec![registry.addr(), nginx.addr().to_string()];
-    let (arms, _) = cold_arms(
-        dir.path(),
-        &hosts,
-        &img.reference_via(nginx.addr()),
-        o.rounds,
-    )
-    .await;
-    vec![ratio_row(name, &arms, 0.40)]
+    let reference = img.reference_via(nginx.addr());
+    let (arms, _) = cold_arms(dir.path(), &hosts, &reference, o.rounds).await;
+    let mut rows = vec![ratio_row(name, &arms, 0.40)];
+    match world::containerd2() {
+        Some(bin) => rows.push(capped_multipart(o, &bin, dir.path(), &hosts, &reference).await),
+        None => {
+            eprintln!("  no containerd 2.x binary (tests/containerd-versions.sh): its arm skipped")
+        }
+    }
+    rows
+}
+
+/// containerd 2.x's own answer to capped connections, its multipart layer fetch (ranged parts of
+/// `concurrent_layer_fetch_buffer` over `max_concurrent_downloads` connections), against
+/// pullgate in front of the same containerd at its defaults.
+async fn capped_multipart(
+    o: &Opts,
+    bin: &Path,
+    root: &Path,
+    hosts: &[String],
+    reference: &str,
+) -> Row {
+    let version = crate::common::containerd::version_of(bin).text;
+    // As many connections as pullgate's mirror.parallel_ranges, parts of 8 MiB.
+    let tuning = "max_concurrent_downloads = 4\n    concurrent_layer_fetch_buffer = 8388608";
+    let names = [
+        format!("containerd {version} direct, multipart fetch"),
+        format!("pullgate on containerd {version}"),
+    ];
+    let mut out: [Vec<Duration>; 2] = [vec![], vec![]];
+    for round in 0..o.rounds {
+        for arm in order(round) {
+            let site = if arm == 0 {
+                Site::start_on(bin, tuning, &root.join("node2"), hosts, None).await
+            } else {
+                Site::start_on(bin, "", &root.join("node2"), hosts, Some("")).await
+            };
+            let t = pull(&site.client(), reference, true).await;
+            eprintln!(
+                "  round {} {:<40} {:>7.2}s",
+                round + 1,
+                names[arm],
+                t.as_secs_f64()
+            );
+            out[arm].push(t);
+        }
+    }
+    let (d, p) = (median(&out[0]), median(&out[1]));
+    Row {
+        scenario: format!(
+            "per-connection-capped registry on containerd {version}: its multipart fetch \
+             (4 connections, 8 MiB parts) vs pullgate"
+        ),
+        direct: secs(d),
+        pullgate: secs(p),
+        result: format!("{:.2}", p.as_secs_f64() / d.as_secs_f64()),
+        target: "".into(),
+        met: None,
+    }
 }
 
 /// Four nodes prewarm the same four images through one shared, bounded cache in front of a

@@ -97,3 +97,12 @@ pub fn snapshotter() -> &'static str {
         "native"
     }
 }
+
+/// A containerd 2.x binary for the arms that measure containerd's own newer answers:
+/// `$PULLGATE_BENCH_CONTAINERD2`, else sid's from `tests/containerd-versions.sh`'s cache.
+pub fn containerd2() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PULLGATE_BENCH_CONTAINERD2")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/pullgate-tests/containerd/sid/usr/bin/containerd".into());
+    path.is_file().then_some(path)
+}

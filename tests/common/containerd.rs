@@ -47,19 +47,21 @@ impl std::fmt::Display for ContainerdVersion {
 /// `containerd --version` of the binary under test (asked once per test process).
 pub fn containerd_version() -> &'static ContainerdVersion {
     static VERSION: OnceLock<ContainerdVersion> = OnceLock::new();
-    VERSION.get_or_init(|| {
-        let bin = containerd_bin();
-        let out = Command::new(&bin)
-            .arg("--version")
-            .output()
-            .unwrap_or_else(|e| panic!("Containerd: cannot run {} --version: {e}", bin.display()));
-        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
-        parse_version(&printed).unwrap_or_else(|| {
-            panic!(
-                "Containerd: cannot read a version from `{} --version`: {printed:?}",
-                bin.display()
-            )
-        })
+    VERSION.get_or_init(|| version_of(&containerd_bin()))
+}
+
+/// The version `bin --version` prints.
+pub fn version_of(bin: &Path) -> ContainerdVersion {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("Containerd: cannot run {} --version: {e}", bin.display()));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    parse_version(&printed).unwrap_or_else(|| {
+        panic!(
+            "Containerd: cannot read a version from `{} --version`: {printed:?}",
+            bin.display()
+        )
     })
 }
 
@@ -123,6 +125,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running containerd. SIGTERM (then SIGKILL after a grace period) on drop.
 pub struct Containerd {
+    /// The binary (and `ctr` beside it).
+    bin: PathBuf,
     dir: PathBuf,
     config_path: PathBuf,
     log_path: PathBuf,
@@ -164,6 +168,29 @@ impl Containerd {
         snapshotter: &str,
         cri_images: &str,
     ) -> Containerd {
+        Self::start_binary(
+            &containerd_bin(),
+            dir,
+            registry_addrs,
+            extra_toml,
+            snapshotter,
+            cri_images,
+            "",
+        )
+        .await
+    }
+
+    /// Like `start_tuned` with another containerd binary `bin` (its own config version), and
+    /// `transfer` lines added to the transfer service's settings (containerd 2.x).
+    pub async fn start_binary(
+        bin: &Path,
+        dir: &Path,
+        registry_addrs: &[String],
+        extra_toml: &str,
+        snapshotter: &str,
+        cri_images: &str,
+        transfer: &str,
+    ) -> Containerd {
         std::fs::create_dir_all(dir)
             .unwrap_or_else(|e| panic!("Containerd: cannot create {}: {e}", dir.display()));
         let dir = dir
@@ -184,12 +211,19 @@ impl Containerd {
             write_hosts_toml(&dir, addr);
         }
         let config_path = dir.join("config.toml");
-        let mut config = containerd_config(containerd_version().major, &dir, &socket, snapshotter)
-            .replacen("    # cri images\n", &format!("    {cri_images}\n"), 1);
+        let major = if bin == containerd_bin() {
+            containerd_version().major
+        } else {
+            version_of(bin).major
+        };
+        let mut config = containerd_config(major, &dir, &socket, snapshotter)
+            .replacen("    # cri images\n", &format!("    {cri_images}\n"), 1)
+            .replacen("    # transfer\n", &format!("    {transfer}\n"), 1);
         config.push_str(extra_toml);
         std::fs::write(&config_path, config)
             .unwrap_or_else(|e| panic!("Containerd: cannot write config: {e}"));
         let mut containerd = Containerd {
+            bin: bin.to_path_buf(),
             log_path: dir.join("containerd.log"),
             dir,
             config_path,
@@ -235,8 +269,7 @@ impl Containerd {
         let log2 = log
             .try_clone()
             .unwrap_or_else(|e| panic!("Containerd: cannot clone log fd: {e}"));
-        let bin = containerd_bin();
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--config")
             .arg(&self.config_path)
             .current_dir(&self.dir)
@@ -260,7 +293,7 @@ impl Containerd {
         super::kill_with_parent(&mut cmd);
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("Containerd: cannot spawn {}: {e}", bin.display()));
+            .unwrap_or_else(|e| panic!("Containerd: cannot spawn {}: {e}", self.bin.display()));
         self.child = Some(child);
     }
 
@@ -308,7 +341,7 @@ impl Containerd {
     /// Path of containerd's gRPC socket (`dir/containerd.sock`; same across restarts).
     /// Runs containerd's `ctr` (beside the containerd binary) in the CRI namespace; its stdout.
     pub fn ctr(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(containerd_bin().with_file_name("ctr"))
+        let out = std::process::Command::new(self.bin.with_file_name("ctr"))
             .arg("-a")
             .arg(self.socket())
             .args(["-n", "k8s.io"])
@@ -548,6 +581,7 @@ fn plugins_v3(dir: &Path, snapshotter: &str) -> String {
     stream_server_port = "0"
     disable_tcp_service = true
   [plugins."io.containerd.transfer.v1.local"]
+    # transfer
     config_path = {certs}
     [[plugins."io.containerd.transfer.v1.local".unpack_config]]
       platform = {platform:?}
