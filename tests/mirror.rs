@@ -614,10 +614,6 @@ async fn a_prewarm_pull_paused_longer_than_containerds_progress_timeout_is_kept_
     assert_no_ingests(&node).await;
 }
 
-// Ignored: it fails about one run in three on containerd 1.7 ("no progress in 3s"): the front
-// part of a paused blob sometimes passes containerd nothing for the whole pause (seen at 96 KiB
-// into a part). Until that gap is found, `cargo test -- --ignored` runs it.
-#[ignore = "flaky: a paused front part sometimes sends no keep-alive (about 1 run in 3 on 1.7)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prewarm_blob_read_in_ranged_parts_is_kept_alive_while_paused() {
     // The prewarm layer comes from a host capping each connection at 4 MiB/s, so it is read in
@@ -677,11 +673,19 @@ async fn a_prewarm_blob_read_in_ranged_parts_is_kept_alive_while_paused() {
         "pod pull {paused:?}; parked {parked}, preemptions {preempted}, prewarm proxy bytes {ratio:.3}x"
     );
     assert!(parked + preempted >= 1.0, "prewarm never paused");
-    // Paused parts reopen with a Range. On containerd 2.x the prewarm pull is handed back
-    // instead (preempted) and forwarded again: containerd resumes what it wrote, and the parts
-    // pullgate held ahead (at most 4 × 2 MiB of the 64) are read again.
-    let bound = if preempted > 0.0 { 1.15 } else { 1.02 };
-    assert!(ratio <= bound, "read {ratio:.3}x the prewarm image");
+    // Paused parts reopen with a Range; what was in flight on a connection as it closed (its
+    // socket buffers, measured 300-400 KiB here) is read again. On containerd 2.x the prewarm
+    // pull is handed back instead (preempted) and forwarded again: containerd resumes what it
+    // wrote, and the parts pullgate held ahead (at most 4 × 2 MiB of the 64) are read again.
+    let bound = if preempted > 0.0 {
+        1.15
+    } else {
+        1.01 + parked * (512 << 10) as f64 / pre.total_size as f64
+    };
+    assert!(
+        ratio <= bound,
+        "read {ratio:.3}x the prewarm image (bound {bound:.3})"
+    );
     assert!(
         !node.containerd.log().contains("no progress"),
         "containerd cancelled a pull"

@@ -27,6 +27,7 @@ use super::Mirror;
 use crate::metrics::SourceLabels;
 use crate::pull::Class;
 use crate::registry::{Credentials, Descriptor, RegistryError, Source};
+use crate::schedule::bandwidth::RECHECK;
 use crate::schedule::UrgentStream;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -89,6 +90,8 @@ pub async fn serve(
     };
     let pump = Pump {
         mirror: mirror.clone(),
+        key: Arc::new(source.key.clone()),
+        from: first.source.clone(),
         source,
         class,
         at: range.start,
@@ -103,6 +106,7 @@ pub async fn serve(
         head_read: 0,
         probe,
         budget: None,
+        keepalive_due: tokio::time::Instant::now() + mirror.keepalive,
     };
     tokio::spawn(pump.run(first, tx));
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -135,6 +139,10 @@ fn head_of(key: &Key, size: u64, range: Option<Range<u64>>) -> http::response::B
 struct Pump {
     mirror: Arc<Mirror>,
     source: BlobSource,
+    /// `source.key`, shared with the bandwidth wait of every chunk.
+    key: Arc<Key>,
+    /// Where the bytes come from now (for the byte counters).
+    from: Source,
     /// Fixed class for blobs no job registered; `None`: the demand table decides.
     class: Option<Class>,
     at: u64,
@@ -156,6 +164,9 @@ struct Pump {
     probe: Probe,
     /// This blob's share of the node's buffer budget while it is split.
     budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// When containerd has gone a keep-alive interval without a byte: if the stream is a paused
+    /// prewarm one then, it gets a few bytes (see [`Pump::keep_alive`]).
+    keepalive_due: tokio::time::Instant,
 }
 
 type Tx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
@@ -195,38 +206,21 @@ impl Pump {
     async fn pump(&mut self, first: crate::registry::BlobBody, tx: &Tx) -> Result<(), Stop> {
         let mut retries = self.mirror.cfg.retries;
         let mut host = first.host.clone();
-        let mut source = first.source.clone();
         // `None`: parked (closed while prewarm paused), or read up to `head_end`.
         let mut body = Some(first);
         while self.at < self.end {
             if self.at >= self.head_end {
                 body = None;
                 self.top_up();
-                let Some(front) = self.parts.front_mut() else {
+                if self.parts.is_empty() {
                     // No part ahead (the host turned out uncapped): one connection again.
                     self.head_end = self.end;
                     self.next = self.end;
                     self.budget = None;
                     body = Some(self.reopen(&mut retries, None).await?);
                     continue;
-                };
-                match front.rx.recv().await {
-                    // Paid for in the bandwidth buckets by the part's task.
-                    Some(Ok(chunk)) => self.send(chunk, tx).await?,
-                    None if self.at >= front.range.end => {
-                        self.parts.pop_front();
-                    }
-                    failed => {
-                        // The part failed for good: its rest comes over one connection.
-                        let e = match failed {
-                            Some(Err(e)) => e,
-                            _ => RegistryError::Transport("part ended early".into()),
-                        };
-                        self.head_end = front.range.end;
-                        self.parts.pop_front();
-                        body = Some(self.reopen(&mut retries, Some(e)).await?);
-                    }
                 }
+                self.read_front(&mut body, &mut retries, tx).await?;
                 self.consider_split(&host);
                 continue;
             }
@@ -234,9 +228,16 @@ impl Pump {
                 body = Some(self.reopen(&mut retries, None).await?);
                 continue;
             };
-            let mut chunk = match open.stream.next().await {
-                Some(Ok(chunk)) => chunk,
-                None => {
+            let due = self.keepalive_due;
+            let next = tokio::select! {
+                biased;
+                next = open.stream.next() => Some(next),
+                // Upstream is silent: if prewarm is paused, park now rather than on a chunk.
+                _ = tokio::time::sleep_until(due) => None,
+            };
+            let mut chunk = match next {
+                Some(Some(Ok(chunk))) => chunk,
+                Some(None) => {
                     let e = RegistryError::Transport(format!(
                         "upstream body ended at byte {} of {}",
                         self.at, self.end
@@ -244,13 +245,22 @@ impl Pump {
                     body = Some(self.reopen(&mut retries, Some(e)).await?);
                     continue;
                 }
-                Some(Err(e)) => {
+                Some(Some(Err(e))) => {
                     body = Some(self.reopen(&mut retries, Some(e)).await?);
+                    continue;
+                }
+                None => {
+                    if self.class() == Class::Prewarm && self.should_park(&host) {
+                        body = None;
+                        self.park(&mut Bytes::new(), tx).await?;
+                    } else {
+                        self.keepalive_due = tokio::time::Instant::now() + RECHECK;
+                    }
                     continue;
                 }
             };
             host.clone_from(&open.host);
-            source.clone_from(&open.source);
+            self.from.clone_from(&open.source);
             self.head_read += chunk.len() as u64;
             // The parts after `head_end` fetch the rest.
             chunk.truncate(chunk.len().min((self.head_end - self.at) as usize));
@@ -265,31 +275,79 @@ impl Pump {
                 _ => {}
             }
             if now == Class::Prewarm && self.should_park(&host) {
-                // A paused stream that keeps its connection keeps receiving until its TCP
-                // window is full: megabytes per stream that take the link from the pod.
-                // Closing it stops the sender at once; the rest is asked for with a Range.
                 body = None;
-                self.mirror.metrics.parked_streams.inc();
-                debug!(blob = %self.source.key.name, at = self.at, "prewarm paused: upstream connection closed, reopened with a Range afterwards");
-                self.sit_out_pause(&mut chunk, tx).await?;
-                if self.probe.phase != Phase::Done {
-                    self.probe = Probe::new(self.read());
-                }
+                self.park(&mut chunk, tx).await?;
             }
             let n = chunk.len() as u64;
             if n == 0 {
                 continue;
             }
-            let (mirror, key, fixed) = (&self.mirror, &self.source.key, self.class);
-            let class = || fixed.unwrap_or_else(|| mirror.demand.class(key, Class::Urgent));
             let paying = tokio::time::Instant::now();
-            mirror.scheduler.bandwidth.received_bytes(class, n).await;
+            self.pay(&mut chunk, tx).await?;
             self.probe.waited(paying.elapsed());
-            mirror.count_bytes(&source, now, n);
-            self.send(chunk, tx).await?;
+            self.mirror.count_bytes(&self.from, now, n);
+            if !chunk.is_empty() {
+                self.send(chunk, tx).await?;
+            }
             self.consider_split(&host);
         }
         Ok(())
+    }
+
+    /// Passes on the next chunk of the front part (trimmed of what keep-alives already sent),
+    /// pops it when done, or takes its rest over one connection (`body`) when it failed.
+    async fn read_front(
+        &mut self,
+        body: &mut Option<crate::registry::BlobBody>,
+        retries: &mut u32,
+        tx: &Tx,
+    ) -> Result<(), Stop> {
+        let due = self.keepalive_due;
+        let front = self.parts.front_mut().expect("a part ahead");
+        if self.at >= front.range.end {
+            // Delivered (partly by keep-alives): whatever the part still reads is not needed.
+            self.parts.pop_front();
+            return Ok(());
+        }
+        let got = tokio::select! {
+            biased;
+            got = front.rx.recv() => got,
+            // The front part may be paused (or waiting out the pause to pay for a chunk): the
+            // keep-alive comes from here, whatever the part is doing.
+            _ = tokio::time::sleep_until(due) => {
+                let limit = front.range.end;
+                return self.keep_alive(&mut Bytes::new(), true, limit, tx).await;
+            }
+        };
+        match got {
+            // Paid for in the bandwidth buckets by the part's task.
+            Some(Ok(mut chunk)) => {
+                let pos = front.pos;
+                front.pos += chunk.len() as u64;
+                if front.pos <= self.at {
+                    return Ok(());
+                }
+                if pos < self.at {
+                    let _ = chunk.split_to((self.at - pos) as usize);
+                }
+                self.send(chunk, tx).await
+            }
+            None if self.at >= front.range.end => {
+                self.parts.pop_front();
+                Ok(())
+            }
+            failed => {
+                // The part failed for good: its rest comes over one connection.
+                let e = match failed {
+                    Some(Err(e)) => e,
+                    _ => RegistryError::Transport("part ended early".into()),
+                };
+                self.head_end = front.range.end;
+                self.parts.pop_front();
+                *body = Some(self.reopen(retries, Some(e)).await?);
+                Ok(())
+            }
+        }
     }
 
     /// Bytes received upstream so far over every connection of this stream.
@@ -382,50 +440,107 @@ impl Pump {
             return Err(Stop::Gone);
         }
         self.at += n;
+        self.keepalive_due = tokio::time::Instant::now() + self.mirror.keepalive;
         self.mirror.demand.progress(&self.source.key, self.at);
         Ok(())
     }
 
-    /// Waits while prewarm is paused and this blob is still prewarm, sending containerd a few
-    /// bytes of `held` (the chunk received as the pause began) every keep-alive interval so that
-    /// its CRI does not cancel the pull as stalled; fetches a few more when `held` runs out.
-    async fn sit_out_pause(&mut self, held: &mut Bytes, tx: &Tx) -> Result<(), Stop> {
-        let keepalive = self.mirror.keepalive;
-        let mut last = tokio::time::Instant::now();
-        while self.class() == Class::Prewarm && self.mirror.scheduler.bandwidth.prewarm_paused() {
+    /// Pays for `chunk` in the bandwidth buckets; a pause that begins meanwhile holds the payment
+    /// up, so the keep-alive runs beside it (sending the front of `chunk`).
+    async fn pay(&mut self, chunk: &mut Bytes, tx: &Tx) -> Result<(), Stop> {
+        let (mirror, key, fixed) = (self.mirror.clone(), self.key.clone(), self.class);
+        let class = move || fixed.unwrap_or_else(|| mirror.demand.class(&key, Class::Urgent));
+        let bw = self.mirror.scheduler.bandwidth.clone();
+        let paid = bw.received_bytes(class, chunk.len() as u64);
+        tokio::pin!(paid);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut paid => return Ok(()),
+                _ = tokio::time::sleep_until(self.keepalive_due) => {
+                    let limit = self.head_end;
+                    self.keep_alive(chunk, true, limit, tx).await?;
+                }
+            }
+        }
+    }
+
+    /// Closes the upstream connection of this prewarm stream and waits while prewarm is paused
+    /// and the blob still prewarm, keeping containerd's stream alive from `held` (the chunk
+    /// received as the pause began, not paid for). A paused stream that keeps its connection
+    /// keeps receiving until its TCP window is full: megabytes per stream that take the link from
+    /// the pod. The rest is asked for with a Range afterwards.
+    async fn park(&mut self, held: &mut Bytes, tx: &Tx) -> Result<(), Stop> {
+        self.mirror.metrics.parked_streams.inc();
+        debug!(blob = %self.source.key.name, at = self.at,
+               "prewarm paused: upstream connection closed, reopened with a Range afterwards");
+        let bw = self.mirror.scheduler.bandwidth.clone();
+        while self.class() == Class::Prewarm && bw.prewarm_paused() {
             if tx.is_closed() {
                 return Err(Stop::Gone);
             }
-            tokio::time::sleep(crate::schedule::bandwidth::RECHECK).await;
-            if last.elapsed() < keepalive {
-                continue;
+            let now = tokio::time::Instant::now();
+            tokio::time::sleep_until(self.keepalive_due.min(now + RECHECK)).await;
+            if tokio::time::Instant::now() >= self.keepalive_due {
+                let limit = self.head_end;
+                self.keep_alive(held, false, limit, tx).await?;
             }
-            last = tokio::time::Instant::now();
-            let at = self.at + held.len() as u64;
-            if held.is_empty() && at < self.end {
-                let want = at..self.end.min(at + KEEPALIVE_BYTES as u64);
-                match fetch(&self.mirror, &self.source, want).await {
-                    Ok(b) => {
-                        let parts: Vec<Bytes> =
-                            b.stream.filter_map(|r| async { r.ok() }).collect().await;
-                        *held = parts.concat().into();
-                    }
-                    Err(e) => {
-                        debug!(blob = %self.source.key.name, error = %e, "keep-alive fetch failed")
-                    }
-                }
-            }
-            let piece = held.split_to(held.len().min(KEEPALIVE_BYTES));
-            if piece.is_empty() {
-                continue;
-            }
-            self.mirror
-                .scheduler
-                .bandwidth
-                .received_unpaced(Class::Prewarm, piece.len() as u64);
-            self.send(piece, tx).await?;
+        }
+        if self.probe.phase != Phase::Done {
+            self.probe = Probe::new(self.read());
         }
         Ok(())
+    }
+
+    /// Due once containerd has gone a keep-alive interval without a byte. If this is a paused
+    /// prewarm stream, sends containerd a few bytes so that its CRI does not cancel the pull as
+    /// stalled: from `held` (bytes received and not sent yet; `paid` says whether the buckets
+    /// were charged for them), else fetched at `at` (not past `limit`). Otherwise checks again
+    /// in a moment.
+    async fn keep_alive(
+        &mut self,
+        held: &mut Bytes,
+        paid: bool,
+        limit: u64,
+        tx: &Tx,
+    ) -> Result<(), Stop> {
+        let bw = self.mirror.scheduler.bandwidth.clone();
+        if self.class() != Class::Prewarm || !bw.prewarm_paused() {
+            self.keepalive_due = tokio::time::Instant::now() + RECHECK;
+            return Ok(());
+        }
+        let charged = !held.is_empty() && paid;
+        let piece = if held.is_empty() {
+            let want = self.at..limit.min(self.at + KEEPALIVE_BYTES as u64);
+            if want.is_empty() {
+                self.keepalive_due = tokio::time::Instant::now() + RECHECK;
+                return Ok(());
+            }
+            match fetch(&self.mirror, &self.source, want).await {
+                Ok(b) => {
+                    self.from = b.source;
+                    let got: Vec<Bytes> = b.stream.filter_map(|r| async { r.ok() }).collect().await;
+                    Bytes::from(got.concat())
+                }
+                Err(e) => {
+                    debug!(blob = %self.source.key.name, error = %e, "keep-alive fetch failed");
+                    Bytes::new()
+                }
+            }
+        } else {
+            held.split_to(held.len().min(KEEPALIVE_BYTES))
+        };
+        if piece.is_empty() {
+            // Try again after another interval.
+            self.keepalive_due = tokio::time::Instant::now() + self.mirror.keepalive;
+            return Ok(());
+        }
+        if !charged {
+            let n = piece.len() as u64;
+            bw.received_unpaced(Class::Prewarm, n);
+            self.mirror.count_bytes(&self.from, Class::Prewarm, n);
+        }
+        self.send(piece, tx).await
     }
 
     /// Opens the rest of the range again: after a cut upstream (`cut`, counted against the

@@ -98,6 +98,8 @@ impl Buffers {
 /// One part being fetched by its own task; its chunks queue here until the stream reaches it.
 pub struct Part {
     pub range: Range<u64>,
+    /// Where the next chunk from `rx` begins.
+    pub pos: u64,
     pub rx: mpsc::UnboundedReceiver<Result<Bytes, RegistryError>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -126,6 +128,7 @@ impl Part {
             read,
         };
         Part {
+            pos: range.start,
             range,
             rx,
             task: tokio::spawn(worker.run(tx)),
@@ -163,17 +166,16 @@ impl Worker {
             let mut body = Some(body);
             while let Some(open) = body.as_mut() {
                 match open.stream.next().await {
-                    Some(Ok(mut chunk)) => {
+                    Some(Ok(chunk)) => {
                         self.read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                         let now = self.class();
                         let paused = now == Class::Prewarm && bw.prewarm_paused();
                         if paused {
-                            // As a whole stream does: close the connection, reopen after.
+                            // As a whole stream does: close the connection, reopen after. The
+                            // blob's head keeps containerd's stream alive meanwhile.
                             body = None;
                             self.mirror.metrics.parked_streams.inc();
-                            if !self.sit_out_pause(&mut chunk, &from, &tx).await {
-                                return;
-                            }
+                            bw.yield_to_urgent(|| self.class() == Class::Urgent).await;
                         }
                         let n = chunk.len() as u64;
                         let (mirror, key, fixed) = (&self.mirror, &self.source.key, self.class);
@@ -207,51 +209,6 @@ impl Worker {
                         return;
                     }
                 }
-            }
-        }
-    }
-}
-
-impl Worker {
-    /// Waits while prewarm is paused and this part is still prewarm, passing on a few bytes of
-    /// `held` (then of the range, fetched) every keep-alive interval: when this is the front part,
-    /// they are what containerd receives, and its CRI must not cancel the pull as stalled.
-    /// `false` once the blob's stream is gone.
-    async fn sit_out_pause(
-        &mut self,
-        held: &mut Bytes,
-        from: &crate::registry::Source,
-        tx: &mpsc::UnboundedSender<Result<Bytes, RegistryError>>,
-    ) -> bool {
-        let bw = self.mirror.scheduler.bandwidth.clone();
-        loop {
-            tokio::select! {
-                _ = bw.yield_to_urgent(|| self.class() == Class::Urgent) => return true,
-                _ = tokio::time::sleep(self.mirror.keepalive) => {}
-            }
-            if held.is_empty() && !self.range.is_empty() {
-                let at = self.range.start;
-                let want = at..self.range.end.min(at + super::blob::KEEPALIVE_BYTES as u64);
-                match super::blob::fetch(&self.mirror, &self.source, want).await {
-                    Ok(b) => {
-                        let got: Vec<Bytes> =
-                            b.stream.filter_map(|r| async { r.ok() }).collect().await;
-                        *held = got.concat().into();
-                    }
-                    Err(e) => debug!(blob = %self.source.key.name, error = %e,
-                                     "keep-alive fetch of a part failed"),
-                }
-            }
-            let piece = held.split_to(held.len().min(super::blob::KEEPALIVE_BYTES));
-            if piece.is_empty() {
-                continue;
-            }
-            let n = piece.len() as u64;
-            bw.received_unpaced(Class::Prewarm, n);
-            self.mirror.count_bytes(from, Class::Prewarm, n);
-            self.range.start += n;
-            if tx.send(Ok(piece)).is_err() {
-                return false;
             }
         }
     }
