@@ -115,6 +115,13 @@ async fn containerd_fetches_every_blob_through_the_mirror() {
         img.blob_count() as f64,
         "{m}"
     );
+    // The pod's pull is forwarded before pullgate's resolution lands: the mirror held
+    // containerd's early requests for it rather than serving them as unknown.
+    assert_eq!(
+        metric_value(&m, "pullgate_mirror_unscheduled_blobs_total"),
+        0.0,
+        "{m}"
+    );
     let (code, body) = node.pullgate.http_get("/readyz").await.unwrap();
     assert_eq!(code, 200, "{body}");
     assert_no_ingests(&node).await;
@@ -139,6 +146,64 @@ async fn containerd_fetches_every_blob_through_the_mirror() {
     assert!(blob_gets(&node)
         .iter()
         .all(|r| r.user_agent.starts_with(PULLGATE_UA)));
+    assert_no_ingests(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_pull_is_forwarded_before_pullgate_resolves_it_and_still_scheduled() {
+    let node = Node::start(None).await;
+    let img = push_image(
+        &node.registry,
+        "early/app",
+        "v1",
+        &[1 << 20, 256 << 10],
+        None,
+    )
+    .await;
+    // pullgate's resolution (a manifest GET) answered 2 s late; containerd's own (a HEAD) not.
+    let proxy = common::faultproxy::FaultProxy::start(&node.registry.addr()).await;
+    let delay = Duration::from_secs(2);
+    proxy.delay_manifest_gets(delay);
+    node.via()
+        .pull_image(pull_request(&img.reference_via(&proxy.addr)))
+        .await
+        .expect("pod's pull");
+    let seen = proxy.requests();
+    let by = |ua: &str, method: &str| {
+        seen.iter()
+            .find(|r| {
+                r.user_agent.starts_with(ua) && r.method == method && r.path.contains("/manifests/")
+            })
+            .unwrap_or_else(|| panic!("no manifest {method} by {ua}: {seen:?}"))
+            .at
+    };
+    let (resolve, head) = (by(PULLGATE_UA, "GET"), by(CONTAINERD_UA, "HEAD"));
+    assert!(
+        head < resolve + delay,
+        "containerd started only after pullgate's resolution: {seen:?}"
+    );
+    // containerd asked the mirror for the manifest and blobs before the resolution landed: the
+    // mirror held them (no 404 sending containerd to the registry, no blob served unscheduled).
+    let m = node.pullgate.metrics().await;
+    for (name, want) in [
+        (
+            "pullgate_mirror_requests_total{kind=\"manifest\",status=\"404\"}",
+            0.0,
+        ),
+        ("pullgate_mirror_unscheduled_blobs_total", 0.0),
+        (
+            "pullgate_mirror_requests_total{kind=\"blob\",status=\"2xx\"}",
+            img.blob_count() as f64,
+        ),
+    ] {
+        assert_eq!(metric_value(&m, name), want, "{name}\n{m}");
+    }
+    assert!(
+        seen.iter()
+            .filter(|r| r.path.contains("/blobs/"))
+            .all(|r| r.user_agent.starts_with(PULLGATE_UA)),
+        "containerd fetched blobs itself: {seen:?}"
+    );
     assert_no_ingests(&node).await;
 }
 

@@ -485,7 +485,16 @@ async fn sighup_with_a_broken_config_keeps_the_old_one_and_a_good_one_applies() 
     assert!(out.contains("all 1 prewarm images present"), "{out}");
 
     std::fs::write(&path, with(&[&a.reference(), &b.reference()])).unwrap();
+    let reloads = |log: String| log.matches("SIGHUP: config reloaded").count();
+    let before = reloads(node.pullgate.log());
     node.pullgate.signal(libc::SIGHUP);
+    // The signal is handled in the background: `wait` must see the new list, not the old one.
+    wait_for(
+        "the good config applied",
+        Duration::from_secs(10),
+        || async { reloads(node.pullgate.log()) > before },
+    )
+    .await;
     let (code, out, err) = node
         .pullgate
         .cli(&["wait", "--prewarmed", "--timeout", "30s"])

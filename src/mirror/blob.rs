@@ -40,7 +40,13 @@ pub async fn serve(
     range: Option<&str>,
     head: bool,
 ) -> Response<Body> {
-    let (source, class) = match mirror.demand.blob(&key, presented) {
+    let mut access = mirror.demand.blob(&key, presented);
+    if matches!(access, Access::Unknown)
+        && mirror.demand.settle(&key, super::serve::HOLD_EARLY).await
+    {
+        access = mirror.demand.blob(&key, presented);
+    }
+    let (source, class) = match access {
         Access::Granted(s) => (s, None),
         Access::Challenge => return challenge(),
         Access::Unknown => match mirror.unscheduled_source(&key).await {

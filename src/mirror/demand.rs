@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::jobs::progress::BlobProgress;
 use crate::jobs::JobRecord;
@@ -117,12 +117,17 @@ struct State {
     /// The keys of `blobs` by digest: a blob's class is read per chunk, across repositories.
     by_digest: HashMap<String, Vec<Key>>,
     manifests: HashMap<Key, ManifestEntry>,
+    /// Resolutions in flight per (registry, repository): an urgent pull is forwarded while
+    /// pullgate still resolves it, and the mirror holds its first requests until they land.
+    resolving: HashMap<(String, String), usize>,
 }
 
 /// The demand table, shared by the pull path (writer) and the mirror (reader).
 #[derive(Default)]
 pub struct Demand {
     state: Mutex<State>,
+    /// Woken whenever a resolution ends.
+    settled: Notify,
 }
 
 /// What serving one blob request needs: where to fetch it and with which credentials (those of
@@ -215,6 +220,46 @@ impl Demand {
             demand: self.clone(),
             job,
             keys,
+        }
+    }
+
+    /// Marks a resolution of `image` in flight until the guard drops (after its registration).
+    pub fn resolving(self: &Arc<Self>, image: &ImageRef) -> Resolving {
+        let repo = (image.registry.clone(), image.repository.clone());
+        *self
+            .state
+            .lock()
+            .unwrap()
+            .resolving
+            .entry(repo.clone())
+            .or_default() += 1;
+        Resolving {
+            demand: self.clone(),
+            repo,
+        }
+    }
+
+    /// Waits, at most `max`, until no resolution in `key`'s repository is in flight: a request
+    /// that finds nothing registered may be early, not unknown. `true` when it waited.
+    pub async fn settle(&self, key: &Key, max: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max;
+        let mut waited = false;
+        loop {
+            let woken = self.settled.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let pending = {
+                let st = self.state.lock().unwrap();
+                st.resolving
+                    .contains_key(&(key.registry.clone(), key.repository.clone()))
+            };
+            if !pending {
+                return waited;
+            }
+            waited = true;
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return waited;
+            }
         }
     }
 
@@ -329,6 +374,27 @@ pub struct Registration {
     demand: Arc<Demand>,
     job: u64,
     keys: Vec<(bool, Key)>,
+}
+
+/// A resolution in flight ([`Demand::resolving`]).
+pub struct Resolving {
+    demand: Arc<Demand>,
+    repo: (String, String),
+}
+
+impl Drop for Resolving {
+    fn drop(&mut self) {
+        {
+            let mut st = self.demand.state.lock().unwrap();
+            if let Some(n) = st.resolving.get_mut(&self.repo) {
+                *n -= 1;
+                if *n == 0 {
+                    st.resolving.remove(&self.repo);
+                }
+            }
+        }
+        self.demand.settled.notify_waiters();
+    }
 }
 
 impl Drop for Registration {
@@ -464,6 +530,46 @@ mod tests {
         for key in [&other_repo, &other_registry] {
             assert!(matches!(demand.blob(key, Some(&right)), Access::Unknown));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_early_request_waits_for_the_resolution_of_its_repository() {
+        let board = JobBoard::new();
+        let demand = Demand::new();
+        let a = ImageRef::parse("reg.test/app:1").unwrap();
+        let key = Key::of(&a, desc('1', 1).digest().as_ref());
+        let elsewhere = Key {
+            repository: "other".into(),
+            ..key.clone()
+        };
+        let max = std::time::Duration::from_secs(10);
+        assert!(!demand.settle(&key, max).await, "nothing in flight");
+
+        let resolving = demand.resolving(&a);
+        assert!(!demand.settle(&elsewhere, max).await, "another repository");
+        let job = record(&board, 1, &a.whole(), Priority::urgent(0));
+        let waiter = {
+            let (demand, key) = (demand.clone(), key.clone());
+            tokio::spawn(async move {
+                let waited = demand.settle(&key, max).await;
+                (
+                    waited,
+                    matches!(demand.blob(&key, None), Access::Granted(_)),
+                )
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "held while the resolution runs");
+        let _reg = demand.register(&job, &a, &Credentials::Anonymous, &resolved(&['1']));
+        drop(resolving);
+        assert_eq!(waiter.await.unwrap(), (true, true));
+
+        // A resolution that never ends holds a request for `max` only.
+        let _stuck = demand.resolving(&a);
+        let t0 = tokio::time::Instant::now();
+        assert!(!demand.settle(&elsewhere, max).await);
+        assert!(demand.settle(&key, max).await);
+        assert_eq!(t0.elapsed(), max);
     }
 
     #[test]

@@ -25,6 +25,10 @@ use super::route::{self, Route};
 use super::Mirror;
 use crate::metrics::MirrorLabels;
 
+/// How long a request for content nothing registered waits while pullgate still resolves an
+/// urgent pull of that repository (forwarded before its resolution, so containerd may ask first).
+pub const HOLD_EARLY: Duration = Duration::from_secs(10);
+
 /// Serves `listener` until `stop` is cancelled.
 pub fn spawn(
     mirror: Arc<Mirror>,
@@ -89,7 +93,7 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<
     let presented = presented.as_ref();
     let (kind, resp) = match route {
         Route::Base => ("base", base()),
-        Route::Manifest(key) => ("manifest", manifest(&mirror, &key, presented, head)),
+        Route::Manifest(key) => ("manifest", manifest(&mirror, &key, presented, head).await),
         Route::Blob(key) => {
             let range = req
                 .headers()
@@ -128,13 +132,17 @@ fn base() -> Response<Body> {
 }
 
 /// A manifest a running job resolved, exactly as pullgate received it.
-fn manifest(
+async fn manifest(
     mirror: &Mirror,
     key: &Key,
     presented: Option<&Presented>,
     head: bool,
 ) -> Response<Body> {
-    let m = match mirror.demand.manifest(key, presented) {
+    let mut access = mirror.demand.manifest(key, presented);
+    if matches!(access, Access::Unknown) && mirror.demand.settle(key, HOLD_EARLY).await {
+        access = mirror.demand.manifest(key, presented);
+    }
+    let m = match access {
         Access::Granted(m) => m,
         Access::Challenge => return blob::challenge(),
         Access::Unknown => {

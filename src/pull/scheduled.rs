@@ -3,8 +3,10 @@
 //! the mirror.
 //!
 //! ```text
-//! enter ─▶ P2P gate (prewarm) ─▶ resolve (requester's credentials) ─▶ register demand
-//!       ─▶ admit (prewarm cap, large-image lane; urgent at once) ─▶ containerd PullImage
+//! prewarm: enter ─▶ P2P gate ─▶ resolve (requester's credentials) ─▶ register demand
+//!                ─▶ admit (prewarm cap, large-image lane) ─▶ containerd PullImage
+//! urgent:  enter ─▶ admit ─┬▶ containerd PullImage
+//!                          └▶ resolve ─▶ register demand (the mirror holds early requests)
 //! ```
 //! containerd fetches, verifies, stores and unpacks as it always does; the mirror serves it the
 //! manifest resolved here (one resolution per pull) and paces the blobs. A pull pullgate cannot
@@ -23,7 +25,7 @@ use tracing::{debug, info, warn};
 use super::{ContainerdPuller, PullJob, Puller};
 use crate::config::Preempt;
 use crate::grpc::CapturedReply;
-use crate::jobs::JobState;
+use crate::jobs::{JobRecord, JobState};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::mirror::hosts_dir::HostsKeeper;
 use crate::mirror::{Demand, Registration};
@@ -60,19 +62,48 @@ impl Puller for Arc<ScheduledPuller> {
             // pull ends, dropped or not.
             let ticket = me.scheduler.enter(job.record.clone());
             ticket.wait_gate().await;
-            let registration = me.resolve(&job).await;
-            let size = registration.as_ref().map(|(_, s)| *s);
-            // containerd's own fetch of an unresolved image cannot be paced, but it still takes
-            // its turn.
-            ticket.admit(size).await;
-            info!(
-                bytes = size,
-                lane = ticket.in_lane(),
-                "admitted: containerd pulls through the mirror"
-            );
+            let image = me.image(&job);
+            let creds = job
+                .info
+                .auth
+                .as_ref()
+                .map(Credentials::from_auth_config)
+                .unwrap_or(Credentials::Anonymous);
+            let record = job.record.clone();
             let mut job = job;
-            let lease = me.resume_lease(&mut job).await;
-            let reply = me.forward(job).await;
+            let (registration, reply) = if record.priority().is_urgent() {
+                // A pod waits: containerd starts at once, its own resolution of the tag beside
+                // pullgate's, and the mirror holds requests for the repository until pullgate's
+                // lands (one registry round trip less than resolving first).
+                let resolving = image.as_ref().map(|i| me.demand.resolving(i));
+                ticket.admit(None).await;
+                info!("urgent: forwarded at once, containerd pulls through the mirror");
+                let lease = me.resume_lease(&mut job).await;
+                let resolve = async {
+                    let r = me.resolve(&record, &creds, image).await;
+                    if let Some((_, size)) = &r {
+                        record.set_size(*size);
+                    }
+                    drop(resolving);
+                    r
+                };
+                let (registration, reply) = tokio::join!(resolve, me.forward(job));
+                (registration, (reply, lease))
+            } else {
+                let registration = me.resolve(&record, &creds, image).await;
+                let size = registration.as_ref().map(|(_, s)| *s);
+                // containerd's own fetch of an unresolved image cannot be paced, but it still
+                // takes its turn.
+                ticket.admit(size).await;
+                info!(
+                    bytes = size,
+                    lane = ticket.in_lane(),
+                    "admitted: containerd pulls through the mirror"
+                );
+                let lease = me.resume_lease(&mut job).await;
+                (registration, (me.forward(job).await, lease))
+            };
+            let (reply, lease) = reply;
             drop(ticket);
             drop(registration);
             if reply.status().code() == tonic::Code::Ok {
@@ -87,26 +118,33 @@ impl Puller for Arc<ScheduledPuller> {
 }
 
 impl ScheduledPuller {
-    /// Resolves the job's image with the requester's credentials and registers its manifests and
-    /// blobs with the mirror; with the image's size. `None`: containerd pulls it unscheduled.
-    async fn resolve(&self, job: &PullJob) -> Option<(Registration, u64)> {
-        let creds = job
-            .info
-            .auth
-            .as_ref()
-            .map(Credentials::from_auth_config)
-            .unwrap_or(Credentials::Anonymous);
-        let image = match ImageRef::parse(&job.info.image) {
-            Ok(i) => i,
+    /// The job's image, its registry's hosts.toml entry checked (containerd reads it when the
+    /// pull is forwarded). `None`: containerd pulls it unscheduled.
+    fn image(&self, job: &PullJob) -> Option<ImageRef> {
+        match ImageRef::parse(&job.info.image) {
+            Ok(image) => {
+                if let Some(h) = &self.hosts {
+                    h.ensure(&image.registry);
+                }
+                Some(image)
+            }
             Err(e) => {
                 self.unresolved("reference", &e.to_string());
-                return None;
+                None
             }
-        };
-        if let Some(h) = &self.hosts {
-            h.ensure(&image.registry);
         }
-        match self.registry.resolve(&image, &creds, &self.platform).await {
+    }
+
+    /// Resolves `image` with the requester's credentials and registers its manifests and blobs
+    /// with the mirror; with the image's size. `None`: containerd pulls it unscheduled.
+    async fn resolve(
+        &self,
+        record: &Arc<JobRecord>,
+        creds: &Credentials,
+        image: Option<ImageRef>,
+    ) -> Option<(Registration, u64)> {
+        let image = image?;
+        match self.registry.resolve(&image, creds, &self.platform).await {
             Ok(resolved) => {
                 let size = std::iter::once(&resolved.config)
                     .chain(&resolved.layers)
@@ -114,7 +152,7 @@ impl ScheduledPuller {
                     .sum::<u64>();
                 debug!(manifest = %resolved.manifest.descriptor.digest(),
                        layers = resolved.layers.len(), bytes = size, "resolved");
-                let reg = self.demand.register(&job.record, &image, &creds, &resolved);
+                let reg = self.demand.register(record, &image, creds, &resolved);
                 Some((reg, size))
             }
             Err(e) => {

@@ -1,6 +1,6 @@
 //! An HTTP proxy in front of a registry that breaks one blob's download on purpose: it cuts the
-//! body short, flips a byte, or stalls. Requests are recorded, with their Range headers, so tests
-//! can see resumption.
+//! body short, flips a byte, or stalls; it can also answer manifest GETs late. Requests are
+//! recorded, with their Range headers and arrival times, so tests can see resumption and order.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,7 @@ pub struct Recorded {
     pub range: Option<String>,
     pub user_agent: String,
     pub authorization: Option<String>,
+    pub at: std::time::Instant,
 }
 
 pub struct FaultProxy {
@@ -48,6 +49,8 @@ struct State {
     /// Digest whose blob GETs get the fault, and how many of them still get it.
     target: Mutex<Option<(String, Fault, usize)>>,
     requests: Mutex<Vec<Recorded>>,
+    /// How long a manifest GET waits before it is passed on.
+    manifest_delay: Mutex<Duration>,
 }
 
 impl FaultProxy {
@@ -58,6 +61,7 @@ impl FaultProxy {
             upstream: upstream.to_string(),
             target: Mutex::new(None),
             requests: Mutex::new(Vec::new()),
+            manifest_delay: Mutex::new(Duration::ZERO),
         });
         let task = tokio::spawn({
             let state = state.clone();
@@ -82,6 +86,11 @@ impl FaultProxy {
     /// The next `times` GETs of blob `digest` get `fault`.
     pub fn inject(&self, digest: &str, fault: Fault, times: usize) {
         *self.state.target.lock().unwrap() = Some((digest.to_string(), fault, times));
+    }
+
+    /// Every later manifest GET (not HEAD) is passed on `delay` late.
+    pub fn delay_manifest_gets(&self, delay: Duration) {
+        *self.state.manifest_delay.lock().unwrap() = delay;
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -123,7 +132,12 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         range: header("range"),
         user_agent: header("user-agent").unwrap_or_default(),
         authorization: header("authorization"),
+        at: std::time::Instant::now(),
     });
+    let delay = *state.manifest_delay.lock().unwrap();
+    if req.method() == "GET" && path.contains("/manifests/") && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let fault = {
         let mut target = state.target.lock().unwrap();
         match target.as_mut() {
