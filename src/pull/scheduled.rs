@@ -202,11 +202,13 @@ impl ScheduledPuller {
     /// and forwarded again once none does, when containerd shares one download limit between
     /// all pulls.
     async fn forward(&self, job: PullJob) -> CapturedReply {
-        let preempt = match self.preempt {
-            Preempt::Never => false,
-            Preempt::Always => true,
-            Preempt::Auto => self.containerd_shares_download_slots().await,
-        };
+        // A pod's pull is never handed back (and does not wait on asking containerd's version).
+        let preempt = !job.record.priority().is_urgent()
+            && match self.preempt {
+                Preempt::Never => false,
+                Preempt::Always => true,
+                Preempt::Auto => self.containerd_shares_download_slots().await,
+            };
         if !preempt {
             return self.finish.pull(job).await;
         }
