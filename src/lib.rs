@@ -8,6 +8,7 @@
 //! health), [`config`], [`cli`].
 
 pub mod api;
+pub mod atomic_file;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -114,7 +114,7 @@ pub fn remove_all(hosts_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             std::fs::remove_file(&file)?;
             let _ = std::fs::remove_dir(&d);
         } else {
-            write_atomically(&file, &rest)?;
+            crate::atomic_file::write(&file, &rest)?;
         }
         changed.push(file);
     }
@@ -139,21 +139,10 @@ fn ensure_file(file: &Path, url: &str) -> Outcome {
             return Outcome::Refused(format!("cannot create {}: {e}", dir.display()));
         }
     }
-    match write_atomically(file, &new) {
+    match crate::atomic_file::write(file, &new) {
         Ok(()) => Outcome::Written,
         Err(e) => Outcome::Refused(format!("cannot write it: {e}")),
     }
-}
-
-fn write_atomically(file: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = file.with_extension("toml.pullgate-tmp");
-    std::fs::write(&tmp, text)?;
-    if let Ok(meta) = std::fs::metadata(file) {
-        let _ = std::fs::set_permissions(&tmp, meta.permissions());
-    }
-    std::fs::rename(&tmp, file).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
 }
 
 fn log(file: &Path, outcome: &Outcome) {

@@ -8,7 +8,7 @@
 //! only when its content changes, atomically (a temp file renamed over it), so NFD never reads
 //! half of it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -132,7 +132,7 @@ pub async fn run(
             if known && written.as_deref() != Some(text.as_str()) {
                 let on_disk = std::fs::read_to_string(&cfg.file).ok();
                 if on_disk.as_deref() != Some(text.as_str()) {
-                    match write_atomically(&cfg.file, &text) {
+                    match crate::atomic_file::write(&cfg.file, &text) {
                         Ok(()) => info!(file = %cfg.file.display(), images = present.len(),
                                         "node labels rewritten"),
                         Err(e) => warn!(file = %cfg.file.display(), error = %e,
@@ -165,14 +165,6 @@ async fn is_present(containerd: &Containerd, image: &str) -> Result<bool, tonic:
             "ImageStatus took over 5 s",
         )),
     }
-}
-
-fn write_atomically(file: &Path, text: &str) -> std::io::Result<()> {
-    let tmp: PathBuf = file.with_extension("pullgate-tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, file).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
 }
 
 #[cfg(test)]
