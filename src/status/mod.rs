@@ -11,7 +11,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Config;
 use crate::mirror::hosts_dir::HostsKeeper;
@@ -266,29 +265,28 @@ fn mirror_state(cfg: &Config, problems: &mut Vec<String>) -> MirrorState {
     state
 }
 
-/// A plain HTTP/1.0 GET on loopback: status code and body.
+/// A GET of pullgate's own metrics endpoint (loopback, never through a proxy): status code and
+/// body.
 async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let call = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("not an HTTP answer: {head:.60}"))?;
-        Ok((code, body.to_string()))
-    };
-    tokio::time::timeout(PROBE_TIMEOUT, call)
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PROBE_TIMEOUT)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let answer = client
+        .get(format!("http://{addr}{path}"))
+        .send()
         .await
-        .unwrap_or_else(|_| Err("no answer".into()))
+        .map_err(|e| {
+            if e.is_timeout() {
+                "no answer".into()
+            } else {
+                e.to_string()
+            }
+        })?;
+    let code = answer.status().as_u16();
+    let body = answer.text().await.map_err(|e| e.to_string())?;
+    Ok((code, body))
 }
 
 /// The screen.
