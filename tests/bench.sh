@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 tests/deps.sh
 missing=()
 [ -x /usr/sbin/nginx ] || missing+=(nginx)
+[ -x /usr/sbin/varnishd ] || missing+=(varnish)
 command -v tc >/dev/null && command -v ip >/dev/null || missing+=(iproute2)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -6,7 +6,7 @@
 //! `tests/bench.sh` installs what it needs, builds in release and runs this inside
 //! `unshare --net`. Arguments: `--quick` (small sizes, one round: CI's smoke test, numbers mean
 //! nothing), `--out DIR` (default `target/bench`), and scenario names to run only those:
-//! urgent, cold, capped, p2p, dedupe, passthrough, memory, cap.
+//! urgent, cold, capped, p2p, seed, dedupe, passthrough, memory, cap.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -63,6 +63,7 @@ async fn main() {
         "cold",
         "capped",
         "p2p",
+        "seed",
         "dedupe",
         "passthrough",
         "memory",
@@ -110,6 +111,9 @@ async fn main() {
     }
     if run("p2p") {
         add(scenarios::p2p_cache(&opts).await);
+    }
+    if run("seed") {
+        add(scenarios::p2p_seed(&opts).await);
     }
     if run("dedupe") {
         add(scenarios::dedupe(&opts).await);

@@ -165,3 +165,72 @@ pub fn plot(path: &Path, title: &str, arms: &[(&str, &Series, Option<f64>)]) {
     }
     root.present().unwrap();
 }
+
+/// One panel: a cumulative figure over time per arm (e.g. upstream MB), with a dashed line at
+/// `reference` (e.g. the unique bytes every node needs).
+pub fn plot_cumulative(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    arms: &[(&str, Vec<(f64, f64)>)],
+    reference: (&str, f64),
+) {
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+        .expect("font (apt-get install fonts-dejavu-core)");
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let t_max = arms
+        .iter()
+        .filter_map(|(_, s)| s.last().map(|x| x.0))
+        .fold(1.0, f64::max);
+    let y_max = arms
+        .iter()
+        .flat_map(|(_, s)| s.iter().map(|x| x.1))
+        .fold(reference.1, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
+        .unwrap();
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc(y_desc)
+        .draw()
+        .unwrap();
+    let colors = [RED, BLUE, GREEN, MAGENTA];
+    for ((name, series), color) in arms.iter().zip(colors) {
+        chart
+            .draw_series(LineSeries::new(
+                series.iter().copied(),
+                color.stroke_width(2),
+            ))
+            .unwrap()
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+    }
+    let (label, y) = reference;
+    chart
+        .draw_series(DashedLineSeries::new(
+            vec![(0.0, y), (t_max, y)],
+            6,
+            4,
+            BLACK.mix(0.6).stroke_width(1),
+        ))
+        .unwrap()
+        .label(label)
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.6)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .unwrap();
+    root.present().unwrap();
+}

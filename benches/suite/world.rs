@@ -69,6 +69,27 @@ pub fn shape_port(id: u32, port: u16, bytes_per_sec: u64) {
     ));
 }
 
+/// Bytes htb class `id` has sent so far: what crossed a shaped link, whether or not the
+/// receiver read it all (the registry's access log counts an aborted response in full).
+pub fn class_bytes(id: u32) -> u64 {
+    let out = std::process::Command::new("tc")
+        .args([
+            "-s",
+            "class",
+            "show",
+            "dev",
+            "lo",
+            "classid",
+            &format!("1:{id}"),
+        ])
+        .output()
+        .expect("tc");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_once("Sent ")
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count for class 1:{id}: {text}"))
+}
+
 /// Like [`shape_port`], with a plain byte FIFO holding `queue` of traffic (a link's buffer:
 /// a deeper queue delays every new flow, a pod's included, by that much).
 pub fn shape_port_fifo(id: u32, port: u16, bytes_per_sec: u64, queue: std::time::Duration) {

@@ -25,6 +25,7 @@ pub mod registry;
 pub mod slowproxy;
 pub mod store;
 pub mod tokenauth;
+pub mod varnish;
 
 use std::collections::HashSet;
 use std::future::Future;
