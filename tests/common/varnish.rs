@@ -87,6 +87,32 @@ sub vcl_backend_response {{
     pub fn addr(&self) -> &str {
         &self.addr
     }
+
+    /// Body bytes varnish has received from its upstream (the backend's `beresp_bodybytes`),
+    /// cut-short fetches included.
+    pub fn upstream_body_bytes(&self) -> u64 {
+        let out = Command::new("/usr/bin/varnishstat")
+            .arg("-n")
+            .arg(self.dir.join("work"))
+            .args(["-1", "-f", "VBE.*.beresp_bodybytes"])
+            .output()
+            .expect("varnishstat");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let counts: Vec<u64> = text
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                w.next()?
+                    .ends_with(".beresp_bodybytes")
+                    .then(|| w.next()?.parse().ok())?
+            })
+            .collect();
+        assert!(
+            !counts.is_empty(),
+            "varnishstat: no beresp_bodybytes: {text}"
+        );
+        counts.iter().sum()
+    }
 }
 
 impl Drop for Varnish {
