@@ -78,7 +78,10 @@ impl Puller for Arc<ScheduledPuller> {
                 let resolving = image.as_ref().map(|i| me.demand.resolving(i));
                 ticket.admit(None).await;
                 info!("urgent: forwarded at once, containerd pulls through the mirror");
-                let lease = me.resume_lease(&mut job).await;
+                let forward = async {
+                    let lease = me.resume_lease(&mut job).await;
+                    (me.forward(job).await, lease)
+                };
                 let resolve = async {
                     let r = me.resolve(&record, &creds, image).await;
                     if let Some((_, size)) = &r {
@@ -87,8 +90,7 @@ impl Puller for Arc<ScheduledPuller> {
                     drop(resolving);
                     r
                 };
-                let (registration, reply) = tokio::join!(resolve, me.forward(job));
-                (registration, (reply, lease))
+                tokio::join!(resolve, forward)
             } else {
                 let registration = me.resolve(&record, &creds, image).await;
                 let size = registration.as_ref().map(|(_, s)| *s);
@@ -107,7 +109,10 @@ impl Puller for Arc<ScheduledPuller> {
             drop(ticket);
             drop(registration);
             if reply.status().code() == tonic::Code::Ok {
-                me.release_lease(lease).await;
+                // Off the requester's path: the reply does not wait on containerd's metadata
+                // write.
+                let me = me.clone();
+                tokio::spawn(async move { me.release_lease(lease).await });
             } else {
                 me.drop_corrupt_ingest(reply.status().message()).await;
             }
