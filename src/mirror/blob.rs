@@ -289,11 +289,17 @@ impl Pump {
                 continue;
             }
             let paying = tokio::time::Instant::now();
+            // Where the open connection stands: a pause long enough for keep-alives to use up
+            // the chunk makes them fetch past it, and the connection must then be reopened.
+            let body_at = self.at + n;
             self.pay(&mut chunk, tx).await?;
             self.probe.waited(paying.elapsed());
             self.mirror.count_bytes(&self.from, now, n);
             if !chunk.is_empty() {
                 self.send(chunk, tx).await?;
+            }
+            if self.at > body_at {
+                body = None;
             }
             self.consider_split(&host);
         }
