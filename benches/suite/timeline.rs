@@ -103,10 +103,7 @@ pub fn rates(series: &Series, bin: f64) -> Vec<(f64, [f64; 2])> {
 
 /// Two panels side by side: bytes/s by class over time, containerd direct and through pullgate.
 pub fn plot(path: &Path, title: &str, arms: &[(&str, &Series, Option<f64>)]) {
-    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
-        .expect("font (apt-get install fonts-dejavu-core)");
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    register_font();
     let root = BitMapBackend::new(path, (1400, 520)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let root = root.titled(title, ("sans-serif", 22)).unwrap();
@@ -175,10 +172,7 @@ pub fn plot_cumulative(
     arms: &[(&str, Vec<(f64, f64)>)],
     reference: (&str, f64),
 ) {
-    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
-        .expect("font (apt-get install fonts-dejavu-core)");
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    register_font();
     let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let t_max = arms
@@ -233,4 +227,12 @@ pub fn plot_cumulative(
         .draw()
         .unwrap();
     root.present().unwrap();
+}
+
+/// The font every plot's text uses (Debian's DejaVu Sans).
+fn register_font() {
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+        .expect("font (apt-get install fonts-dejavu-core)");
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
 }

@@ -40,12 +40,10 @@ pub async fn serve(
     range: Option<&str>,
     head: bool,
 ) -> Response<Body> {
-    let mut access = mirror.demand.blob(&key, presented);
-    if matches!(access, Access::Unknown)
-        && mirror.demand.settle(&key, super::serve::HOLD_EARLY).await
-    {
-        access = mirror.demand.blob(&key, presented);
-    }
+    let access = mirror
+        .demand
+        .after_resolution(&key, || mirror.demand.blob(&key, presented))
+        .await;
     let (source, class) = match access {
         Access::Granted(s) => (s, None),
         Access::Challenge => return challenge(),

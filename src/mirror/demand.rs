@@ -122,6 +122,10 @@ struct State {
     resolving: HashMap<(String, String), usize>,
 }
 
+/// How long a request for content nothing registered waits while pullgate still resolves an
+/// urgent pull of that repository.
+pub const HOLD_EARLY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The demand table, shared by the pull path (writer) and the mirror (reader).
 #[derive(Default)]
 pub struct Demand {
@@ -241,7 +245,7 @@ impl Demand {
 
     /// Waits, at most `max`, until no resolution in `key`'s repository is in flight: a request
     /// that finds nothing registered may be early, not unknown. `true` when it waited.
-    pub async fn settle(&self, key: &Key, max: std::time::Duration) -> bool {
+    async fn settle(&self, key: &Key, max: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + max;
         let mut waited = false;
         loop {
@@ -260,6 +264,20 @@ impl Demand {
             if tokio::time::timeout_at(deadline, woken).await.is_err() {
                 return waited;
             }
+        }
+    }
+
+    /// `lookup` of `key`, asked again once an urgent pull's resolution in its repository lands
+    /// (at most [`HOLD_EARLY`]) when it first finds nothing: the pull was forwarded before its
+    /// resolution, so containerd may ask first.
+    pub async fn after_resolution<T>(
+        &self,
+        key: &Key,
+        lookup: impl Fn() -> Access<T>,
+    ) -> Access<T> {
+        match lookup() {
+            Access::Unknown if self.settle(key, HOLD_EARLY).await => lookup(),
+            access => access,
         }
     }
 

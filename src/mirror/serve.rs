@@ -25,10 +25,6 @@ use super::route::{self, Route};
 use super::Mirror;
 use crate::metrics::MirrorLabels;
 
-/// How long a request for content nothing registered waits while pullgate still resolves an
-/// urgent pull of that repository (forwarded before its resolution, so containerd may ask first).
-pub const HOLD_EARLY: Duration = Duration::from_secs(10);
-
 /// Serves `listener` until `stop` is cancelled.
 pub fn spawn(
     mirror: Arc<Mirror>,
@@ -138,10 +134,10 @@ async fn manifest(
     presented: Option<&Presented>,
     head: bool,
 ) -> Response<Body> {
-    let mut access = mirror.demand.manifest(key, presented);
-    if matches!(access, Access::Unknown) && mirror.demand.settle(key, HOLD_EARLY).await {
-        access = mirror.demand.manifest(key, presented);
-    }
+    let access = mirror
+        .demand
+        .after_resolution(key, || mirror.demand.manifest(key, presented))
+        .await;
     let m = match access {
         Access::Granted(m) => m,
         Access::Challenge => return blob::challenge(),

@@ -71,7 +71,7 @@ impl Puller for Arc<ScheduledPuller> {
                 .unwrap_or(Credentials::Anonymous);
             let record = job.record.clone();
             let mut job = job;
-            let (registration, reply) = if record.priority().is_urgent() {
+            let (registration, (reply, lease)) = if record.priority().is_urgent() {
                 // A pod waits: containerd starts at once, its own resolution of the tag beside
                 // pullgate's, and the mirror holds requests for the repository until pullgate's
                 // lands (one registry round trip less than resolving first).
@@ -105,7 +105,6 @@ impl Puller for Arc<ScheduledPuller> {
                 let lease = me.resume_lease(&mut job).await;
                 (registration, (me.forward(job).await, lease))
             };
-            let (reply, lease) = reply;
             drop(ticket);
             drop(registration);
             if reply.status().code() == tonic::Code::Ok {
