@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::api::{self, Api};
 use crate::config::Config;
-use crate::frontdoor::{self, CriProxy};
+use crate::frontdoor::{self, CriProxy, FrontDoorThread, Priority};
 use crate::jobs::JobBoard;
 use crate::metrics::{self, ClassLabels, Health, Metrics};
 use crate::mirror::hosts_dir::HostsKeeper;
@@ -175,7 +175,19 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         .await
         .context("cannot serve the CRI socket")?;
     let (listener, own_cri) = (cri.listener, cri.owned);
-    let proxy = CriProxy::new(containerd.clone(), pulls.clone(), metrics);
+    let front = front_door_thread(cfg.server.nice)?;
+    // The passthrough channel is built on the front door's runtime, which then runs its
+    // connection; pulls go back to this runtime.
+    let proxy = {
+        let main = tokio::runtime::Handle::current();
+        let _on = front.handle().enter();
+        CriProxy::new(
+            Containerd::new(&cfg.containerd),
+            pulls.clone(),
+            main,
+            metrics,
+        )
+    };
     let draining = CancellationToken::new();
     let prewarmer = Prewarmer::new(pulls.clone());
     let api_task = if cfg.api.enabled {
@@ -205,8 +217,15 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         warn!(socket = %path.display(),
               "systemd handed over a socket pullgate does not serve (check the unit's ListenStream= against server.socket and api.socket)");
     }
-    let server = frontdoor::serve(listener, proxy, draining.clone().cancelled_owned());
-    tokio::pin!(server);
+    let listener = listener
+        .into_std()
+        .context("cannot hand the CRI socket to its thread")?;
+    let shutdown = draining.clone().cancelled_owned();
+    let mut server = front.spawn(async move {
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        frontdoor::serve(listener, proxy, shutdown).await?;
+        anyhow::Ok(())
+    });
     health.serving.store(true, Ordering::SeqCst);
     info!(socket = %cfg.server.socket.display(), upstream = %cfg.containerd.socket.display(),
           "serving CRI image service");
@@ -226,7 +245,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
 
     let result = loop {
         tokio::select! {
-            r = &mut server => break r.context("CRI server failed"),
+            r = &mut server => break joined(r).context("CRI server failed"),
             _ = sighup.recv() => {
                 reload_config(&mut running, &reload, &scheduler, &prewarmer);
                 continue;
@@ -242,7 +261,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
                   "shutting down: no new calls, waiting for calls in flight");
             draining.cancel();
             match tokio::time::timeout(cfg.server.shutdown_grace, &mut server).await {
-                Ok(r) => r.context("CRI server failed while draining"),
+                Ok(r) => joined(r).context("CRI server failed while draining"),
                 Err(_) => {
                     warn!(pulls_in_flight = pulls.in_flight(),
                           "grace period over: cutting the calls still in flight");
@@ -275,6 +294,27 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     }
     info!("stopped");
     result
+}
+
+/// The front door's thread, with what became of its CPU priority in the log.
+fn front_door_thread(nice: i32) -> anyhow::Result<FrontDoorThread> {
+    let (thread, priority) =
+        FrontDoorThread::start(nice).context("cannot start the CRI front door's thread")?;
+    match priority {
+        Priority::Unchanged => {}
+        Priority::Set(nice) => info!(nice, "CRI front door relays on its own thread"),
+        Priority::Refused(nice, error) => warn!(
+            nice,
+            error,
+            "cannot set the CRI front door thread's priority (server.nice; a negative value needs \
+             CAP_SYS_NICE): kubelet's calls may wait behind busy cores while a big pull runs"
+        ),
+    }
+    Ok(thread)
+}
+
+fn joined(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    r.map_err(anyhow::Error::from).and_then(|r| r)
 }
 
 async fn probe_loop(health: Arc<Health>, every: std::time::Duration, stop: CancellationToken) {

@@ -181,6 +181,40 @@ async fn every_image_service_call_answers_as_containerd_does() {
         metrics.contains("pullgate_cri_requests_total{method=\"other\",code=\"unimplemented\"} 1"),
         "{metrics}"
     );
+
+    // The calls were relayed by the front door's own thread, at `server.nice` (-10 by default;
+    // the tests run as root, which may lower it).
+    let pid = node.pullgate.pid();
+    let nice = thread_nice(pid, "pullgate-cri").expect("a thread named pullgate-cri");
+    assert_eq!(nice, -10, "{}", node.pullgate.log());
+    let main = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let main: i32 = main[main.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(main, 0, "the rest stays as it is");
+}
+
+/// The nice value of the first thread of `pid` named `name`.
+fn thread_nice(pid: u32, name: &str) -> Option<i32> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // Field 19; the command before it is parenthesized and may hold spaces.
+            return stat[stat.rfind(')')? + 2..]
+                .split(' ')
+                .nth(16)?
+                .parse()
+                .ok();
+        }
+    }
+    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

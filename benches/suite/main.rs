@@ -6,10 +6,11 @@
 //! `tests/bench.sh` installs what it needs, builds in release and runs this inside
 //! `unshare --net`. Arguments: `--quick` (small sizes, one round: CI's smoke test, numbers mean
 //! nothing), `--out DIR` (default `target/bench`), and scenario names to run only those:
-//! urgent, cold, capped, p2p, seed, dedupe, passthrough, memory, cap.
+//! urgent, cold, capped, p2p, seed, peers, dedupe, passthrough, memory, cap.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod peers;
 mod scenarios;
 mod timeline;
 mod world;
@@ -64,6 +65,7 @@ async fn main() {
         "capped",
         "p2p",
         "seed",
+        "peers",
         "dedupe",
         "passthrough",
         "memory",
@@ -114,6 +116,9 @@ async fn main() {
     }
     if run("seed") {
         add(scenarios::p2p_seed(&opts).await);
+    }
+    if run("peers") {
+        add(scenarios::p2p_peers(&opts).await);
     }
     if run("dedupe") {
         add(scenarios::dedupe(&opts).await);

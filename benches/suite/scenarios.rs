@@ -14,6 +14,7 @@ use crate::common::daemon::Pullgate;
 use crate::common::nginx::Nginx;
 use crate::common::varnish::Varnish;
 use crate::common::*;
+use crate::peers::{self, Peers};
 use crate::timeline::{self, Sampler};
 use crate::{median, secs, world, Opts, Row};
 
@@ -31,6 +32,26 @@ impl Site {
         let _ = std::fs::remove_dir_all(dir);
         let containerd =
             Containerd::start_on(&dir.join("ctd"), hosts, "", world::snapshotter()).await;
+        Site::with(dir, containerd, pullgate).await
+    }
+
+    /// A node whose containerd fetches `registry` through `mirrors` first (pullgate, when in
+    /// front, puts itself before them).
+    async fn start_mirrored(
+        dir: &Path,
+        registry: &str,
+        mirrors: &[&str],
+        pullgate: Option<&str>,
+    ) -> Site {
+        let _ = std::fs::remove_dir_all(dir);
+        let containerd = Containerd::start_on(
+            &dir.join("ctd"),
+            &[registry.to_string()],
+            "",
+            world::snapshotter(),
+        )
+        .await;
+        containerd.set_mirrors(registry, mirrors);
         Site::with(dir, containerd, pullgate).await
     }
 
@@ -648,6 +669,132 @@ async fn prewarm_everywhere(
     failed.load(Ordering::Relaxed)
 }
 
+/// Runs `run`, sampling `mb` (upstream MB so far) every 250 ms for a plot; returns its result,
+/// the samples and how long it took.
+async fn sampled<T>(
+    run: impl std::future::Future<Output = T>,
+    mb: impl Fn() -> f64,
+) -> (T, Vec<(f64, f64)>, Duration) {
+    let t0 = Instant::now();
+    let mut series = vec![(0.0, 0.0)];
+    tokio::pin!(run);
+    let out = loop {
+        tokio::select! {
+            n = &mut run => break n,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                series.push((t0.elapsed().as_secs_f64(), mb()));
+            }
+        }
+    };
+    let took = t0.elapsed();
+    series.push((took.as_secs_f64(), mb()));
+    (out, series, took)
+}
+
+/// The arms of the P2P models: direct (kruise-daemon-like), pullgate with the large-image lane,
+/// pullgate without it.
+const PREWARM_ARMS: [(&str, Option<&str>); 3] = [
+    ("containerd direct", None),
+    (
+        "pullgate, lane",
+        Some("[schedule]\nlarge_image_size = \"1MiB\"\nmax_prewarm_jobs = 4\n"),
+    ),
+    (
+        "pullgate, no lane",
+        Some("[schedule]\nlarge_image_size = 0\nmax_prewarm_jobs = 2\n"),
+    ),
+];
+
+/// The P2P peers model (Spegel-like): 8 nodes prewarm 6 images; each node serves the blobs it
+/// has finished to the others over its own shaped uplink, and a node's router streams a blob
+/// from a peer that has it complete before the node asks the origin, whose uplink is shaped
+/// lower. Measured: the origin's egress over the unique bytes, and the time until every node is
+/// done. A blob several nodes fetch at once, before any has finished it, comes from the origin
+/// once per node.
+pub async fn p2p_peers(o: &Opts) -> Vec<Row> {
+    let (nodes, layer, origin_rate, node_rate, stagger) = if o.quick {
+        (8, MB, 10 * MB as u64, 20 * MB as u64, 0.05)
+    } else {
+        (8, 10 * MB, 25 * MB as u64, 50 * MB as u64, 0.3)
+    };
+    let images = 6;
+    let stagger: f64 = std::env::var("PEERS_STAGGER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(stagger);
+    let name = format!(
+        "P2P peers: {nodes} nodes × {images} images of {} MB, node uplinks {} MB/s, origin {} MB/s",
+        3 * layer / MB,
+        node_rate / MB as u64,
+        origin_rate / MB as u64
+    );
+    if !o.shaped {
+        return skipped(&name);
+    }
+    eprintln!("== {name}");
+    let dir = tempdir();
+    let registry = Registry::start(&dir.path().join("registry"), None).await;
+    let mut imgs = Vec::new();
+    for i in 0..images {
+        imgs.push(push_image(&registry, &format!("peers/img{i}"), "v1", &[layer; 3], None).await);
+    }
+    let unique: u64 = imgs
+        .iter()
+        .map(|i| i.layer_blob_sizes.iter().sum::<u64>() + i.config_size)
+        .sum();
+    const ORIGIN_CLASS: u32 = 13;
+    world::shape_port(ORIGIN_CLASS, registry.port(), origin_rate);
+    let mut egress = [0.0; 3];
+    let mut took = [Duration::ZERO; 3];
+    let mut failed = [0; 3];
+    let mut plotted = Vec::new();
+    for (arm, (label, toml)) in PREWARM_ARMS.iter().enumerate() {
+        let root = dir.path().join(format!("arm{arm}"));
+        let node_dirs: Vec<_> = (0..nodes).map(|n| root.join(format!("node{n}"))).collect();
+        let peers = Peers::start(node_dirs.iter().map(|d| peers::content_dir(d)).collect()).await;
+        let mut sites = Vec::new();
+        for (n, d) in node_dirs.iter().enumerate() {
+            world::shape_port(40 + n as u32, peers.uplink_port(n), node_rate);
+            let router = peers.router(n);
+            sites.push(Site::start_mirrored(d, &registry.addr(), &[&router], *toml).await);
+        }
+        let before = world::class_bytes(ORIGIN_CLASS);
+        let origin_mb = || (world::class_bytes(ORIGIN_CLASS) - before) as f64 / 1e6;
+        let origin = registry.addr();
+        let run = prewarm_everywhere(&sites, &imgs, &origin, toml.is_some(), stagger);
+        let (n, series, t) = sampled(run, origin_mb).await;
+        (failed[arm], took[arm]) = (n, t);
+        egress[arm] = origin_mb() * 1e6 / unique as f64;
+        let from_peers: u64 = (0..nodes).map(|n| world::class_bytes(40 + n as u32)).sum();
+        plotted.push((*label, series));
+        eprintln!(
+            "  {label:<18} origin/unique {:.2}, all done in {:.2}s, {} failed pulls retried, \
+             {:.0} MB over peer uplinks",
+            egress[arm],
+            took[arm].as_secs_f64(),
+            failed[arm],
+            from_peers as f64 / 1e6
+        );
+    }
+    let path = o.out.join("p2p-peers-origin.png");
+    timeline::plot_cumulative(
+        &path,
+        &name,
+        "MB the origin sent",
+        &plotted,
+        ("unique bytes of the 6 images", unique as f64 / 1e6),
+    );
+    eprintln!("  plot: {}", path.display());
+    p2p_rows(
+        "P2P peers",
+        &name,
+        "origin egress / unique bytes",
+        egress,
+        took,
+        failed,
+    )
+}
+
 /// The P2P seed model: 8 nodes prewarm 6 images through one seed cache of strict capacity
 /// (varnish, malloc storage of about 1.5 images: it evicts as soon as it is full and coalesces
 /// concurrent misses), its upstream link shaped. Interleaved pulls on different nodes make the
@@ -688,17 +835,7 @@ pub async fn p2p_seed(o: &Opts) -> Vec<Row> {
         .map(|i| i.layer_blob_sizes.iter().sum::<u64>() + i.config_size)
         .sum();
     world::shape_port(12, registry.port(), upstream);
-    let arms: [(&str, Option<&str>); 3] = [
-        ("containerd direct", None),
-        (
-            "pullgate, lane",
-            Some("[schedule]\nlarge_image_size = \"1MiB\"\nmax_prewarm_jobs = 4\n"),
-        ),
-        (
-            "pullgate, no lane",
-            Some("[schedule]\nlarge_image_size = 0\nmax_prewarm_jobs = 2\n"),
-        ),
-    ];
+    let arms = PREWARM_ARMS;
     let mut egress = [0.0; 3];
     let mut took = [Duration::ZERO; 3];
     let mut failed = [0; 3];
@@ -717,22 +854,9 @@ pub async fn p2p_seed(o: &Opts) -> Vec<Row> {
         let upstream = || cache.upstream_body_bytes();
         let before = upstream();
         let link_before = world::class_bytes(12);
-        let t0 = Instant::now();
-        // Upstream MB so far (requests the registry has answered), every 250 ms, for the plot.
-        let upstream_mb = || (upstream() - before) as f64 / 1e6;
-        let mut series = vec![(0.0, 0.0)];
         let run = prewarm_everywhere(&sites, &imgs, cache.addr(), toml.is_some(), stagger);
-        tokio::pin!(run);
-        failed[arm] = loop {
-            tokio::select! {
-                n = &mut run => break n,
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                    series.push((t0.elapsed().as_secs_f64(), upstream_mb()));
-                }
-            }
-        };
-        took[arm] = t0.elapsed();
-        series.push((took[arm].as_secs_f64(), upstream_mb()));
+        let (n, series, t) = sampled(run, || (upstream() - before) as f64 / 1e6).await;
+        (failed[arm], took[arm]) = (n, t);
         plotted.push((*label, series));
         egress[arm] = (upstream() - before) as f64 / unique as f64;
         eprintln!(
@@ -755,6 +879,25 @@ pub async fn p2p_seed(o: &Opts) -> Vec<Row> {
         ("unique bytes of the 6 images", unique as f64 / 1e6),
     );
     eprintln!("  plot: {}", path.display());
+    p2p_rows(
+        "P2P seed cache",
+        &name,
+        "upstream bytes / unique bytes",
+        egress,
+        took,
+        failed,
+    )
+}
+
+/// The rows of a P2P model: bytes over the unique bytes, all-done time, failed pulls.
+fn p2p_rows(
+    model: &str,
+    name: &str,
+    bytes: &str,
+    egress: [f64; 3],
+    took: [Duration; 3],
+    failed: [u64; 3],
+) -> Vec<Row> {
     let time = |arm: usize| {
         format!(
             "{} ({:.2}×)",
@@ -764,7 +907,7 @@ pub async fn p2p_seed(o: &Opts) -> Vec<Row> {
     };
     vec![
         Row {
-            scenario: format!("{name}: upstream bytes / unique bytes (pullgate: lane / no lane)"),
+            scenario: format!("{name}: {bytes} (pullgate: lane / no lane)"),
             direct: format!("{:.2}×", egress[0]),
             pullgate: format!("{:.2}× / {:.2}×", egress[1], egress[2]),
             result: format!("{:.2}×", egress[1]),
@@ -772,8 +915,7 @@ pub async fn p2p_seed(o: &Opts) -> Vec<Row> {
             met: Some(egress[1] <= 1.05 && egress[0] > 1.05),
         },
         Row {
-            scenario: "P2P seed cache: time until every node is done (pullgate: lane / no lane)"
-                .into(),
+            scenario: format!("{model}: time until every node is done (pullgate: lane / no lane)"),
             direct: secs(took[0]),
             pullgate: format!("{} / {}", time(1), time(2)),
             result: format!("{:.2}", took[1].as_secs_f64() / took[0].as_secs_f64()),
@@ -781,8 +923,7 @@ pub async fn p2p_seed(o: &Opts) -> Vec<Row> {
             met: Some(took[1] <= took[0]),
         },
         Row {
-            scenario: "P2P seed cache: pulls failed and retried (streams the full cache cut short)"
-                .into(),
+            scenario: format!("{model}: pulls failed and retried"),
             direct: failed[0].to_string(),
             pullgate: format!("{} / {}", failed[1], failed[2]),
             result: String::new(),

@@ -151,6 +151,9 @@ pub struct ServerConfig {
     /// How long in-flight calls may run after SIGTERM/SIGINT before they are cut.
     #[serde(with = "units::duration")]
     pub shutdown_grace: Duration,
+    /// Nice value of the thread that serves the socket (-20 to 19, 0 = as the process), so that
+    /// kubelet's calls are relayed at once while the cores are busy with a pull.
+    pub nice: i32,
 }
 
 impl Default for ServerConfig {
@@ -159,6 +162,7 @@ impl Default for ServerConfig {
             socket: PathBuf::from("/run/pullgate/pullgate.sock"),
             socket_mode: "0660".into(),
             shutdown_grace: Duration::from_secs(30),
+            nice: -10,
         }
     }
 }
@@ -382,6 +386,15 @@ impl Config {
             if let Err(why) = absolute(path, like) {
                 return fail(key, why);
             }
+        }
+        if !(-20..=19).contains(&self.server.nice) {
+            return fail(
+                "server.nice",
+                format!(
+                    "{} is out of range: expected a nice value from -20 to 19",
+                    self.server.nice
+                ),
+            );
         }
         if self.server.socket == self.containerd.socket {
             return fail(
@@ -906,6 +919,7 @@ image = "registry.example/ml/model:v3"
             ("[mirror]\nrequest_timeout = \"10000y\"\n", &["line 2: mirror.request_timeout: 10000y is out of range: expected a duration between 1s and 10m, like \"30s\""]),
             ("[mirror]\nrequest_timeout = \"500ms\"\n", &["mirror.request_timeout: 500ms is out of range"]),
             ("[server]\nshutdown_grace = \"2h\"\n", &["server.shutdown_grace", "between 0s and 1h"]),
+            ("[server]\nnice = -21\n", &["line 2: server.nice: -21 is out of range", "-20 to 19"]),
             ("[containerd]\nconnect_timeout = \"1ms\"\n", &["containerd.connect_timeout", "between 10ms and 5m"]),
             ("[containerd]\nhealth_interval = \"0s\"\n", &["containerd.health_interval: 0s is out of range", "between 100ms and 1h"]),
             ("[mirror]\nheader_read_timeout = \"0s\"\n", &["mirror.header_read_timeout", "between 10ms and 10m"]),

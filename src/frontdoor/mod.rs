@@ -5,12 +5,14 @@ pub mod activation;
 pub mod authority;
 mod proxy;
 pub mod socket;
+mod thread;
 
 use std::future::Future;
 
 use tokio::net::UnixListener;
 
 pub use proxy::CriProxy;
+pub use thread::{FrontDoorThread, Priority};
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then drains: no new calls are accepted
 /// and the future completes once the calls in flight have finished.

@@ -12,6 +12,8 @@ use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
+use tokio::runtime::Handle;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tracing::{debug, warn};
@@ -30,15 +32,25 @@ pub struct CriProxy {
 struct Inner {
     containerd: Containerd,
     pulls: Arc<PullCoordinator>,
+    /// Where pulls run: the front door's thread only reads and relays.
+    pull_runtime: Handle,
     metrics: Arc<Metrics>,
 }
 
 impl CriProxy {
-    pub fn new(containerd: Containerd, pulls: Arc<PullCoordinator>, metrics: Arc<Metrics>) -> Self {
+    /// `containerd` carries the passthrough calls (build it on the runtime that serves the
+    /// socket); pulls are run on `pull_runtime`.
+    pub fn new(
+        containerd: Containerd,
+        pulls: Arc<PullCoordinator>,
+        pull_runtime: Handle,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         CriProxy {
             inner: Arc::new(Inner {
                 containerd,
                 pulls,
+                pull_runtime,
                 metrics,
             }),
         }
@@ -113,7 +125,19 @@ impl Inner {
             headers: parts.headers,
             body,
         };
-        let reply = self.pulls.pull(info, request).await;
+        let pulls = self.pulls.clone();
+        // Cancelled with this call, as before: kubelet giving up drops the pull's waiter.
+        let pull = AbortOnDropHandle::new(
+            self.pull_runtime
+                .spawn(async move { pulls.pull(info, request).await }),
+        );
+        let reply = match pull.await {
+            Ok(reply) => reply,
+            Err(e) => {
+                warn!(error = %e, "pull task failed");
+                return status_response(Status::internal(format!("pull failed in pullgate: {e}")));
+            }
+        };
         self.record_pull(class, &reply, started);
         reply.to_response()
     }
