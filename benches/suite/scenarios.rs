@@ -759,13 +759,20 @@ pub async fn p2p_peers(o: &Opts) -> Vec<Row> {
             sites.push(Site::start_mirrored(d, &registry.addr(), &[&router], *toml).await);
         }
         let before = world::class_bytes(ORIGIN_CLASS);
+        // tc keeps a class's counters when it is replaced: peer bytes are counted from here.
+        let peer_bytes = || {
+            (0..nodes)
+                .map(|n| world::class_bytes(40 + n as u32))
+                .sum::<u64>()
+        };
+        let peers_before = peer_bytes();
         let origin_mb = || (world::class_bytes(ORIGIN_CLASS) - before) as f64 / 1e6;
         let origin = registry.addr();
         let run = prewarm_everywhere(&sites, &imgs, &origin, toml.is_some(), stagger);
         let (n, series, t) = sampled(run, origin_mb).await;
         (failed[arm], took[arm]) = (n, t);
         egress[arm] = origin_mb() * 1e6 / unique as f64;
-        let from_peers: u64 = (0..nodes).map(|n| world::class_bytes(40 + n as u32)).sum();
+        let from_peers = peer_bytes() - peers_before;
         plotted.push((*label, series));
         eprintln!(
             "  {label:<18} origin/unique {:.2}, all done in {:.2}s, {} failed pulls retried, \
