@@ -187,14 +187,8 @@ async fn every_image_service_call_answers_as_containerd_does() {
     let pid = node.pullgate.pid();
     let nice = thread_nice(pid, "pullgate-cri").expect("a thread named pullgate-cri");
     assert_eq!(nice, -10, "{}", node.pullgate.log());
-    let main = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let main: i32 = main[main.rfind(')').unwrap() + 2..]
-        .split(' ')
-        .nth(16)
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(main, 0, "the rest stays as it is");
+    let main = nice_in(&format!("/proc/{pid}/stat"));
+    assert_eq!(main, Some(0), "the rest stays as it is");
 }
 
 /// The nice value of the first thread of `pid` named `name`.
@@ -205,13 +199,7 @@ fn thread_nice(pid: u32, name: &str) -> Option<i32> {
     {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if comm.trim() == name {
-            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-            // Field 19; the command before it is parenthesized and may hold spaces.
-            return stat[stat.rfind(')')? + 2..]
-                .split(' ')
-                .nth(16)?
-                .parse()
-                .ok();
+            return nice_in(&task.path().join("stat").to_string_lossy());
         }
     }
     None
@@ -732,4 +720,15 @@ fn check_config_names_the_bad_key_and_line() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// The nice value in a `/proc/.../stat` file: field 19, after the parenthesized command (which
+/// may hold spaces).
+fn nice_in(stat: &str) -> Option<i32> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split(' ')
+        .nth(16)?
+        .parse()
+        .ok()
 }

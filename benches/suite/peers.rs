@@ -18,6 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpListener;
+use tokio_util::io::ReaderStream;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -107,11 +108,12 @@ where
     }
 }
 
+fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
 fn status(code: StatusCode) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .body(Empty::new().map_err(|e| match e {}).boxed())
-        .unwrap()
+    Response::builder().status(code).body(empty()).unwrap()
 }
 
 /// `/v2/<name>/blobs/sha256:<hex>` → the hex digest.
@@ -156,22 +158,8 @@ async fn uplink(store: &Path, req: Request<Incoming>) -> Response<Body> {
     {
         return status(StatusCode::INTERNAL_SERVER_ERROR);
     }
-    let left = range.end - range.start;
-    let state = (file, vec![0u8; 64 * 1024], left);
-    let stream = futures_util::stream::unfold(state, |(mut f, mut buf, left)| async move {
-        if left == 0 {
-            return None;
-        }
-        let want = buf.len().min(left as usize);
-        match f.read(&mut buf[..want]).await {
-            Ok(0) => None,
-            Ok(n) => {
-                let data = Frame::data(Bytes::copy_from_slice(&buf[..n]));
-                Some((Ok(data), (f, buf, left - n as u64)))
-            }
-            Err(e) => Some((Err(e), (f, buf, 0))),
-        }
-    });
+    let body = ReaderStream::with_capacity(file.take(range.end - range.start), 64 * 1024)
+        .map_ok(Frame::data);
     let mut resp = Response::builder()
         .status(code)
         .header(http::header::CONTENT_LENGTH, range.end - range.start)
@@ -182,7 +170,7 @@ async fn uplink(store: &Path, req: Request<Incoming>) -> Response<Body> {
             format!("bytes {}-{}/{size}", range.start, range.end - 1),
         );
     }
-    resp.body(StreamBody::new(stream).boxed()).unwrap()
+    resp.body(StreamBody::new(body).boxed()).unwrap()
 }
 
 /// Node `node`'s router: a blob a peer has complete is streamed from that peer's uplink;
@@ -201,19 +189,17 @@ async fn route(
         return status(StatusCode::NOT_FOUND);
     };
     let n = stores.len();
-    let Some(peer) = (1..n)
-        .map(|i| (node + i) % n)
-        .find(|&p| stores[p].join(hex).is_file())
-    else {
+    // A finished blob is a file in the peer's store (containerd renames it there on commit).
+    let Some((peer, size)) = (1..n).map(|i| (node + i) % n).find_map(|p| {
+        let meta = std::fs::metadata(stores[p].join(hex)).ok()?;
+        meta.is_file().then_some((p, meta.len()))
+    }) else {
         return status(StatusCode::NOT_FOUND);
     };
     if req.method() == http::Method::HEAD {
-        let size = std::fs::metadata(stores[peer].join(hex))
-            .map(|m| m.len())
-            .unwrap_or(0);
         return Response::builder()
             .header(http::header::CONTENT_LENGTH, size)
-            .body(Empty::new().map_err(|e| match e {}).boxed())
+            .body(empty())
             .unwrap();
     }
     let mut up = http.get(format!("http://127.0.0.1:{}/{hex}", uplinks[peer]));
