@@ -82,9 +82,26 @@ pub struct ScheduleConfig {
     /// Blob downloads in flight across all jobs (0: unlimited), served by priority.
     #[serde(deserialize_with = "units::whole::<_, _, 0, 4096>")]
     pub max_blob_streams: usize,
-    /// Prewarm images at least this big are fetched one at a time, in the same order on every
-    /// node (0: no lane).
+    /// Prewarm images at least this big are fetched one at a time, in a deterministic order
+    /// (0: no lane).
     pub large_image_size: Bytes,
+    /// Which order the lane walks: the same on every node, or one per node.
+    pub lane_order: LaneOrderConfig,
+    /// This node's name, for the per-node lane order ("": `$NODE_NAME`, else the hostname).
+    pub node_name: String,
+}
+
+/// `schedule.lane_order`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LaneOrderConfig {
+    /// Every node walks one sequence: a shared cache, or P2P that shares pieces of blobs still
+    /// being fetched (Dragonfly), sees each blob asked for by every node at once.
+    #[default]
+    Shared,
+    /// Each node walks its own sequence: P2P that shares only finished blobs (Spegel) finds
+    /// an image finished at some peer instead of every node fetching it from the origin at once.
+    PerNode,
 }
 
 impl Default for ScheduleConfig {
@@ -96,6 +113,8 @@ impl Default for ScheduleConfig {
             max_prewarm_jobs: 2,
             max_blob_streams: 16,
             large_image_size: Bytes(1 << 30),
+            lane_order: LaneOrderConfig::Shared,
+            node_name: String::new(),
         }
     }
 }
@@ -113,7 +132,28 @@ impl ScheduleConfig {
         crate::schedule::Admission {
             max_prewarm_jobs: self.max_prewarm_jobs,
             large_image_bytes: self.large_image_size.0,
+            lane_order: match self.lane_order {
+                LaneOrderConfig::Shared => crate::schedule::LaneOrder::Shared,
+                LaneOrderConfig::PerNode => crate::schedule::LaneOrder::per_node(&self.node_name()),
+            },
         }
+    }
+
+    /// `node_name`, else `$NODE_NAME` (the Kubernetes node name, where a unit or manifest sets
+    /// it), else the kernel's hostname (kubelet's default node name).
+    pub fn node_name(&self) -> String {
+        if !self.node_name.trim().is_empty() {
+            return self.node_name.trim().to_string();
+        }
+        if let Some(n) = std::env::var("NODE_NAME")
+            .ok()
+            .filter(|n| !n.trim().is_empty())
+        {
+            return n.trim().to_string();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -856,6 +896,27 @@ format = "json"
     }
 
     #[test]
+    fn per_node_lane_order_is_seeded_by_the_node_name() {
+        let per_node = |name: &str| {
+            Config::parse(&format!(
+                "[schedule]\nlane_order = \"per-node\"\nnode_name = \"{name}\"\n"
+            ))
+            .unwrap()
+            .schedule
+            .admission()
+            .lane_order
+        };
+        assert_eq!(
+            per_node("worker-7"),
+            crate::schedule::LaneOrder::per_node("worker-7")
+        );
+        assert_ne!(per_node("worker-7"), per_node("worker-8"));
+        // Unset: $NODE_NAME or the hostname, never an empty seed.
+        let cfg = Config::parse("[schedule]\nlane_order = \"per-node\"\n").unwrap();
+        assert!(!cfg.schedule.node_name().is_empty());
+    }
+
+    #[test]
     fn schedule_and_prewarm_are_read() {
         let cfg = Config::parse(
             r#"
@@ -883,6 +944,10 @@ image = "registry.example/ml/model:v3"
             (100_000_000, 30_000_000, 1 << 20)
         );
         assert_eq!(cfg.schedule.admission().large_image_bytes, 512 << 20);
+        assert_eq!(
+            cfg.schedule.admission().lane_order,
+            crate::schedule::LaneOrder::Shared
+        );
         assert_eq!(cfg.prewarm.len(), 2);
         assert_eq!(cfg.prewarm[0].policy, Policy::Keep);
         assert_eq!(cfg.prewarm[1].policy, Policy::Once);
@@ -947,6 +1012,7 @@ image = "registry.example/ml/model:v3"
                         ("[schedule]\nprewarm_bandwidth = \"5TB/s\"\n", &["schedule.prewarm_bandwidth"]),
             ("[schedule]\nprewarm_floor = 1\n", &["schedule.prewarm_floor"]),
             ("[schedule]\nlarge_image_size = \"10TB\" # big\n", &["schedule.large_image_size: 10TB is out of range", "between 1MB and 1TiB"]),
+            ("[schedule]\nlane_order = \"random\"\n", &["line 2", "lane_order", "random", "shared", "per-node"]),
             // Whole numbers: the range, never "i128".
             ("[schedule]\nmax_blob_streams = 99999999999999999999\n", &["line 2", "max_blob_streams", "99999999999999999999 is out of range: expected a whole number from 0 to 4096"]),
             ("[schedule]\nmax_prewarm_jobs = -1\n", &["from 0 to 1024"]),

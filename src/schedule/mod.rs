@@ -9,9 +9,12 @@
 //! ```
 //! Urgent jobs (a pod waits) pass every queue at once; prewarm jobs are admitted by priority,
 //! then configured order, then arrival, at most `max_prewarm_jobs` at a time. Images of at least
-//! `large_image_bytes` go through a lane one at a time in a deterministic order (priority,
-//! configured order, reference): the lane does not start an image while one that sorts before it
-//! is still being resolved, so every node walks the same sequence.
+//! `large_image_bytes` go through a lane one at a time in a deterministic order: the lane does
+//! not start an image while one that sorts before it is still being resolved, so the order never
+//! depends on resolution times. [`LaneOrder::Shared`] gives every node the same sequence
+//! (priority, configured order, reference), which a shared cache rewards;
+//! [`LaneOrder::PerNode`] gives each node its own (priority, then a hash of node and
+//! reference), which peers that share only finished blobs reward.
 
 pub mod bandwidth;
 mod priority;
@@ -38,6 +41,39 @@ pub struct Admission {
     pub max_prewarm_jobs: usize,
     /// Images at least this big go through the large-image lane (0: no lane).
     pub large_image_bytes: u64,
+    pub lane_order: LaneOrder,
+}
+
+/// The sequence the large-image lane walks, among images of one priority.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LaneOrder {
+    /// The same on every node: configured order, then reference.
+    #[default]
+    Shared,
+    /// A permutation of its own on each node: the rank of an image is a hash of the node's
+    /// seed and the image reference (rendezvous hashing), so nodes start at different images
+    /// and an image added later does not reorder the others.
+    PerNode { seed: u64 },
+}
+
+impl LaneOrder {
+    /// The per-node order of the node called `node_name`.
+    pub fn per_node(node_name: &str) -> Self {
+        LaneOrder::PerNode {
+            seed: rank(0, node_name),
+        }
+    }
+}
+
+/// A stable 64-bit hash of `seed` and `text` (sha256: the same on every node, build and version,
+/// which a mixed-version cluster needs; std's hashers promise none of that).
+fn rank(seed: u64, text: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(seed.to_be_bytes());
+    h.update(text.as_bytes());
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("sha256 is 32 bytes"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,10 +102,16 @@ impl Entry {
         )
     }
 
-    fn lane_key(&self) -> (Reverse<Priority>, u32, &str, u64) {
+    fn lane_key(&self, order: LaneOrder) -> (Reverse<Priority>, u32, u64, &str, u64) {
+        let (configured, hashed) = match order {
+            LaneOrder::Shared => (self.record.origin.order(), 0),
+            // The configured order would give every node the same sequence again.
+            LaneOrder::PerNode { seed } => (0, rank(seed, &self.record.image)),
+        };
         (
             Reverse(self.record.priority()),
-            self.record.origin.order(),
+            configured,
+            hashed,
             &self.record.image,
             self.seq,
         )
@@ -191,7 +233,7 @@ impl Scheduler {
             .filter(|e| !e.record.priority().is_urgent())
             .filter(|e| e.phase == Phase::Unsized || (e.phase == Phase::Waiting && e.large))
             .filter(|_| adm.large_image_bytes > 0)
-            .min_by(|a, b| a.lane_key().cmp(&b.lane_key()))
+            .min_by(|a, b| a.lane_key(adm.lane_order).cmp(&b.lane_key(adm.lane_order)))
             .filter(|e| e.phase == Phase::Waiting)
             .map(|e| e.record.id);
 
@@ -399,6 +441,20 @@ mod tests {
 
     impl World {
         fn new(max_prewarm_jobs: usize, large_image_bytes: u64, gate_open: bool) -> Self {
+            Self::with_order(
+                max_prewarm_jobs,
+                large_image_bytes,
+                gate_open,
+                LaneOrder::Shared,
+            )
+        }
+
+        fn with_order(
+            max_prewarm_jobs: usize,
+            large_image_bytes: u64,
+            gate_open: bool,
+            lane_order: LaneOrder,
+        ) -> Self {
             let board = JobBoard::new();
             let (gate, rx) = watch::channel(gate_open);
             let sched = Scheduler::new(
@@ -406,6 +462,7 @@ mod tests {
                     admission: Admission {
                         max_prewarm_jobs,
                         large_image_bytes,
+                        lane_order,
                     },
                     limits: Limits::default(),
                     max_blob_streams: 0,
@@ -547,6 +604,54 @@ mod tests {
             w.started(),
             vec!["small", "cfg-a", "cfg-b", "alpha", "zeta"]
         );
+    }
+
+    /// The lane's order on a node with the per-node order: its large images, one at a time.
+    async fn per_node_lane(node: &str, images: &[&str]) -> Vec<String> {
+        let mut w = World::with_order(0, 100, true, LaneOrder::per_node(node));
+        let mut tasks = Vec::new();
+        for (i, img) in images.iter().enumerate() {
+            // Resolution times differ from node to node; the order must not.
+            let resolve = MS * (1 + (i as u32 * 7 + node.len() as u32) % 13);
+            let origin = Origin::Config(i as u32);
+            tasks.push(w.job(img, origin, Priority::prewarm(0), 1000, resolve, S).1);
+        }
+        tokio::time::sleep(500 * MS).await;
+        assert_eq!(w.started().len(), 1, "one large image at a time");
+        for t in tasks {
+            t.await.unwrap();
+        }
+        w.started()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_node_lane_order_is_stable_per_node_and_differs_between_nodes() {
+        let images = ["img0", "img1", "img2", "img3", "img4", "img5"];
+        let a = per_node_lane("node-a", &images).await;
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, images, "every image once");
+        // The same node name gives the same sequence, whatever the arrival order.
+        let mut reversed = images;
+        reversed.reverse();
+        assert_eq!(per_node_lane("node-a", &reversed).await, a);
+        // Nodes spread over the images: 16 nodes do not all start at one image.
+        let mut firsts = std::collections::BTreeSet::new();
+        for n in 0..16 {
+            firsts.insert(per_node_lane(&format!("node-{n}"), &images).await[0].clone());
+        }
+        assert!(firsts.len() >= 3, "first images of 16 nodes: {firsts:?}");
+        // A higher priority still goes first on every node.
+        let mut w = World::with_order(0, 100, true, LaneOrder::per_node("node-a"));
+        let mut tasks = Vec::new();
+        for img in images {
+            let p = Priority::prewarm(if img == "img3" { 5 } else { 0 });
+            tasks.push(w.job(img, Origin::Api, p, 1000, MS, S).1);
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(w.started()[0], "img3");
     }
 
     #[tokio::test(start_paused = true)]
