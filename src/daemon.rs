@@ -232,6 +232,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     if !cfg.prewarm.is_empty() {
         info!(images = cfg.prewarm.len(), "prewarm list loaded");
     }
+    log_lane(&cfg.schedule);
     prewarmer.apply(&cfg.prewarm);
     if cfg.node_labels.enabled {
         tokio::spawn(crate::prewarm::labels::run(
@@ -388,9 +389,36 @@ fn reload_config(
     if !needs_restart.is_empty() {
         warn!(sections = ?needs_restart, "SIGHUP: changes to these sections apply at the next restart");
     }
+    if new.schedule.lane_order != running.schedule.lane_order
+        || new.schedule.node_name != running.schedule.node_name
+    {
+        log_lane(&new.schedule);
+    }
     // What is in force: the reloaded parts from the new file, the rest as started.
     running.schedule = new.schedule;
     running.prewarm = new.prewarm;
+}
+
+/// Which order the large-image lane walks, and for which node: two nodes that should differ
+/// (or agree) are told apart at 3 a.m. from this line.
+fn log_lane(s: &crate::config::ScheduleConfig) {
+    if s.large_image_size.0 == 0 {
+        info!("large-image lane off");
+        return;
+    }
+    match s.lane_order {
+        crate::config::LaneOrderConfig::Shared => {
+            info!(
+                large_image_size = s.large_image_size.0,
+                "large-image lane: one order on every node"
+            )
+        }
+        crate::config::LaneOrderConfig::PerNode => info!(
+            large_image_size = s.large_image_size.0,
+            node_name = %s.node_name(),
+            "large-image lane: this node's own order"
+        ),
+    }
 }
 
 /// Scheduling gauges and per-class rates, once a second.
