@@ -286,10 +286,10 @@ async fn urgent_with_queue(o: &Opts, queue_ms: u64, target: f64) -> Vec<Row> {
                 let site = Site::start(&node, &hosts, pg_toml(arm, "")).await;
                 let t = pull(&site.client(), &pod.reference(), true).await;
                 // containerd's own span of the pull (its log), to tell where the arms differ.
-                let inside = containerd_pull_span(&site.containerd.log())
-                    .map_or("?".into(), |d| format!("{:.3}s", d.as_secs_f64()));
+                let pg_log = site.pullgate.as_ref().map(|p| p.log());
+                let split = pull_split(&site.containerd.log(), pg_log.as_deref());
                 eprintln!(
-                    "  round {} {:<18} alone  {:>7.2}s (containerd's PullImage {inside})",
+                    "  round {} {:<18} alone  {:>7.2}s ({split})",
                     round + 1,
                     ARMS[arm],
                     t.as_secs_f64()
@@ -1118,25 +1118,52 @@ pub async fn passthrough(o: &Opts) -> Vec<Row> {
     ]
 }
 
-/// From containerd's log, the time between its last `PullImage` request and its reply (its own
-/// timestamps, nanoseconds; the pulls here finish within the hour).
-fn containerd_pull_span(log: &str) -> Option<Duration> {
-    let at = |line: &str| -> Option<f64> {
-        let ts = line.split("time=\"").nth(1)?.split('"').next()?;
-        let clock = ts.split('T').nth(1)?.trim_end_matches('Z');
-        let mut f = clock.split(':');
-        let (_, m, s) = (f.next()?, f.next()?, f.next()?);
-        let s: f64 = s.split(['+', '-']).next()?.parse().ok()?;
-        Some(m.parse::<f64>().ok()? * 60.0 + s)
+/// Seconds into the hour of a log line's timestamp: containerd's `time="…"` or pullgate's
+/// leading RFC 3339 (both UTC, nanoseconds).
+fn log_clock(line: &str) -> Option<f64> {
+    let ts = match line.split_once("time=\"") {
+        Some((_, rest)) => rest.split('"').next()?,
+        None => line.split_whitespace().next()?,
     };
-    let start = log
-        .lines()
-        .rfind(|l| l.contains("msg=\"PullImage \\\"") && !l.contains("returns"))?;
-    let end = log
-        .lines()
-        .rfind(|l| l.contains("returns image reference"))?;
-    let d = (at(end)? - at(start)?).rem_euclid(3600.0);
-    Some(Duration::from_secs_f64(d))
+    let clock = ts.split('T').nth(1)?.trim_end_matches('Z');
+    let mut f = clock.split(':');
+    let (_, m, s) = (f.next()?, f.next()?, f.next()?);
+    let s: f64 = s.split(['+', '-']).next()?.parse().ok()?;
+    Some(m.parse::<f64>().ok()? * 60.0 + s)
+}
+
+/// The clock of the last line of `log` that contains `word` and not `but_not`.
+fn last_at(log: &str, word: &str, but_not: &str) -> Option<f64> {
+    log.lines()
+        .rfind(|l| l.contains(word) && !l.contains(but_not))
+        .and_then(log_clock)
+}
+
+/// Where a lone pull's time goes, from the logs (the pulls here finish within the hour):
+/// containerd's own `PullImage` span and, through pullgate, the time from pullgate's start of
+/// the job to containerd's start of the pull, and from containerd's reply to pullgate's end.
+fn pull_split(containerd_log: &str, pullgate_log: Option<&str>) -> String {
+    let since = |a: f64, b: f64| (b - a).rem_euclid(3600.0) * 1e3;
+    let (Some(start), Some(end)) = (
+        last_at(containerd_log, "msg=\"PullImage \\\"", "returns"),
+        last_at(containerd_log, "returns image reference", "\0"),
+    ) else {
+        return "containerd's PullImage ?".into();
+    };
+    let mut out = format!("containerd's PullImage {:.0} ms", since(start, end));
+    if let Some(log) = pullgate_log {
+        if let (Some(began), Some(done)) = (
+            last_at(log, "pull started", "\0"),
+            last_at(log, "pull finished", "\0"),
+        ) {
+            out += &format!(
+                "; pullgate: {:.1} ms before it, {:.1} ms after it",
+                since(began, start),
+                since(end, done)
+            );
+        }
+    }
+    out
 }
 
 /// The `p` quantile of sorted latencies, in seconds.

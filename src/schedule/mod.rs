@@ -63,6 +63,15 @@ impl LaneOrder {
             seed: rank(0, node_name),
         }
     }
+
+    /// Where `image` sorts among images of one priority (and, for the shared order, one
+    /// configured position): by this, then by reference.
+    pub fn rank(&self, image: &str) -> u64 {
+        match *self {
+            LaneOrder::Shared => 0,
+            LaneOrder::PerNode { seed } => rank(seed, image),
+        }
+    }
 }
 
 /// A stable 64-bit hash of `seed` and `text` (sha256: the same on every node, build and version,
@@ -103,11 +112,12 @@ impl Entry {
     }
 
     fn lane_key(&self, order: LaneOrder) -> (Reverse<Priority>, u32, u64, &str, u64) {
-        let (configured, hashed) = match order {
-            LaneOrder::Shared => (self.record.origin.order(), 0),
+        let configured = match order {
+            LaneOrder::Shared => self.record.origin.order(),
             // The configured order would give every node the same sequence again.
-            LaneOrder::PerNode { seed } => (0, rank(seed, &self.record.image)),
+            LaneOrder::PerNode { .. } => 0,
         };
+        let hashed = order.rank(&self.record.image);
         (
             Reverse(self.record.priority()),
             configured,
