@@ -555,8 +555,10 @@ pub async fn p2p_cache(o: &Opts) -> Vec<Row> {
         .map(|i| i.layer_blob_sizes.iter().sum::<u64>() + i.config_size)
         .sum();
     world::shape_port(11, registry.port(), upstream);
-    // Every image is "large": the lane walks them one at a time in the same order on each node.
-    let toml = "[schedule]\nlarge_image_size = \"1MB\"\nmax_prewarm_jobs = 4\n";
+    // Every image is "large": the shared lane walks them one at a time in the same order on
+    // each node.
+    let toml =
+        "[schedule]\nlarge_image_size = \"1MB\"\nmax_prewarm_jobs = 4\nlane_order = \"shared\"\n";
     let mut egress = [0.0; 2];
     let mut took = [Duration::ZERO; 2];
     for arm in [0, 1] {
@@ -700,11 +702,14 @@ async fn sampled<T>(
 const PREWARM_ARMS: [(&str, Option<&str>); 4] = [
     ("containerd direct", None),
     (
-        "pullgate, lane",
-        Some("[schedule]\nlarge_image_size = \"1MiB\"\nmax_prewarm_jobs = 4\n"),
+        "pullgate, shared lane",
+        Some(
+            "[schedule]\nlarge_image_size = \"1MiB\"\nmax_prewarm_jobs = 4\n\
+             lane_order = \"shared\"\n",
+        ),
     ),
     (
-        "pullgate, lane per node",
+        "pullgate, per-node lane",
         Some(
             "[schedule]\nlarge_image_size = \"1MiB\"\nmax_prewarm_jobs = 4\n\
              lane_order = \"per-node\"\nnode_name = \"{node}\"\n",
@@ -794,7 +799,7 @@ pub async fn p2p_peers(o: &Opts) -> Vec<Row> {
         let from_peers = peer_bytes() - peers_before;
         plotted.push((*label, series));
         eprintln!(
-            "  {label:<18} origin/unique {:.2}, all done in {:.2}s, {} failed pulls retried, \
+            "  {label:<24} origin/unique {:.2}, all done in {:.2}s, {} failed pulls retried, \
              {:.0} MB over peer uplinks",
             egress[arm],
             took[arm].as_secs_f64(),
@@ -891,7 +896,7 @@ pub async fn p2p_seed(o: &Opts) -> Vec<Row> {
             (world::class_bytes(12) - link_before) as f64 / unique as f64
         );
         eprintln!(
-            "  {label:<18} upstream/unique {:.2}, all done in {:.2}s, {} failed pulls retried",
+            "  {label:<24} upstream/unique {:.2}, all done in {:.2}s, {} failed pulls retried",
             egress[arm],
             took[arm].as_secs_f64(),
             failed[arm]
@@ -926,7 +931,7 @@ fn p2p_rows(
     took: [Duration; ARMS_N],
     failed: [u64; ARMS_N],
 ) -> Vec<Row> {
-    const PULLGATE: &str = "pullgate: lane / lane per node / no lane";
+    const PULLGATE: &str = "pullgate: shared lane / per-node lane / no lane";
     let time = |arm: usize| {
         format!(
             "{} ({:.2}×)",
@@ -934,27 +939,23 @@ fn p2p_rows(
             took[arm].as_secs_f64() / took[0].as_secs_f64()
         )
     };
-    // The lane as the default config has it (shared) is judged; the per-node order beside it.
+    // Judged: the default, the per-node lane (arm 2); the others beside it.
     vec![
         Row {
             scenario: format!("{name}: {bytes} ({PULLGATE})"),
             direct: format!("{:.2}×", egress[0]),
             pullgate: format!("{:.2}× / {:.2}× / {:.2}×", egress[1], egress[2], egress[3]),
-            result: format!("{:.2}× / {:.2}×", egress[1], egress[2]),
-            target: "a lane order ≤ 1.05×, direct visibly worse".into(),
-            met: Some(egress[1].min(egress[2]) <= 1.05 && egress[0] > 1.05),
+            result: format!("{:.2}×", egress[2]),
+            target: "default lane ≤ 1.05×, direct visibly worse".into(),
+            met: Some(egress[2] <= 1.05 && egress[0] > 1.05),
         },
         Row {
             scenario: format!("{model}: time until every node is done ({PULLGATE})"),
             direct: secs(took[0]),
             pullgate: format!("{} / {} / {}", time(1), time(2), time(3)),
-            result: format!(
-                "{:.2} / {:.2}",
-                took[1].as_secs_f64() / took[0].as_secs_f64(),
-                took[2].as_secs_f64() / took[0].as_secs_f64()
-            ),
-            target: "a lane order ≤ 1.00 × direct".into(),
-            met: Some(took[1].min(took[2]) <= took[0]),
+            result: format!("{:.2}", took[2].as_secs_f64() / took[0].as_secs_f64()),
+            target: "default lane ≤ 1.00 × direct".into(),
+            met: Some(took[2] <= took[0]),
         },
         Row {
             scenario: format!("{model}: pulls failed and retried"),
