@@ -107,10 +107,6 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
-    // The reference grammar is a regex compiled on first use: ~50 ms a pod's first pull would
-    // otherwise pay on a fresh daemon (measured on 2 cores, release build).
-    let _ = crate::registry::ImageRef::parse("pullgate.invalid/warm-up:v1");
-
     let board = JobBoard::new();
     let gate = match cfg.p2p_gate.probe {
         ProbeKind::None => P2pGate::always_open(),

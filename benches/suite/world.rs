@@ -42,6 +42,29 @@ pub fn init_shaping() {
     tc("class add dev lo parent 1: classid 1:99 htb rate 100gbit quantum 200000");
 }
 
+/// `lo` without a qdisc while it lives, as a node's loopback is (`noqueue`); the root htb the
+/// shaped scenarios need comes back when it is dropped. In the unshaped scenarios that htb
+/// would charge every packet a qdisc and its lock, and pullgate's arm sends each byte over
+/// loopback twice (registry to mirror, mirror to containerd) where a node sends the first hop
+/// over its NIC and only the second over `lo`.
+pub struct Noqueue(());
+
+impl Noqueue {
+    /// `None` outside a private namespace (nothing was shaped there).
+    pub fn lo() -> Option<Noqueue> {
+        in_private_netns().then(|| {
+            try_tc("qdisc del dev lo root");
+            Noqueue(())
+        })
+    }
+}
+
+impl Drop for Noqueue {
+    fn drop(&mut self) {
+        init_shaping();
+    }
+}
+
 /// Caps what the server on `port` sends (its egress: source port `port`) at `bytes_per_sec`,
 /// as a node's link or a registry's uplink would. `id` picks the htb class (1..98). The link's
 /// queue is short: fq_codel (Linux's default qdisc) where the kernel has it, else a byte FIFO

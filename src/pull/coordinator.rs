@@ -576,7 +576,7 @@ mod tests {
                 admission: crate::schedule::Admission {
                     max_prewarm_jobs: 1,
                     large_image_bytes: 0,
-                    lane_order: Default::default(),
+                    lane_order: crate::schedule::LaneOrder::Shared,
                 },
                 limits: Default::default(),
                 max_blob_streams: 0,

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use oci_spec::distribution::Reference;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
@@ -146,16 +145,12 @@ impl PullRequestInfo {
 
 /// Normalizes a reference the way containerd's CRI plugin does (docker.io, library/, :latest).
 pub fn normalize_reference(image: &str) -> Result<String, BadRequest> {
-    let invalid = |reason: String| BadRequest::InvalidReference {
-        reference: image.to_string(),
-        reason,
-    };
-    // The parser accepts upper case in repository names; the distribution grammar does not.
-    let r: Reference = image.parse().map_err(|e| invalid(format!("{e}")))?;
-    if r.repository().chars().any(|c| c.is_ascii_uppercase()) {
-        return Err(invalid("repository name must be lowercase".into()));
-    }
-    Ok(r.whole())
+    crate::registry::reference::parse_reference(image)
+        .map(|r| r.whole())
+        .map_err(|reason| BadRequest::InvalidReference {
+            reference: image.to_string(),
+            reason,
+        })
 }
 
 /// A stable fingerprint of every credential field, so that requests are merged only when they

@@ -45,10 +45,9 @@ pub struct Admission {
 }
 
 /// The sequence the large-image lane walks, among images of one priority.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LaneOrder {
     /// The same on every node: configured order, then reference.
-    #[default]
     Shared,
     /// A permutation of its own on each node: the rank of an image is a hash of the node's
     /// seed and the image reference (rendezvous hashing), so nodes start at different images
