@@ -287,7 +287,7 @@ async fn urgent_with_queue(o: &Opts, queue_ms: u64, target: f64) -> Vec<Row> {
             for arm in order(round + i) {
                 let site = Site::start(&node, &hosts, pg_toml(arm, "")).await;
                 let t = pull(&site.client(), &pod.reference(), true).await;
-                // containerd's own span of the pull (its log), to tell where the arms differ.
+                // Where the time went: containerd's own span, pullgate's before and after it.
                 let pg_log = site.pullgate.as_ref().map(|p| p.log());
                 let split = pull_split(&site.containerd.log(), pg_log.as_deref());
                 eprintln!(
