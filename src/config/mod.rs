@@ -100,9 +100,9 @@ pub enum LaneOrderConfig {
     Shared,
     /// Each node walks its own sequence: P2P that shares only finished blobs (Spegel) finds
     /// an image finished at some peer instead of every node fetching it from the origin at once.
-    /// The default: in both P2P models of the bench it beat containerd direct on upstream
-    /// bytes and on time, where the shared order sent 1.4× direct's bytes to the origin with
-    /// Spegel-like peers (README, Performance).
+    /// The default: it won every run of the bench's Spegel-like model and never sent the
+    /// origin more than containerd direct there, where the shared order sent 1.1–1.5× direct's
+    /// bytes (README, Performance).
     #[default]
     PerNode,
 }
