@@ -242,7 +242,8 @@ impl Scheduler {
             .filter(|e| !e.record.priority().is_urgent())
             .filter(|e| e.phase == Phase::Unsized || (e.phase == Phase::Waiting && e.large))
             .filter(|_| adm.large_image_bytes > 0)
-            .min_by(|a, b| a.lane_key(adm.lane_order).cmp(&b.lane_key(adm.lane_order)))
+            // One key (a hash, per node) for each entry, not two per comparison.
+            .min_by_key(|e| e.lane_key(adm.lane_order))
             .filter(|e| e.phase == Phase::Waiting)
             .map(|e| e.record.id);
 
