@@ -10,6 +10,7 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod passthrough;
 mod peers;
 mod scenarios;
 mod timeline;

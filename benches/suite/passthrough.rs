@@ -1,0 +1,154 @@
+//! The passthrough scenario's instruments: a bare byte relay, the floor any shim's extra hop
+//! costs, and a caller that measures `ImageStatus` from a thread of its own.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pullgate::proto::runtime::v1::ImageStatusRequest;
+use tokio::sync::oneshot;
+
+use crate::common::image_client;
+
+/// A byte relay between two unix sockets, built the way pullgate's front door is (one thread,
+/// a current-thread runtime, nice -10) but without HTTP/2: it copies bytes both ways. What it
+/// adds over containerd direct is what the extra hop alone costs on this machine; what pullgate
+/// adds over it is pullgate's own work.
+pub struct Relay {
+    path: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Listens on `at` and relays every connection to `to`.
+    pub fn start(at: &Path, to: &Path) -> Relay {
+        let _ = std::fs::remove_file(at);
+        let listener = std::os::unix::net::UnixListener::bind(at)
+            .unwrap_or_else(|e| panic!("relay cannot listen on {}: {e}", at.display()));
+        listener.set_nonblocking(true).unwrap();
+        let to = to.to_path_buf();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-relay".into())
+            .spawn(move || {
+                // SAFETY: plain system calls on the calling thread's own id.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10);
+                }
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+                    let accept = async {
+                        loop {
+                            let Ok((mut client, _)) = listener.accept().await else {
+                                continue;
+                            };
+                            let to = to.clone();
+                            tokio::spawn(async move {
+                                if let Ok(mut up) = tokio::net::UnixStream::connect(&to).await {
+                                    let _ =
+                                        tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                                }
+                            });
+                        }
+                    };
+                    tokio::select! {
+                        _ = accept => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .unwrap();
+        Relay {
+            path: at.to_path_buf(),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `ImageStatus` calls to every socket in turn (the arm that goes first rotates), from a thread
+/// of its own with a current-thread runtime, so one thread wakes per call on the client side.
+/// A call from the bench's multi-thread runtime crosses threads twice, and under load those
+/// wake-ups alone put milliseconds into the p99 of every arm.
+pub struct Caller {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<Vec<Duration>>>,
+}
+
+impl Caller {
+    /// Starts calling after `warmup` unmeasured rounds; at most `calls` measured rounds.
+    pub fn start(
+        sockets: Vec<PathBuf>,
+        req: ImageStatusRequest,
+        warmup: usize,
+        calls: usize,
+    ) -> Caller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("bench-caller".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let mut clients: Vec<_> = sockets.iter().map(|s| image_client(s)).collect();
+                    let mut lat = vec![Vec::new(); clients.len()];
+                    let n = clients.len();
+                    for i in 0..warmup + calls {
+                        if i >= warmup && stopped.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        for k in 0..n {
+                            let arm = (i + k) % n;
+                            let t = Instant::now();
+                            clients[arm].image_status(req.clone()).await.unwrap();
+                            if i >= warmup {
+                                lat[arm].push(t.elapsed());
+                            }
+                        }
+                    }
+                    lat.iter_mut().for_each(|v| v.sort());
+                    lat
+                })
+            })
+            .unwrap();
+        Caller { stop, thread }
+    }
+
+    /// Stops at the end of the current round; each arm's latencies, sorted.
+    pub async fn stop(self) -> Vec<Vec<Duration>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.finish().await
+    }
+
+    /// Waits until every call is made; each arm's latencies, sorted.
+    pub async fn finish(self) -> Vec<Vec<Duration>> {
+        tokio::task::spawn_blocking(move || self.thread.join().expect("the caller panicked"))
+            .await
+            .unwrap()
+    }
+}
