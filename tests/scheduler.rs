@@ -578,10 +578,23 @@ async fn the_lane_walks_large_images_one_at_a_time_in_the_shared_or_the_nodes_ow
         .await;
         let mut want = images.clone();
         want.sort_by_key(|i| (expected.rank(i), i.clone()));
-        assert_eq!(
-            lane_sequence(&node.pullgate.log(), &images),
-            want,
-            "lane_order = {order}"
-        );
+        let log = node.pullgate.log();
+        assert_eq!(lane_sequence(&log, &images), want, "lane_order = {order}");
+        // Each image hands the lane on once its bytes are in, before the next one is admitted.
+        let line_of = |what: &str, image: &str| {
+            log.lines()
+                .position(|l| l.contains(what) && l.contains(&format!("image={image}}}")))
+                .unwrap_or_else(|| panic!("no \"{what}\" for {image} in:\n{log}"))
+        };
+        for pair in want.windows(2) {
+            assert!(
+                line_of("bytes in: the lane moves on", &pair[0])
+                    < line_of("admitted: containerd pulls", &pair[1]),
+                "{} left the lane after {} was admitted:\n{log}",
+                pair[0],
+                pair[1]
+            );
+        }
+        line_of("bytes in: the lane moves on", &want[3]);
     }
 }

@@ -350,6 +350,9 @@ impl Demand {
             for n in &entry.needs {
                 if done > n.progress.done() {
                     n.progress.set(done);
+                    if done >= n.progress.total {
+                        n.record.progress.blob_complete();
+                    }
                 }
             }
         }

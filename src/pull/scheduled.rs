@@ -5,6 +5,7 @@
 //! ```text
 //! prewarm: enter ─▶ P2P gate ─▶ resolve (requester's credentials) ─▶ register demand
 //!                ─▶ admit (prewarm cap, large-image lane) ─▶ containerd PullImage
+//!                   (a lane job hands the lane on once its last blob has reached containerd)
 //! urgent:  enter ─▶ admit ─┬▶ containerd PullImage
 //!                          └▶ resolve ─▶ register demand (the mirror holds early requests)
 //! ```
@@ -15,6 +16,7 @@
 //! Each forwarded pull runs under a lease pullgate creates ([`crate::upstream::leases`]), so a
 //! pull cut short keeps what containerd downloaded for the next attempt.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +32,7 @@ use crate::metrics::{Metrics, ReasonLabels};
 use crate::mirror::hosts_dir::HostsKeeper;
 use crate::mirror::{Demand, Registration};
 use crate::registry::{Credentials, ImageRef, Platform, RegistryClient, RegistryError};
-use crate::schedule::Scheduler;
+use crate::schedule::{Scheduler, Ticket};
 use crate::upstream::content::{abort_ingest, failed_commit_ref};
 use crate::upstream::leases::LEASE_HEADER;
 use crate::upstream::{Containerd, Leases};
@@ -103,7 +105,12 @@ impl Puller for Arc<ScheduledPuller> {
                     "admitted: containerd pulls through the mirror"
                 );
                 let lease = me.resume_lease(&mut job).await;
-                (registration, (me.forward(job).await, lease))
+                let reply = if ticket.in_lane() {
+                    forward_in_lane(&ticket, &record, me.forward(job)).await
+                } else {
+                    me.forward(job).await
+                };
+                (registration, (reply, lease))
             };
             drop(ticket);
             drop(registration);
@@ -118,6 +125,31 @@ impl Puller for Arc<ScheduledPuller> {
             reply
         }
         .boxed()
+    }
+}
+
+/// Runs a lane job's forwarded pull, and hands the lane to the next image as soon as every blob
+/// has reached containerd: unpacking needs neither the link nor the P2P caches, and a lane held
+/// through it leaves both idle. If containerd already had a blob (it then never asks the mirror
+/// for it), the lane is held until the pull ends, as before.
+async fn forward_in_lane(
+    ticket: &Ticket,
+    record: &JobRecord,
+    forward: impl Future<Output = CapturedReply>,
+) -> CapturedReply {
+    tokio::pin!(forward);
+    tokio::select! {
+        biased;
+        () = record.progress.completed() => {
+            // Logged first: the next image's admission is logged as soon as the lane is free.
+            // Only this job's ticket can take the lane from it once admitted.
+            if ticket.in_lane() {
+                info!("bytes in: the lane moves on while containerd unpacks");
+                ticket.leave_lane();
+            }
+            forward.await
+        }
+        reply = &mut forward => reply,
     }
 }
 

@@ -414,6 +414,22 @@ impl Ticket {
         self.record.set_state(JobState::Fetching);
     }
 
+    /// Hands the large-image lane to the next image, if this job holds it: its bytes are in
+    /// and what is left (containerd's unpacking) needs neither the link nor the P2P caches.
+    /// The job keeps its prewarm slot until it ends.
+    pub fn leave_lane(&self) -> bool {
+        let left = {
+            let mut st = self.scheduler.state.lock().unwrap();
+            st.entries
+                .get_mut(&self.record.id)
+                .is_some_and(|e| std::mem::take(&mut e.holds_lane))
+        };
+        if left {
+            self.scheduler.dispatch();
+        }
+        left
+    }
+
     /// Whether the job runs in the large-image lane.
     pub fn in_lane(&self) -> bool {
         let st = self.scheduler.state.lock().unwrap();
@@ -614,6 +630,54 @@ mod tests {
             w.started(),
             vec!["small", "cfg-a", "cfg-b", "alpha", "zeta"]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_whose_bytes_are_in_hands_the_lane_on_and_keeps_its_prewarm_slot() {
+        let w = World::new(2, 100, true);
+        let record = |id, image| {
+            w.board.create(
+                id,
+                image,
+                Origin::Api,
+                Priority::prewarm(0),
+                JobState::Resolving,
+            )
+        };
+        let (a, b, c) = (record(1, "a"), record(2, "b"), record(3, "c"));
+        let ta = w.sched.enter(a);
+        ta.admit(Some(1000)).await;
+        assert!(ta.in_lane());
+        let tb = w.sched.enter(b);
+        let tc = w.sched.enter(c);
+        let admit_b = tokio::spawn(async move {
+            tb.admit(Some(1000)).await;
+            tb
+        });
+        let admit_c = tokio::spawn(async move {
+            tc.admit(Some(1000)).await;
+            tc
+        });
+        tokio::time::sleep(S).await;
+        assert!(!admit_b.is_finished(), "the lane holds b while a fetches");
+        assert!(ta.leave_lane());
+        assert!(!ta.leave_lane(), "only once");
+        let tb = admit_b.await.unwrap();
+        assert!(
+            tb.in_lane(),
+            "b takes the lane while a still runs (unpacking)"
+        );
+        tokio::time::sleep(S).await;
+        assert!(!admit_c.is_finished(), "one image in the lane at a time");
+        // a still holds one of the two prewarm slots, b the other: c waits for a to end.
+        assert!(tb.leave_lane());
+        tokio::time::sleep(S).await;
+        assert!(
+            !admit_c.is_finished(),
+            "the prewarm cap still counts a and b"
+        );
+        drop(ta);
+        assert!(admit_c.await.unwrap().in_lane());
     }
 
     /// The lane's order on a node with the per-node order: its large images, one at a time.
