@@ -11,7 +11,9 @@
 //! then configured order, then arrival, at most `max_prewarm_jobs` at a time. Images of at least
 //! `large_image_bytes` go through a lane one at a time in a deterministic order: the lane does
 //! not start an image while one that sorts before it is still being resolved, so the order never
-//! depends on resolution times. [`LaneOrder::Shared`] gives every node the same sequence
+//! depends on resolution times, and an image leaves it once its last blob has reached containerd
+//! ([`Ticket::leave_lane`]), while containerd unpacks. [`LaneOrder::Shared`] (the default) gives
+//! every node the same sequence
 //! (priority, configured order, reference), which a shared cache rewards;
 //! [`LaneOrder::PerNode`] gives each node its own (priority, then a hash of node and
 //! reference), which peers that share only finished blobs reward.
