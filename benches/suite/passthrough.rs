@@ -7,19 +7,21 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pullgate::frontdoor::FrontDoorThread;
 use pullgate::proto::runtime::v1::ImageStatusRequest;
-use tokio::sync::oneshot;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::common::image_client;
 
-/// A byte relay between two unix sockets, built the way pullgate's front door is (one thread,
-/// a current-thread runtime, nice -10) but without HTTP/2: it copies bytes both ways. What it
-/// adds over containerd direct is what the extra hop alone costs on this machine; what pullgate
-/// adds over it is pullgate's own work.
+/// A byte relay between two unix sockets, on a thread like pullgate's front door (its own
+/// [`FrontDoorThread`] at nice -10) but without HTTP/2: it copies bytes both ways. What it adds
+/// over containerd direct is what the extra hop alone costs on this machine; what pullgate adds
+/// over it is pullgate's own work.
 pub struct Relay {
     path: PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    // Dropped first: the accept loop ends, then the thread.
+    _accept: AbortOnDropHandle<()>,
+    _thread: FrontDoorThread,
 }
 
 impl Relay {
@@ -29,62 +31,28 @@ impl Relay {
         let listener = std::os::unix::net::UnixListener::bind(at)
             .unwrap_or_else(|e| panic!("relay cannot listen on {}: {e}", at.display()));
         listener.set_nonblocking(true).unwrap();
+        let (thread, _) = FrontDoorThread::start(-10).expect("the relay's thread");
         let to = to.to_path_buf();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("bench-relay".into())
-            .spawn(move || {
-                // SAFETY: plain system calls on the calling thread's own id.
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10);
-                }
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let listener = tokio::net::UnixListener::from_std(listener).unwrap();
-                    let accept = async {
-                        loop {
-                            let Ok((mut client, _)) = listener.accept().await else {
-                                continue;
-                            };
-                            let to = to.clone();
-                            tokio::spawn(async move {
-                                if let Ok(mut up) = tokio::net::UnixStream::connect(&to).await {
-                                    let _ =
-                                        tokio::io::copy_bidirectional(&mut client, &mut up).await;
-                                }
-                            });
-                        }
-                    };
-                    tokio::select! {
-                        _ = accept => {}
-                        _ = stopped => {}
+        let accept = thread.spawn(async move {
+            let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let to = to.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::UnixStream::connect(&to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
                     }
                 });
-            })
-            .unwrap();
+            }
+        });
         Relay {
             path: at.to_path_buf(),
-            stop: Some(stop),
-            thread: Some(thread),
+            _accept: accept,
+            _thread: thread,
         }
     }
 
     pub fn path(&self) -> PathBuf {
         self.path.clone()
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
