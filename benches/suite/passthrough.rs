@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pullgate::frontdoor::FrontDoorThread;
@@ -57,12 +56,15 @@ impl Relay {
 }
 
 /// `ImageStatus` calls to every socket in turn (the arm that goes first rotates), from a thread
-/// of its own with a current-thread runtime, so one thread wakes per call on the client side.
-/// A call from the bench's multi-thread runtime crosses threads twice, and under load those
-/// wake-ups alone put milliseconds into the p99 of every arm.
+/// of its own with a current-thread runtime (a [`FrontDoorThread`] at the process's priority),
+/// so one thread wakes per call on the client side. A call from the bench's multi-thread
+/// runtime crosses threads twice, and under load those wake-ups alone put milliseconds into
+/// the p99 of every arm.
 pub struct Caller {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<Vec<Duration>>>,
+    // Dropped first: the calls end, then the thread.
+    calls: AbortOnDropHandle<Vec<Vec<Duration>>>,
+    _thread: FrontDoorThread,
 }
 
 impl Caller {
@@ -75,36 +77,32 @@ impl Caller {
     ) -> Caller {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("bench-caller".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let mut clients: Vec<_> = sockets.iter().map(|s| image_client(s)).collect();
-                    let mut lat = vec![Vec::new(); clients.len()];
-                    let n = clients.len();
-                    for i in 0..warmup + calls {
-                        if i >= warmup && stopped.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        for k in 0..n {
-                            let arm = (i + k) % n;
-                            let t = Instant::now();
-                            clients[arm].image_status(req.clone()).await.unwrap();
-                            if i >= warmup {
-                                lat[arm].push(t.elapsed());
-                            }
-                        }
+        let (thread, _) = FrontDoorThread::start(0).expect("the caller's thread");
+        let calls = thread.spawn(async move {
+            let mut clients: Vec<_> = sockets.iter().map(|s| image_client(s)).collect();
+            let n = clients.len();
+            let mut lat = vec![Vec::new(); n];
+            for i in 0..warmup + calls {
+                if i >= warmup && stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                for k in 0..n {
+                    let arm = (i + k) % n;
+                    let t = Instant::now();
+                    clients[arm].image_status(req.clone()).await.unwrap();
+                    if i >= warmup {
+                        lat[arm].push(t.elapsed());
                     }
-                    lat.iter_mut().for_each(|v| v.sort());
-                    lat
-                })
-            })
-            .unwrap();
-        Caller { stop, thread }
+                }
+            }
+            lat.iter_mut().for_each(|v| v.sort());
+            lat
+        });
+        Caller {
+            stop,
+            calls,
+            _thread: thread,
+        }
     }
 
     /// Stops at the end of the current round; each arm's latencies, sorted.
@@ -114,9 +112,7 @@ impl Caller {
     }
 
     /// Waits until every call is made; each arm's latencies, sorted.
-    pub async fn finish(self) -> Vec<Vec<Duration>> {
-        tokio::task::spawn_blocking(move || self.thread.join().expect("the caller panicked"))
-            .await
-            .unwrap()
+    pub async fn finish(mut self) -> Vec<Vec<Duration>> {
+        (&mut self.calls).await.expect("the caller panicked")
     }
 }

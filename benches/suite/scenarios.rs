@@ -1042,6 +1042,10 @@ pub async fn passthrough(o: &Opts) -> Vec<Row> {
     // Under load the p99 sits where containerd's own stalls (tens of ms, in 1-2 % of calls)
     // begin, so it swings by milliseconds from run to run in every arm: the added p99 is judged
     // as the median of rounds, each on a fresh node.
+    // The arms, in the order of `sockets` below.
+    const DIRECT: usize = 0;
+    const RELAY: usize = 1;
+    const PULLGATE: usize = 2;
     let mut idle = None;
     let mut busy = vec![vec![]; 3];
     let (mut added, mut hop) = (vec![], vec![]);
@@ -1067,16 +1071,16 @@ pub async fn passthrough(o: &Opts) -> Vec<Row> {
         let pulled = pull(&site.client(), &big.reference(), true).await;
         let lat = caller.stop().await;
         let p99 = |arm: usize| pct(&lat[arm], 0.99) * 1e3;
-        added.push(p99(2) - p99(0));
-        hop.push(p99(1) - p99(0));
+        added.push(p99(PULLGATE) - p99(DIRECT));
+        hop.push(p99(RELAY) - p99(DIRECT));
         eprintln!(
             "  round {}: {} calls per arm during a {} MiB pull of {:.1} s; p99 direct {:.2} ms, \
              added by a bare relay {:+.2} ms, by pullgate {:+.2} ms",
             round + 1,
-            lat[0].len(),
+            lat[DIRECT].len(),
             4 * layer / MIB,
             pulled.as_secs_f64(),
-            p99(0),
+            p99(DIRECT),
             hop[round],
             added[round],
         );
@@ -1088,8 +1092,9 @@ pub async fn passthrough(o: &Opts) -> Vec<Row> {
 
     let cell =
         |v: &[Duration]| format!("{:.0} µs / {:.0} µs", pct(v, 0.5) * 1e6, pct(v, 0.99) * 1e6);
-    let added_at =
-        |lat: &[Vec<Duration>], arm: usize, p: f64| (pct(&lat[arm], p) - pct(&lat[0], p)) * 1e3;
+    let added_at = |lat: &[Vec<Duration>], arm: usize, p: f64| {
+        (pct(&lat[arm], p) - pct(&lat[DIRECT], p)) * 1e3
+    };
     let idle = idle.expect("one round at least");
     let each = |v: &[f64]| {
         v.iter()
@@ -1100,14 +1105,14 @@ pub async fn passthrough(o: &Opts) -> Vec<Row> {
     vec![
         Row {
             scenario: name,
-            direct: cell(&idle[0]),
-            pullgate: cell(&idle[2]),
+            direct: cell(&idle[DIRECT]),
+            pullgate: cell(&idle[PULLGATE]),
             result: format!(
                 "{:+.3} ms at p50, {:+.3} ms at p99 (a bare relay: {:+.3} / {:+.3} ms)",
-                added_at(&idle, 2, 0.5),
-                added_at(&idle, 2, 0.99),
-                added_at(&idle, 1, 0.5),
-                added_at(&idle, 1, 0.99),
+                added_at(&idle, PULLGATE, 0.5),
+                added_at(&idle, PULLGATE, 0.99),
+                added_at(&idle, RELAY, 0.5),
+                added_at(&idle, RELAY, 0.99),
             ),
             target: String::new(),
             met: None,
@@ -1117,15 +1122,15 @@ pub async fn passthrough(o: &Opts) -> Vec<Row> {
                 "passthrough under load: ImageStatus while a {} MiB pull runs ({rounds} rounds)",
                 4 * layer / MIB,
             ),
-            direct: cell(&busy[0]),
-            pullgate: cell(&busy[2]),
+            direct: cell(&busy[DIRECT]),
+            pullgate: cell(&busy[PULLGATE]),
             result: format!(
                 "{:+.3} ms at p50; p99: {:+.2} ms (median of rounds: {} ms); a bare relay \
                  adds {:+.3} ms at p50, {:+.2} ms at p99 (rounds: {} ms)",
-                added_at(&busy, 2, 0.5),
+                added_at(&busy, PULLGATE, 0.5),
                 median_f(&added),
                 each(&added),
-                added_at(&busy, 1, 0.5),
+                added_at(&busy, RELAY, 0.5),
                 median_f(&hop),
                 each(&hop),
             ),
