@@ -50,7 +50,8 @@ async fn pull_path(
             scheduler.clone(),
             metrics.clone(),
             crate::mirror::containerd_config::keepalive(&cfg.containerd.config_file),
-        ));
+        )
+        .also_own(cfg.metrics.addr));
         mirror
             .serve(stop.clone())
             .await

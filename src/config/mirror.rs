@@ -19,6 +19,10 @@ pub struct MirrorConfig {
     /// Listen address; loopback only (a local process can read through it what running jobs may
     /// read, see the README).
     pub addr: SocketAddr,
+    /// uids whose loopback sockets may use the mirror (the owner of the connecting socket, as the
+    /// kernel reports it); others are closed unread. Default `[0]`: containerd runs as root. Add
+    /// containerd's uid if it runs as another user (rootless).
+    pub allow_uids: Vec<u32>,
     /// containerd's registry host directory, as in its CRI `registry.config_path`.
     pub hosts_dir: PathBuf,
     /// Keep pullgate's `[host]` first in every hosts.toml under `hosts_dir` (and `_default`).
@@ -65,6 +69,7 @@ impl Default for MirrorConfig {
         Self {
             enabled: true,
             addr: SocketAddr::from(([127, 0, 0, 1], 9783)),
+            allow_uids: vec![0],
             hosts_dir: PathBuf::from("/etc/containerd/certs.d"),
             manage_hosts: true,
             mirror_credentials: false,

@@ -456,6 +456,20 @@ impl Config {
                 ),
             );
         }
+        if self.mirror.allow_uids.is_empty() {
+            return fail(
+                "mirror.allow_uids",
+                "is empty: no client could use the mirror (containerd runs as uid 0: [0]; to \
+                 turn the mirror off, set mirror.enabled = false)"
+                    .into(),
+            );
+        }
+        if self.mirror.allow_uids.contains(&u32::MAX) {
+            return fail(
+                "mirror.allow_uids",
+                "4294967295 is (uid_t)-1, no user: expected containerd's uid, like [0]".into(),
+            );
+        }
         if self.metrics.enabled && self.mirror.enabled && self.metrics.addr == self.mirror.addr {
             return fail("mirror.addr", "must differ from metrics.addr".into());
         }
@@ -1034,6 +1048,10 @@ image = "registry.example/ml/model:v3"
             ("[mirror]\nhosts_dir = \"certs.d\"\n", &["line 2: mirror.hosts_dir", "relative path"]),
             ("[mirror]\naddr = \"0.0.0.0:9783\"\n", &["line 2: mirror.addr", "not a loopback address"]),
             ("[mirror]\nunscheduled = \"sometimes\"\n", &["line 2", "unscheduled"]),
+            ("[mirror]\nallow_uids = []\n", &["line 2: mirror.allow_uids: is empty", "[0]", "mirror.enabled = false"]),
+            ("[mirror]\nallow_uids = [-1]\n", &["line 2", "allow_uids"]),
+            ("[mirror]\nallow_uids = [4294967295]\n", &["line 2: mirror.allow_uids", "no user"]),
+            ("[mirror]\nallow_uids = 0\n", &["line 2", "allow_uids"]),
             ("[fetch]\nhosts_dir = \"/etc/containerd/certs.d\"\n", &["line 2: fetch.hosts_dir: no longer exists", "use mirror.hosts_dir"]),
             ("[fetch]\nunpack_ahead = false\n", &["fetch.unpack_ahead", "containerd unpacks"]),
             ("[schedule]\nmax_unpacks = 2\n", &["line 2: schedule.max_unpacks: no longer exists"]),
@@ -1065,6 +1083,7 @@ image = "registry.example/ml/model:v3"
             "[schedule]\nlarge_image_size = \"1TiB\"\n",
             "[schedule]\nmax_blob_streams = 4096\n",
             "[mirror]\nretries = 0\nmax_connections = 65536\n",
+            "[mirror]\nallow_uids = [0, 999, 4294967294]\n",
             "[api]\nenabled = false\nsocket = \"relative-but-unused.sock\"\n",
             "[[prewarm]]\nimage = \"busybox\"\ninterval = \"1s\"\ntimeout = \"0s\"\npriority = -5\n",
         ] {

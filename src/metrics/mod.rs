@@ -94,6 +94,8 @@ pub struct Metrics {
     pub fetched_bytes: Family<SourceLabels, Counter>,
     pub mirror_requests: Family<MirrorLabels, Counter>,
     pub mirror_unscheduled: Counter,
+    /// Mirror connections closed unread, by reason (`uid`, `unknown_peer`, `cap`, `idle_evicted`).
+    pub mirror_refused_connections: Family<ReasonLabels, Counter>,
     pub blob_retries: Counter,
     pub parked_streams: Counter,
     pub range_parts: Counter,
@@ -186,6 +188,12 @@ impl Metrics {
             "mirror_unscheduled_blobs",
             "Blob requests served for pulls that did not come through pullgate's CRI socket (mirror.unscheduled)",
             mirror_unscheduled.clone(),
+        );
+        let mirror_refused_connections = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mirror_refused_connections",
+            "Mirror connections closed before a request was read: a uid not in mirror.allow_uids, a peer whose uid was not found, a full table of connections mid-request, or the longest-idle one closed to make room",
+            mirror_refused_connections.clone(),
         );
         let blob_retries = Counter::default();
         registry.register(
@@ -298,6 +306,9 @@ impl Metrics {
         for reason in FALLBACK_REASONS {
             let _ = fetch_fallbacks.get_or_create(&ReasonLabels { reason });
         }
+        for reason in crate::mirror::REFUSAL_REASONS {
+            let _ = mirror_refused_connections.get_or_create(&ReasonLabels { reason });
+        }
         for kind in ["manifest", "blob"] {
             for status in ["2xx", "404", "5xx"] {
                 let _ = mirror_requests.get_or_create(&MirrorLabels { kind, status });
@@ -315,6 +326,7 @@ impl Metrics {
             fetched_bytes,
             mirror_requests,
             mirror_unscheduled,
+            mirror_refused_connections,
             blob_retries,
             parked_streams,
             range_parts,

@@ -612,6 +612,9 @@ impl Mirror {
         let Some(class) = self.cfg.unscheduled.class() else {
             return Ok(None);
         };
+        if !self.may_fetch_unscheduled(&key.registry) {
+            return Ok(None);
+        }
         let image = crate::registry::ImageRef {
             registry: key.registry.clone(),
             repository: key.repository.clone(),

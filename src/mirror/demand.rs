@@ -120,6 +120,9 @@ struct State {
     /// Resolutions in flight per (registry, repository): an urgent pull is forwarded while
     /// pullgate still resolves it, and the mirror holds its first requests until they land.
     resolving: HashMap<(String, String), usize>,
+    /// Every registry a job was registered for since start: the mirror may fetch blobs no job
+    /// needs from these (a registry the node really uses), never from an arbitrary `ns`.
+    seen: std::collections::HashSet<String>,
 }
 
 /// How long a request for content nothing registered waits while pullgate still resolves an
@@ -162,6 +165,11 @@ impl Demand {
         Arc::default()
     }
 
+    /// Whether a job of `registry` was registered since start.
+    pub fn has_seen(&self, registry: &str) -> bool {
+        self.state.lock().unwrap().seen.contains(registry)
+    }
+
     /// Registers `resolved` (the image of job `record`, fetched with `creds`): its manifests
     /// under the reference's tag or digest and their digests, its config and layers as blobs.
     /// Blob progress is added to the job's record. Everything goes when the guard drops.
@@ -175,6 +183,9 @@ impl Demand {
         let job = record.id;
         let mut keys = Vec::new();
         let mut st = self.state.lock().unwrap();
+        if !st.seen.contains(&image.registry) {
+            st.seen.insert(image.registry.clone());
+        }
         let outer = resolved.index.as_ref().unwrap_or(&resolved.manifest);
         let mut manifests = vec![(image.manifest_reference().to_string(), outer)];
         for m in resolved.index.iter().chain([&resolved.manifest]) {

@@ -16,13 +16,16 @@
 //! `ns` tells it where to go upstream, and the fallback keeps pulls working when pullgate is
 //! down or does not know a blob. [`hosts_file`] and [`hosts_dir`] keep pullgate's entry first.
 
+mod access;
 mod blob;
 pub mod containerd_config;
 pub mod demand;
 pub mod hosts_dir;
 pub mod hosts_file;
 mod parts;
+mod peer;
 pub mod route;
+mod conns;
 mod serve;
 
 use std::sync::Arc;
@@ -30,6 +33,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use access::REASONS as REFUSAL_REASONS;
 pub use demand::{Demand, Registration};
 
 use crate::config::MirrorConfig;
@@ -51,6 +55,10 @@ pub struct Mirror {
     pace: parts::HostPace,
     /// The node-wide budget for blob bytes fetched ahead of containerd's reads.
     buffers: parts::Buffers,
+    /// pullgate's own listen addresses: an `ns` naming one is a loop ([`access`]).
+    own_addrs: Vec<std::net::SocketAddr>,
+    /// Which peers may connect ([`access::Gate`]).
+    gate: access::Gate,
 }
 
 impl Mirror {
@@ -65,6 +73,8 @@ impl Mirror {
         Mirror {
             buffers: parts::Buffers::new(cfg.buffer_budget.0),
             pace: Default::default(),
+            own_addrs: vec![cfg.addr],
+            gate: access::Gate::new(cfg.allow_uids.clone()),
             cfg,
             demand,
             registry,
@@ -72,6 +82,12 @@ impl Mirror {
             metrics,
             keepalive,
         }
+    }
+
+    /// Also refuses an `ns` naming `addr` (another of pullgate's listeners, e.g. metrics).
+    pub fn also_own(mut self, addr: std::net::SocketAddr) -> Mirror {
+        self.own_addrs.push(addr);
+        self
     }
 
     /// Binds `cfg.addr` and serves until `stop` is cancelled.

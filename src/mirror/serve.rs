@@ -2,11 +2,14 @@
 //!
 //! Manifests come from the demand table (the bytes pullgate resolved for a running job, so one
 //! resolution serves both); anything pullgate does not know is a 404, and containerd resolves it
-//! at its next host. Connections are capped and must send headers in time, as on the metrics
-//! endpoint.
+//! at its next host. Only containerd's uid may connect, connections must send headers in time,
+//! and a full table closes the connection idle the longest rather than the newcomer
+//! ([`super::access`], [`super::conns`]).
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{header, Method, Request, Response, StatusCode};
@@ -14,12 +17,13 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::access::{Refusal, HOP_HEADER};
 use super::blob::{self, status, Body};
+use super::conns::{Admit, Busy, Slot, Table};
 use super::demand::{Access, Key, Presented};
 use super::route::{self, Route};
 use super::Mirror;
@@ -31,45 +35,129 @@ pub fn spawn(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let slots = Arc::new(Semaphore::new(mirror.cfg.max_connections));
-    tokio::spawn(async move {
+    let listener = Listener {
+        conns: Table::new(mirror.cfg.max_connections),
+        mirror,
+        listener,
+        stop,
+    };
+    tokio::spawn(listener.run())
+}
+
+/// The accept loop: each connection is checked (peer uid), given a place in the table, then
+/// served on its own task.
+struct Listener {
+    mirror: Arc<Mirror>,
+    listener: TcpListener,
+    conns: Arc<Table>,
+    stop: CancellationToken,
+}
+
+impl Listener {
+    async fn run(self) {
+        let local = self.listener.local_addr().ok();
         loop {
             let (stream, peer) = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
+                _ = self.stop.cancelled() => return,
+                accepted = self.listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
+                        // EMFILE and the like: wait for connections to end rather than spin.
                         warn!(error = %e, "mirror: accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                debug!(%peer, "mirror: connection cap reached, closing (containerd tries its next host)");
+            let local = stream.local_addr().ok().or(local);
+            // Dropping the stream closes it before anything is read.
+            let Some(local) = local else { continue };
+            if let Err(why) = self.mirror.gate.admits(local, peer) {
+                self.mirror.gate.refused(&self.mirror.metrics, peer, why);
                 continue;
+            }
+            let slot = match self.conns.admit() {
+                Admit::Admitted(slot) => slot,
+                Admit::Evicted(slot) => {
+                    self.mirror
+                        .gate
+                        .refused(&self.mirror.metrics, peer, Refusal::IdleEvicted);
+                    slot
+                }
+                Admit::Full => {
+                    self.mirror.gate.refused(&self.mirror.metrics, peer, Refusal::Cap);
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
-            let mirror = mirror.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                let timeout = mirror.cfg.header_read_timeout;
-                let svc = service_fn(move |req| handle(mirror.clone(), req));
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(timeout)
-                    .serve_connection(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => if let Err(e) = r {
-                        debug!(%peer, error = %e, "mirror connection ended with an error");
-                    },
-                    _ = stop.cancelled() => {}
-                }
-            });
+            tokio::spawn(serve_connection(
+                self.mirror.clone(),
+                stream,
+                peer,
+                slot,
+                self.stop.clone(),
+            ));
         }
-    })
+    }
+}
+
+async fn serve_connection(
+    mirror: Arc<Mirror>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    slot: Slot,
+    stop: CancellationToken,
+) {
+    let slot = Arc::new(slot);
+    let timeout = mirror.cfg.header_read_timeout;
+    let close = slot.close.clone();
+    let svc = service_fn(move |req| {
+        // The head is in: this connection is not closed to make room until its body is done.
+        let busy = slot.busy();
+        let mirror = mirror.clone();
+        async move {
+            let resp = handle(mirror, req).await?;
+            Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _busy: busy }))
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r {
+            debug!(%peer, error = %e, "mirror connection ended with an error");
+        },
+        _ = close.cancelled() => debug!(%peer, "mirror connection closed to make room"),
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// A response body that keeps its connection marked busy until it is done.
+struct Tracked {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -81,6 +169,21 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<
         ));
     }
     let route = route::parse(req.uri().path(), req.uri().query());
+    let ns = match &route {
+        Route::Manifest(k) | Route::Blob(k) => Some(k.registry.as_str()),
+        _ => None,
+    };
+    if let Some(why) = mirror.refuses_loop(req.headers().contains_key(HOP_HEADER), ns) {
+        debug!(path = req.uri().path(), why, "mirror: loop refused");
+        let kind = match &route {
+            Route::Manifest(_) => "manifest",
+            Route::Blob(_) => "blob",
+            _ => "other",
+        };
+        let resp = status(StatusCode::LOOP_DETECTED, why);
+        count(&mirror, kind, &resp);
+        return Ok(resp);
+    }
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -108,6 +211,11 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<
             ("other", status(StatusCode::NOT_FOUND, why))
         }
     };
+    count(&mirror, kind, &resp);
+    Ok(resp)
+}
+
+fn count(mirror: &Mirror, kind: &'static str, resp: &Response<Body>) {
     mirror
         .metrics
         .mirror_requests
@@ -116,7 +224,6 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<
             status: status_class(resp.status()),
         })
         .inc();
-    Ok(resp)
 }
 
 fn base() -> Response<Body> {
