@@ -160,6 +160,16 @@ impl Pullgate {
         &self.metrics_addr
     }
 
+    /// The mirror's "127.0.0.1:PORT", as written in its config.
+    pub fn mirror_addr(&self) -> String {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("addr = \"127.0.0.1:"))
+            .expect("mirror addr in the config");
+        line.trim_start_matches("addr = ").trim_matches('"').to_string()
+    }
+
     pub fn log(&self) -> String {
         read_log(&self.log)
     }

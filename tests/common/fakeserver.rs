@@ -57,7 +57,12 @@ pub struct FakeServer {
 
 impl FakeServer {
     pub async fn start(handler: Handler) -> FakeServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        FakeServer::start_on("127.0.0.1:0", handler).await
+    }
+
+    /// Like `start`, on `addr` (e.g. "127.0.0.2:0": another loopback address).
+    pub async fn start_on(addr: &str, handler: Handler) -> FakeServer {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let recorded = requests.clone();
