@@ -184,8 +184,8 @@ fn names_one_of(ns: &str, own: &[SocketAddr]) -> bool {
     let (host, port) = split_host(ns);
     host_ips(host).into_iter().any(|ip| {
         own.iter().any(|a| {
-            let ip_hit = canonical(ip) == canonical(a.ip())
-                || (a.ip().is_unspecified() && ip.is_loopback());
+            let ip_hit =
+                canonical(ip) == canonical(a.ip()) || (a.ip().is_unspecified() && ip.is_loopback());
             let port_hit = match port {
                 Some(p) => p == a.port(),
                 None => a.port() == 443 || a.port() == 80,

@@ -18,6 +18,7 @@
 
 mod access;
 mod blob;
+mod conns;
 pub mod containerd_config;
 pub mod demand;
 pub mod hosts_dir;
@@ -25,7 +26,6 @@ pub mod hosts_file;
 mod parts;
 mod peer;
 pub mod route;
-mod conns;
 mod serve;
 
 use std::sync::Arc;

@@ -201,9 +201,8 @@ mod procfs {
             IpAddr::V6(_) => "/proc/net/tcp6",
         };
         let text = std::fs::read_to_string(file)?;
-        find(&text, &hex(peer), &hex(local)).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("{peer} not in {file}"))
-        })
+        find(&text, &hex(peer), &hex(local))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{peer} not in {file}")))
     }
 
     /// An address as the kernel prints it: each 32-bit word in host order, then the port.

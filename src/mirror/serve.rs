@@ -85,10 +85,13 @@ impl Listener {
                     slot
                 }
                 Admit::Full => {
-                    self.mirror.gate.refused(&self.mirror.metrics, peer, Refusal::Cap);
+                    self.mirror
+                        .gate
+                        .refused(&self.mirror.metrics, peer, Refusal::Cap);
                     continue;
                 }
             };
+            debug!(%peer, "mirror: connection accepted");
             let _ = stream.set_nodelay(true);
             tokio::spawn(serve_connection(
                 self.mirror.clone(),

@@ -167,7 +167,9 @@ impl Pullgate {
             .lines()
             .find(|l| l.starts_with("addr = \"127.0.0.1:"))
             .expect("mirror addr in the config");
-        line.trim_start_matches("addr = ").trim_matches('"').to_string()
+        line.trim_start_matches("addr = ")
+            .trim_matches('"')
+            .to_string()
     }
 
     pub fn log(&self) -> String {
