@@ -29,10 +29,11 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 pub struct Gate {
     allow: Vec<u32>,
     start: Instant,
-    /// Seconds since `start` of the last warn + 1 (0: never).
-    last_log: AtomicU64,
-    /// Refusals since the last warn.
-    unlogged: AtomicU64,
+    /// Per reason (index in [`REASONS`]): seconds since `start` of the last warn + 1 (0: never),
+    /// so a flood of one kind never hides another.
+    last_log: [AtomicU64; 4],
+    /// Per reason: refusals since its last warn.
+    unlogged: [AtomicU64; 4],
 }
 
 /// Why a connection was refused or closed (the metric's `reason`).
@@ -50,11 +51,15 @@ pub enum Refusal {
 
 impl Refusal {
     pub fn reason(self) -> &'static str {
+        REASONS[self.index()]
+    }
+
+    fn index(self) -> usize {
         match self {
-            Refusal::Uid(_) => "uid",
-            Refusal::UnknownPeer => "unknown_peer",
-            Refusal::Cap => "cap",
-            Refusal::IdleEvicted => "idle_evicted",
+            Refusal::Uid(_) => 0,
+            Refusal::UnknownPeer => 1,
+            Refusal::Cap => 2,
+            Refusal::IdleEvicted => 3,
         }
     }
 }
@@ -66,8 +71,8 @@ impl Gate {
         Gate {
             allow,
             start: Instant::now(),
-            last_log: AtomicU64::new(0),
-            unlogged: AtomicU64::new(0),
+            last_log: Default::default(),
+            unlogged: Default::default(),
         }
     }
 
@@ -88,19 +93,19 @@ impl Gate {
                 reason: why.reason(),
             })
             .inc();
+        let (last_log, unlogged) = (&self.last_log[why.index()], &self.unlogged[why.index()]);
         let now = self.start.elapsed().as_secs() + 1;
-        let last = self.last_log.load(Ordering::Relaxed);
+        let last = last_log.load(Ordering::Relaxed);
         let due = last == 0 || now >= last + LOG_EVERY.as_secs();
         if !due
-            || self
-                .last_log
+            || last_log
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_err()
         {
-            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            unlogged.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let also = self.unlogged.swap(0, Ordering::Relaxed);
+        let also = unlogged.swap(0, Ordering::Relaxed);
         let allowed = &self.allow;
         match why {
             Refusal::Uid(uid) => warn!(
@@ -119,7 +124,7 @@ impl Gate {
                  closed (containerd fetches from its next host)"
             ),
             Refusal::IdleEvicted => warn!(
-                %peer, also_refused = also,
+                newcomer = %peer, also_evicted = also,
                 "mirror: connection table full; the connection idle the longest (no request head) \
                  was closed to make room: a client is holding connections open"
             ),
