@@ -77,8 +77,8 @@ impl Gate {
     }
 
     /// Whether the peer `peer` of our socket `local` may use the mirror.
-    pub fn admits(&self, local: SocketAddr, peer: SocketAddr) -> Result<(), Refusal> {
-        match super::peer::uid_of(local, peer) {
+    pub async fn admits(&self, local: SocketAddr, peer: SocketAddr) -> Result<(), Refusal> {
+        match super::peer::uid_of(local, peer).await {
             Ok(uid) if self.allow.contains(&uid) => Ok(()),
             Ok(uid) => Err(Refusal::Uid(uid)),
             Err(_) => Err(Refusal::UnknownPeer),

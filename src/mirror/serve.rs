@@ -55,7 +55,6 @@ struct Listener {
 
 impl Listener {
     async fn run(self) {
-        let local = self.listener.local_addr().ok();
         loop {
             let (stream, peer) = tokio::select! {
                 _ = self.stop.cancelled() => return,
@@ -69,39 +68,49 @@ impl Listener {
                     }
                 },
             };
-            let local = stream.local_addr().ok().or(local);
-            // Dropping the stream closes it before anything is read.
-            let Some(local) = local else { continue };
-            if let Err(why) = self.mirror.gate.admits(local, peer) {
-                self.mirror.gate.refused(&self.mirror.metrics, peer, why);
-                continue;
-            }
-            let slot = match self.conns.admit() {
-                Admit::Admitted(slot) => slot,
-                Admit::Evicted(slot) => {
-                    self.mirror
-                        .gate
-                        .refused(&self.mirror.metrics, peer, Refusal::IdleEvicted);
-                    slot
-                }
-                Admit::Full => {
-                    self.mirror
-                        .gate
-                        .refused(&self.mirror.metrics, peer, Refusal::Cap);
-                    continue;
-                }
-            };
-            debug!(%peer, "mirror: connection accepted");
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(serve_connection(
+            tokio::spawn(admit(
                 self.mirror.clone(),
+                self.conns.clone(),
                 stream,
                 peer,
-                slot,
                 self.stop.clone(),
             ));
         }
     }
+}
+
+/// Checks the peer, gives it a place in the table, and serves it; a refused connection is
+/// dropped (closed) before anything is read from it.
+async fn admit(
+    mirror: Arc<Mirror>,
+    conns: Arc<Table>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    stop: CancellationToken,
+) {
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    if let Err(why) = mirror.gate.admits(local, peer).await {
+        mirror.gate.refused(&mirror.metrics, peer, why);
+        return;
+    }
+    let slot = match conns.admit() {
+        Admit::Admitted(slot) => slot,
+        Admit::Evicted(slot) => {
+            mirror
+                .gate
+                .refused(&mirror.metrics, peer, Refusal::IdleEvicted);
+            slot
+        }
+        Admit::Full => {
+            mirror.gate.refused(&mirror.metrics, peer, Refusal::Cap);
+            return;
+        }
+    };
+    debug!(%peer, "mirror: connection accepted");
+    let _ = stream.set_nodelay(true);
+    serve_connection(mirror, stream, peer, slot, stop).await
 }
 
 async fn serve_connection(
