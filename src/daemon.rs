@@ -43,17 +43,15 @@ async fn pull_path(
     let demand = Demand::new();
     let mut hosts = None;
     if m.enabled {
-        let mirror = Arc::new(
-            Mirror::new(
-                m.clone(),
-                demand.clone(),
-                registry.clone(),
-                scheduler.clone(),
-                metrics.clone(),
-                crate::mirror::containerd_config::keepalive(&cfg.containerd.config_file),
-            )
-            .also_own(cfg.metrics.addr),
-        );
+        let mirror = Arc::new(Mirror::new(
+            m.clone(),
+            demand.clone(),
+            registry.clone(),
+            scheduler.clone(),
+            metrics.clone(),
+            crate::mirror::containerd_config::keepalive(&cfg.containerd.config_file),
+        ));
+        mirror.also_own(cfg.metrics.addr);
         mirror
             .serve(stop.clone())
             .await

@@ -138,7 +138,7 @@ impl Mirror {
         if hop {
             return Some("a request from pullgate itself came back to its mirror");
         }
-        if ns.is_some_and(|ns| names_one_of(ns, &self.own_addrs)) {
+        if ns.is_some_and(|ns| names_one_of(ns, &self.own_addrs())) {
             return Some("ns names pullgate's own listen address");
         }
         None
@@ -146,7 +146,7 @@ impl Mirror {
 
     /// Whether a blob no job needs may be fetched from `registry` (the request's `ns`).
     pub(super) fn may_fetch_unscheduled(&self, registry: &str) -> bool {
-        if metadata_address(registry) || names_one_of(registry, &self.own_addrs) {
+        if metadata_address(registry) || names_one_of(registry, &self.own_addrs()) {
             return false;
         }
         let configured = registry != "_default"

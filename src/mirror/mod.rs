@@ -55,8 +55,9 @@ pub struct Mirror {
     pace: parts::HostPace,
     /// The node-wide budget for blob bytes fetched ahead of containerd's reads.
     buffers: parts::Buffers,
-    /// pullgate's own listen addresses: an `ns` naming one is a loop ([`access`]).
-    own_addrs: Vec<std::net::SocketAddr>,
+    /// pullgate's other listen address (metrics): an `ns` naming it or `cfg.addr` is a loop
+    /// ([`access`]).
+    also_own: std::sync::OnceLock<std::net::SocketAddr>,
     /// Which peers may connect ([`access::Gate`]).
     gate: access::Gate,
 }
@@ -73,7 +74,7 @@ impl Mirror {
         Mirror {
             buffers: parts::Buffers::new(cfg.buffer_budget.0),
             pace: Default::default(),
-            own_addrs: vec![cfg.addr],
+            also_own: Default::default(),
             gate: access::Gate::new(cfg.allow_uids.clone()),
             cfg,
             demand,
@@ -84,10 +85,17 @@ impl Mirror {
         }
     }
 
-    /// Also refuses an `ns` naming `addr` (another of pullgate's listeners, e.g. metrics).
-    pub fn also_own(mut self, addr: std::net::SocketAddr) -> Mirror {
-        self.own_addrs.push(addr);
-        self
+    /// Also refuses an `ns` naming `addr` (pullgate's other listener, metrics); set once.
+    pub fn also_own(&self, addr: std::net::SocketAddr) {
+        let _ = self.also_own.set(addr);
+    }
+
+    /// Every address pullgate listens on.
+    fn own_addrs(&self) -> [std::net::SocketAddr; 2] {
+        [
+            self.cfg.addr,
+            *self.also_own.get().unwrap_or(&self.cfg.addr),
+        ]
     }
 
     /// Binds `cfg.addr` and serves until `stop` is cancelled.
