@@ -164,6 +164,10 @@ fn mirror_hosts(config: Option<PathBuf>, remove: bool, write: bool) -> ExitCode 
         }
     };
     let dir = &cfg.mirror.hosts_dir;
+    if let Err(e) = hosts_dir::check_tree(dir) {
+        eprintln!("pullgate: mirror.hosts_dir: {e}");
+        return ExitCode::from(2);
+    }
     if remove {
         return match hosts_dir::remove_all(dir) {
             Ok(changed) => {
@@ -191,7 +195,7 @@ fn mirror_hosts(config: Option<PathBuf>, remove: bool, write: bool) -> ExitCode 
             match outcome {
                 Outcome::Written => println!("wrote {}", file.display()),
                 Outcome::Unchanged => println!("ok    {}", file.display()),
-                Outcome::Refused(why) => {
+                Outcome::Refused(why) | Outcome::Deferred(why) => {
                     failed = true;
                     println!("LEFT  {}: {why}", file.display());
                 }
@@ -288,7 +292,17 @@ pub fn main() -> ExitCode {
             config,
         } => mirror_hosts(config, remove, write),
         Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(_) => {
+            Ok(cfg) => {
+                let found = crate::preflight::check(&cfg);
+                for w in &found.warnings {
+                    eprintln!("pullgate: warning: {w}");
+                }
+                for e in &found.errors {
+                    eprintln!("pullgate: {}: {e}", file.display());
+                }
+                if !found.errors.is_empty() {
+                    return ExitCode::from(2);
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }
@@ -306,6 +320,17 @@ pub fn main() -> ExitCode {
                 }
             };
             crate::logging::init(&cfg.log);
+            let found = crate::preflight::check(&cfg);
+            for w in &found.warnings {
+                tracing::warn!("{w}");
+            }
+            if !found.errors.is_empty() {
+                for e in &found.errors {
+                    tracing::error!("{e}");
+                    eprintln!("pullgate: {e}");
+                }
+                return ExitCode::from(2);
+            }
             // Before the runtime: fds 3.. are systemd's, and the environment is changed.
             crate::frontdoor::activation::receive();
             let rt = match tokio::runtime::Runtime::new() {

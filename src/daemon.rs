@@ -235,13 +235,14 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     }
     log_lane(&cfg.schedule);
     prewarmer.apply(&cfg.prewarm);
+    let mut labels = NodeLabels {
+        prewarmer: prewarmer.clone(),
+        containerd: containerd.clone(),
+        stop: stop.clone(),
+        task: None,
+    };
     if cfg.node_labels.enabled {
-        tokio::spawn(crate::prewarm::labels::run(
-            cfg.node_labels.clone(),
-            prewarmer.clone(),
-            containerd.clone(),
-            stop.clone(),
-        ));
+        labels.restart(&cfg.node_labels);
     }
     let mut running = cfg.clone();
 
@@ -249,7 +250,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         tokio::select! {
             r = &mut server => break joined(r).context("CRI server failed"),
             _ = sighup.recv() => {
-                reload_config(&mut running, &reload, &scheduler, &prewarmer);
+                reload_config(&mut running, &reload, &scheduler, &prewarmer, &mut labels);
                 continue;
             }
             name = async {
@@ -341,13 +342,14 @@ async fn probe_loop(health: Arc<Health>, every: std::time::Duration, stop: Cance
     }
 }
 
-/// SIGHUP: the prewarm list, scheduling limits and P2P-gate-free settings apply at once; other
-/// sections need a restart. An invalid file is refused and the running config kept.
+/// SIGHUP: the prewarm list, scheduling limits and node labels apply at once; other sections
+/// need a restart (and say so). An invalid file is refused and the running config kept.
 fn reload_config(
     running: &mut Config,
     reload: &Reload,
     scheduler: &Arc<Scheduler>,
     prewarmer: &Arc<Prewarmer>,
+    labels: &mut NodeLabels,
 ) {
     let new = match reload() {
         Ok(c) => c,
@@ -356,48 +358,86 @@ fn reload_config(
             return;
         }
     };
-    let s = &new.schedule;
-    scheduler.bandwidth.set_limits(s.limits());
-    scheduler.streams.set_capacity(s.max_blob_streams);
-    scheduler.set_admission(s.admission());
-    prewarmer.apply(&new.prewarm);
+    // Destructured without `..`: a new section does not compile until it is handled here.
+    let Config {
+        server,
+        containerd,
+        metrics,
+        log,
+        mirror,
+        schedule,
+        api,
+        p2p_gate,
+        node_labels,
+        prewarm,
+    } = new;
     let mut needs_restart = Vec::new();
-    if new.server != running.server {
-        needs_restart.push("server");
+    let mut check = |name: &'static str, changed: bool| {
+        if changed {
+            needs_restart.push(name);
+        }
+    };
+    check("server", server != running.server);
+    check("containerd", containerd != running.containerd);
+    check("metrics", metrics != running.metrics);
+    check("log", log != running.log);
+    check("mirror", mirror != running.mirror);
+    check("api", api != running.api);
+    check("p2p_gate", p2p_gate != running.p2p_gate);
+
+    scheduler.bandwidth.set_limits(schedule.limits());
+    scheduler.streams.set_capacity(schedule.max_blob_streams);
+    scheduler.set_admission(schedule.admission());
+    if schedule.lane_order != running.schedule.lane_order
+        || schedule.node_name != running.schedule.node_name
+    {
+        log_lane(&schedule);
     }
-    if new.containerd != running.containerd {
-        needs_restart.push("containerd");
-    }
-    if new.metrics != running.metrics {
-        needs_restart.push("metrics");
-    }
-    if new.log != running.log {
-        needs_restart.push("log");
-    }
-    if new.mirror != running.mirror {
-        needs_restart.push("mirror");
-    }
-    if new.api != running.api {
-        needs_restart.push("api");
-    }
-    if new.p2p_gate != running.p2p_gate {
-        needs_restart.push("p2p_gate");
+    prewarmer.apply(&prewarm);
+    let labels_changed = node_labels != running.node_labels;
+    if labels_changed {
+        labels.restart(&node_labels);
     }
     info!(
-        prewarm_images = new.prewarm.len(),
-        "SIGHUP: config reloaded (schedule, prewarm)"
+        prewarm_images = prewarm.len(),
+        node_labels_changed = labels_changed,
+        "SIGHUP: config reloaded (schedule, prewarm, node_labels)"
     );
     if !needs_restart.is_empty() {
         warn!(sections = ?needs_restart, "SIGHUP: changes to these sections apply at the next restart");
     }
-    if new.schedule.lane_order != running.schedule.lane_order
-        || new.schedule.node_name != running.schedule.node_name
-    {
-        log_lane(&new.schedule);
-    }
     // What is in force: the reloaded parts from the new file, the rest as started.
-    running.schedule = new.schedule;
-    running.prewarm = new.prewarm;
+    running.schedule = schedule;
+    running.prewarm = prewarm;
+    running.node_labels = node_labels;
+}
+
+/// The node-feature-discovery file's task, restarted when `[node_labels]` changes on SIGHUP.
+struct NodeLabels {
+    prewarmer: Arc<Prewarmer>,
+    containerd: Containerd,
+    stop: CancellationToken,
+    task: Option<CancellationToken>,
+}
+
+impl NodeLabels {
+    fn restart(&mut self, cfg: &crate::config::NodeLabelsConfig) {
+        if let Some(t) = self.task.take() {
+            t.cancel();
+        }
+        if !cfg.enabled {
+            info!("node labels off");
+            return;
+        }
+        let token = self.stop.child_token();
+        tokio::spawn(crate::prewarm::labels::run(
+            cfg.clone(),
+            self.prewarmer.clone(),
+            self.containerd.clone(),
+            token.clone(),
+        ));
+        self.task = Some(token);
+    }
 }
 
 /// Which order the large-image lane walks, and for which node: two nodes that should differ

@@ -340,10 +340,20 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = crate::small_file::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
+        // An empty file is most often a truncated write (an editor or a config tool caught
+        // mid-way): taken as "all defaults" it would lift every limit on SIGHUP.
+        if text.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: "the file is empty (a truncated write?); to run on the defaults, \
+                          write at least a comment line"
+                    .into(),
+            });
+        }
         Config::parse(&text).map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
@@ -490,6 +500,17 @@ impl Config {
             return fail(
                 "api.socket_mode",
                 format!("{:?} is not an octal file mode", self.api.socket_mode),
+            );
+        }
+        // The API starts and cancels pulls for the whole node: never for every local user.
+        if parse_mode(&self.api.socket_mode).is_some_and(|m| m & 0o002 != 0) {
+            return fail(
+                "api.socket_mode",
+                format!(
+                    "{:?} lets every local user start and cancel pulls; use \"0600\" (root) \
+                     or \"0660\" with a group",
+                    self.api.socket_mode
+                ),
             );
         }
         if self.api.enabled
@@ -839,6 +860,33 @@ fn find_key<'t>(text: &'t str, dotted: &str) -> Option<(usize, &'t str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_file_is_refused_but_a_comment_only_one_gives_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        for empty in ["", "\n  \n\t"] {
+            std::fs::write(&file, empty).unwrap();
+            let e = Config::load(&file).unwrap_err().to_string();
+            assert!(e.contains("the file is empty"), "{e}");
+        }
+        std::fs::write(&file, "# defaults\n").unwrap();
+        assert_eq!(Config::load(&file).unwrap(), Config::default());
+        let e = Config::load(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_world_writable_api_socket_is_refused() {
+        let e = Config::parse("[api]\nsocket_mode = \"0666\"\n").unwrap_err();
+        assert!(
+            e.contains("api.socket_mode") && e.contains("every local user"),
+            "{e}"
+        );
+        Config::parse("[api]\nsocket_mode = \"0660\"\n").unwrap();
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

@@ -24,7 +24,7 @@ fn config_path(table: &toml::Table) -> Option<&str> {
 /// table (version 2 configs) or of the images plugin (version 3); containerd's default,
 /// overlayfs, when the file does not set it. `None` when the file cannot be read.
 pub fn snapshotter(file: &Path) -> Option<String> {
-    let table: toml::Table = std::fs::read_to_string(file).ok()?.parse().ok()?;
+    let table: toml::Table = crate::small_file::read_to_string(file).ok()?.parse().ok()?;
     let plugins = table.get("plugins").and_then(|p| p.as_table());
     let set = plugins.and_then(|p| {
         p.get("io.containerd.cri.v1.images")
@@ -43,7 +43,7 @@ pub fn snapshotter(file: &Path) -> Option<String> {
 /// streams read nothing for this long is cancelled. `None`: not set (containerd's default, 5
 /// minutes, where it has the setting), unreadable, or 0 (disabled).
 pub fn progress_timeout(file: &Path) -> Option<Duration> {
-    let table: toml::Table = std::fs::read_to_string(file).ok()?.parse().ok()?;
+    let table: toml::Table = crate::small_file::read_to_string(file).ok()?.parse().ok()?;
     let plugins = table.get("plugins")?.as_table()?;
     let text = ["io.containerd.cri.v1.images", "io.containerd.grpc.v1.cri"]
         .iter()
@@ -94,7 +94,7 @@ pub fn keepalive(file: &Path) -> Duration {
 
 /// `Err` says why containerd will not fetch through pullgate's mirror.
 pub fn check(file: &Path, hosts_dir: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(file)
+    let text = crate::small_file::read_to_string(file)
         .map_err(|e| format!("cannot read containerd's config {}: {e}", file.display()))?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         format!("{} is not valid TOML: {}", file.display(), e.message())

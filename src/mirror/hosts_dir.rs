@@ -6,10 +6,12 @@
 //! Files are replaced atomically (write beside, rename), and only when the content changes.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
 use super::hosts_file;
+use crate::atomic_file::Replaced;
 
 /// The directory whose hosts.toml applies to `registry` (containerd: its own, else `_default`).
 fn dir_for(hosts_dir: &Path, registry: &str) -> PathBuf {
@@ -37,6 +39,84 @@ fn all_dirs(hosts_dir: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// System directories that are never a certs.d tree, whatever they hold.
+const SYSTEM_DIRS: &[&str] = &[
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib64",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/var",
+    "/var/lib",
+    "/etc/containerd",
+];
+
+/// `Err` says why `hosts_dir` is not a containerd certs.d-style tree, the only kind pullgate
+/// writes into: each entry a directory named `_default` or a registry `host[:port]`, holding
+/// files only (hosts.toml, certificates and keys). Absent is fine (it is created).
+pub fn check_tree(hosts_dir: &Path) -> Result<(), String> {
+    let shown = hosts_dir.display();
+    let normal: PathBuf = hosts_dir.components().collect();
+    if SYSTEM_DIRS.iter().any(|d| normal == Path::new(d)) {
+        return Err(format!(
+            "{shown} is a system directory, not containerd's registry host directory \
+             (usually /etc/containerd/certs.d)"
+        ));
+    }
+    let entries = match std::fs::read_dir(hosts_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read {shown}: {e}")),
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if !kind.is_dir() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let host_like = name == "_default"
+            || (!name.is_empty()
+                && !name.starts_with('.')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b)));
+        if !host_like {
+            return Err(format!(
+                "{shown} holds {}, which is not a registry host directory: not a containerd \
+                 certs.d tree",
+                path.display()
+            ));
+        }
+        let nested = std::fs::read_dir(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_type().is_ok_and(|t| t.is_dir()));
+        if let Some(n) = nested {
+            return Err(format!(
+                "{shown} holds {}: a registry host directory holds files only \
+                 (hosts.toml, certificates), so this is not a containerd certs.d tree",
+                n.path().display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Keeps pullgate's `[host]` first in the files under `hosts_dir`.
 #[derive(Debug, Clone)]
 pub struct HostsKeeper {
@@ -51,6 +131,8 @@ pub enum Outcome {
     Written,
     /// Left as it is: why.
     Refused(String),
+    /// Left as it is for now (someone else is editing it): why.
+    Deferred(String),
 }
 
 impl HostsKeeper {
@@ -89,7 +171,7 @@ impl HostsKeeper {
             .into_iter()
             .map(|d| d.join("hosts.toml"))
             .filter(|f| {
-                let text = std::fs::read_to_string(f).unwrap_or_default();
+                let text = crate::small_file::read_to_string(f).unwrap_or_default();
                 !hosts_file::mirror_is_first(&text, &self.url)
             })
             .collect()
@@ -103,7 +185,7 @@ pub fn remove_all(hosts_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut changed = Vec::new();
     for d in all_dirs(hosts_dir) {
         let file = d.join("hosts.toml");
-        let Ok(text) = std::fs::read_to_string(&file) else {
+        let Ok(text) = crate::small_file::read_to_string(&file) else {
             continue;
         };
         let rest = hosts_file::without_mirror(&text);
@@ -122,7 +204,7 @@ pub fn remove_all(hosts_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 fn ensure_file(file: &Path, url: &str) -> Outcome {
-    let text = match std::fs::read_to_string(file) {
+    let text = match crate::small_file::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Outcome::Refused(format!("cannot read it: {e}")),
@@ -139,9 +221,44 @@ fn ensure_file(file: &Path, url: &str) -> Outcome {
             return Outcome::Refused(format!("cannot create {}: {e}", dir.display()));
         }
     }
-    match crate::atomic_file::write(file, &new) {
-        Ok(()) => Outcome::Written,
+    // A file changed in the last moments may be mid-edit (an editor or `cat >` writing it in
+    // pieces): adding to half a file and renaming over it would lose the rest of the edit.
+    if !settled(file) {
+        return Outcome::Deferred(
+            "still being modified (an edit in progress?); checked again before the next pull"
+                .into(),
+        );
+    }
+    match crate::atomic_file::replace(file, Some(&text), &new) {
+        Ok(Replaced::Written) => Outcome::Written,
+        Ok(Replaced::Raced) => Outcome::Deferred(
+            "changed while pullgate wrote its entry; the other edit is kept, checked again before \
+             the next pull"
+                .into(),
+        ),
         Err(e) => Outcome::Refused(format!("cannot write it: {e}")),
+    }
+}
+
+/// How long a file must have been left alone before pullgate edits it, and the longest pullgate
+/// waits for that (a blocking wait, only while someone is writing the file).
+const SETTLE: Duration = Duration::from_secs(1);
+const SETTLE_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether `file` has been left alone for [`SETTLE`], waiting up to [`SETTLE_WAIT`] for it.
+fn settled(file: &Path) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        let age = std::fs::metadata(file)
+            .and_then(|m| m.modified())
+            .ok()
+            .map(|t| t.elapsed().unwrap_or_default());
+        match age {
+            None => return true,
+            Some(age) if age >= SETTLE => return true,
+            Some(age) if start.elapsed() + (SETTLE - age) > SETTLE_WAIT => return false,
+            Some(age) => std::thread::sleep(SETTLE - age + Duration::from_millis(10)),
+        }
     }
 }
 
@@ -151,6 +268,8 @@ fn log(file: &Path, outcome: &Outcome) {
         Outcome::Written => {
             info!(file = %file.display(), "pullgate's mirror entry written first in hosts.toml")
         }
+        Outcome::Deferred(why) => info!(file = %file.display(), why = why.as_str(),
+            "hosts.toml not edited yet"),
         Outcome::Refused(why) => warn!(file = %file.display(), why = why.as_str(),
             "hosts.toml left as it is: containerd will not fetch this registry through pullgate"),
     }
@@ -159,6 +278,68 @@ fn log(file: &Path, outcome: &Outcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_being_written_is_left_until_it_settles_and_a_racing_edit_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let keeper = HostsKeeper::new(dir.path().to_path_buf(), "http://127.0.0.1:9783".into());
+        let reg = dir.path().join("r.test");
+        std::fs::create_dir_all(&reg).unwrap();
+        let file = reg.join("hosts.toml");
+        // An administrator writes the file in pieces, 300 ms apart, for 3 s.
+        let writer = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&file).unwrap();
+                writeln!(f, "server = \"https://r.test\"").unwrap();
+                for i in 0..10 {
+                    std::thread::sleep(Duration::from_millis(300));
+                    writeln!(
+                        f,
+                        "[host.\"https://m{i}.test\"]\n  capabilities = [\"pull\"]"
+                    )
+                    .unwrap();
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(matches!(keeper.ensure("r.test"), Outcome::Deferred(_)));
+        writer.join().unwrap();
+        let admin = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(
+            keeper.ensure("r.test"),
+            Outcome::Written,
+            "settles within a second"
+        );
+        let now = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(
+            hosts_file::without_mirror(&now),
+            admin,
+            "every line of the edit kept"
+        );
+    }
+
+    #[test]
+    fn only_a_certs_d_tree_is_written_into() {
+        for bad in ["/", "/etc", "/etc/", "/usr", "/var/lib"] {
+            assert!(check_tree(Path::new(bad)).is_err(), "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("certs.d");
+        assert!(check_tree(&root).is_ok(), "absent: created later");
+        std::fs::create_dir_all(root.join("_default")).unwrap();
+        std::fs::create_dir_all(root.join("docker.io")).unwrap();
+        std::fs::create_dir_all(root.join("127.0.0.1:5000")).unwrap();
+        std::fs::write(root.join("docker.io/hosts.toml"), "").unwrap();
+        std::fs::write(root.join("docker.io/ca.crt"), "").unwrap();
+        assert_eq!(check_tree(&root), Ok(()));
+        std::fs::create_dir_all(root.join("docker.io/sub")).unwrap();
+        assert!(check_tree(&root).unwrap_err().contains("docker.io/sub"));
+        std::fs::remove_dir(root.join("docker.io/sub")).unwrap();
+        std::fs::create_dir_all(root.join("not a host")).unwrap();
+        assert!(check_tree(&root).unwrap_err().contains("not a host"));
+    }
 
     const URL: &str = "http://127.0.0.1:9783";
 

@@ -81,14 +81,37 @@ fn hex8(text: &str) -> String {
         .collect()
 }
 
+/// The first line of every file pullgate writes (NFD skips `#` lines): a file without it is
+/// someone else's and is never replaced.
+const MARKER: &str = "# Written by pullgate";
+
+/// Why `file` must not be written: it exists and pullgate did not write it (or it is no regular
+/// file). `None`: absent or pullgate's own.
+pub fn foreign(file: &Path) -> Option<String> {
+    match std::fs::symlink_metadata(file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(format!("cannot inspect it: {e}")),
+        Ok(m) if !m.file_type().is_file() => {
+            return Some("it is not a regular file (a symlink, device or directory)".into())
+        }
+        Ok(_) => {}
+    }
+    match crate::small_file::read_to_string(file) {
+        Ok(text) if text.starts_with(MARKER) => None,
+        Ok(_) => Some(format!(
+            "it exists and pullgate did not write it (its first line is not {MARKER:?})"
+        )),
+        Err(e) => Some(format!("cannot read it: {e}")),
+    }
+}
+
 /// The file's text for these label names.
 pub fn render(names: &[String]) -> String {
     let mut names = names.to_vec();
     names.sort();
     names.dedup();
-    let mut out = String::from(
-        "# Written by pullgate: the [[prewarm]] images this node holds (node_labels).\n",
-    );
+    let mut out = String::from(MARKER);
+    out.push_str(": the [[prewarm]] images this node holds (node_labels).\n");
     for n in names {
         out.push_str(&n);
         out.push_str("=true\n");
@@ -104,6 +127,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut warned_dir = false;
+    let mut warned_foreign = false;
     let mut written: Option<String> = None;
     loop {
         let dir_exists = cfg.file.parent().is_some_and(Path::is_dir);
@@ -130,8 +154,14 @@ pub async fn run(
             }
             let text = render(&present);
             if known && written.as_deref() != Some(text.as_str()) {
-                let on_disk = std::fs::read_to_string(&cfg.file).ok();
-                if on_disk.as_deref() != Some(text.as_str()) {
+                let on_disk = crate::small_file::read_to_string(&cfg.file).ok();
+                if let Some(why) = foreign(&cfg.file) {
+                    if !warned_foreign {
+                        warn!(file = %cfg.file.display(), why,
+                              "node labels not written: pullgate replaces only a file it wrote (set node_labels.file to a path of its own)");
+                        warned_foreign = true;
+                    }
+                } else if on_disk.as_deref() != Some(text.as_str()) {
                     match crate::atomic_file::write(&cfg.file, &text) {
                         Ok(()) => info!(file = %cfg.file.display(), images = present.len(),
                                         "node labels rewritten"),
@@ -199,6 +229,23 @@ mod tests {
         for bad in ["", "-x", "x-", "a/b", "with space", &"z".repeat(64)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn only_a_file_pullgate_wrote_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pullgate");
+        assert_eq!(foreign(&file), None, "absent");
+        std::fs::write(&file, render(&["a".into()])).unwrap();
+        assert_eq!(foreign(&file), None, "ours");
+        std::fs::write(&file, "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+        assert!(foreign(&file).unwrap().contains("did not write it"));
+        std::fs::write(&file, "").unwrap();
+        assert!(foreign(&file).is_some(), "an empty file is not ours either");
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &file).unwrap();
+        assert!(foreign(&file).unwrap().contains("not a regular file"));
+        assert!(foreign(Path::new("/etc/passwd")).is_some());
     }
 
     #[test]

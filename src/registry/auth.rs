@@ -110,7 +110,7 @@ impl Credentials {
         path: &Path,
         registry_host: &str,
     ) -> Result<Credentials, RegistryError> {
-        let text = match std::fs::read_to_string(path) {
+        let text = match crate::small_file::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Credentials::Anonymous)

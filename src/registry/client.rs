@@ -834,7 +834,7 @@ fn build_http_client(
     key: &TlsKey,
 ) -> Result<reqwest::Client, RegistryError> {
     let read = |p: &PathBuf| {
-        std::fs::read(p)
+        crate::small_file::read(p)
             .map_err(|e| RegistryError::Config(format!("cannot read {}: {e}", p.display())))
     };
     let mut b = reqwest::Client::builder()

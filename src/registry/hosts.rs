@@ -143,7 +143,7 @@ pub fn load_hosts(config_path: &Path, registry: &str) -> Result<Vec<RegistryHost
         return Ok(vec![RegistryHost::default_for(registry)]);
     };
     let file = dir.join("hosts.toml");
-    match std::fs::read_to_string(&file) {
+    match crate::small_file::read_to_string(&file) {
         Ok(text) if !text.trim().is_empty() => parse_hosts_toml(&text, &dir, &file, registry),
         Ok(_) => load_cert_files(&dir, registry),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => load_cert_files(&dir, registry),

@@ -28,7 +28,7 @@ pub fn endpoint(default_config: &Path) -> Option<Endpoint> {
             config = PathBuf::from(c);
         }
     }
-    let text = std::fs::read_to_string(&config).ok()?;
+    let text = crate::small_file::read_to_string(&config).ok()?;
     Some(Endpoint {
         source: config.display().to_string(),
         image_endpoint: yaml_key(&text, "imageServiceEndpoint"),
