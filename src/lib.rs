@@ -28,3 +28,4 @@ pub mod registry;
 pub mod schedule;
 pub mod status;
 pub mod upstream;
+pub mod watchdog;
