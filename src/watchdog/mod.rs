@@ -77,7 +77,9 @@ impl Watchdog {
         let mirror = cfg.mirror.enabled.then(|| dialable(cfg.mirror.addr));
         let check = SelfCheck::new(cfg.server.socket.clone(), mirror, timeout)?;
         for result in ["ok", "failed"] {
-            let _ = metrics.watchdog_checks.get_or_create(&ResultLabels { result });
+            let _ = metrics
+                .watchdog_checks
+                .get_or_create(&ResultLabels { result });
         }
         info!(period = ?period, every = ?every, probe_timeout = ?timeout,
               "systemd watchdog on: pinging while the CRI socket and the mirror answer");

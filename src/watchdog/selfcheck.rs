@@ -71,7 +71,9 @@ impl SelfCheck {
             let channel = Endpoint::from_static("http://localhost")
                 .connect_with_connector(tower::service_fn(move |_| {
                     let path = path.clone();
-                    async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
                 }))
                 .await
                 .map_err(|e| format!("cannot connect: {}", crate::errors::chain(&e)))?;
