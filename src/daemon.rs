@@ -22,6 +22,7 @@ use crate::pull::{Class, ContainerdPuller, PullCoordinator, Puller, ScheduledPul
 use crate::registry::{Platform, RegistryClient, RegistryConfig};
 use crate::schedule::{Scheduler, Setup};
 use crate::upstream::{Containerd, Leases};
+use crate::watchdog::{self, Watchdog};
 
 /// The pull path: the scheduled puller in front of containerd, and the mirror containerd fetches
 /// through (when enabled), with pullgate's entries written into containerd's hosts.toml files.
@@ -107,6 +108,8 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let dog = Arc::new(Watchdog::from_env());
+    watchdog::fault::arm_if_asked();
 
     let board = JobBoard::new();
     let gate = match cfg.p2p_gate.probe {
@@ -186,7 +189,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
             Containerd::new(&cfg.containerd),
             pulls.clone(),
             main,
-            metrics,
+            metrics.clone(),
         )
     };
     let draining = CancellationToken::new();
@@ -228,6 +231,8 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         anyhow::Ok(())
     });
     health.serving.store(true, Ordering::SeqCst);
+    dog.notify("READY=1");
+    dog.start(&cfg, metrics, draining.clone())?;
     info!(socket = %cfg.server.socket.display(), upstream = %cfg.containerd.socket.display(),
           "serving CRI image service");
     if !cfg.prewarm.is_empty() {
@@ -260,6 +265,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
                 }
             } => break {
             health.serving.store(false, Ordering::SeqCst);
+            dog.notify("STOPPING=1");
             info!(signal = name, grace = ?cfg.server.shutdown_grace, pulls_in_flight = pulls.in_flight(),
                   "shutting down: no new calls, waiting for calls in flight");
             draining.cancel();

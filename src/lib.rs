@@ -30,3 +30,4 @@ pub mod schedule;
 pub mod small_file;
 pub mod status;
 pub mod upstream;
+pub mod watchdog;

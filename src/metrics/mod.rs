@@ -113,6 +113,8 @@ pub struct Metrics {
     /// Tasks that panicked (a bug), by task: `pull` (the job's requesters got INTERNAL),
     /// `prewarm` (the config entry's loop ended).
     pub panics: Family<TaskLabels, Counter>,
+    /// systemd watchdog self-checks by result (`ok`: a ping was sent, `failed`: none).
+    pub watchdog_checks: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -292,6 +294,12 @@ impl Metrics {
         for task in ["pull", "prewarm"] {
             let _ = panics.get_or_create(&TaskLabels { task });
         }
+        let watchdog_checks = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "watchdog_checks",
+            "systemd watchdog self-checks of the CRI socket and the mirror, by result (failed: no ping sent)",
+            watchdog_checks.clone(),
+        );
         // Export both classes from the start, so dashboards and alerts see zeros, not gaps.
         for class in [Class::Urgent, Class::Prewarm] {
             let l = ClassLabels::new(class);
@@ -342,6 +350,7 @@ impl Metrics {
             lane_running,
             lane_waiting,
             panics,
+            watchdog_checks,
         }
     }
 

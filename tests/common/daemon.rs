@@ -13,6 +13,8 @@ pub struct Pullgate {
     log: PathBuf,
     config: PathBuf,
     containerd_socket: PathBuf,
+    /// Extra environment of the process (e.g. NOTIFY_SOCKET), kept across restarts.
+    env: Vec<(String, String)>,
 }
 
 /// The `pullgate` binary: cargo tells integration tests where it is; examples (the sandbox) find it
@@ -35,6 +37,16 @@ impl Pullgate {
     /// `mirror_toml` added to its `[mirror]` table and debug logs in `dir/pullgate.log`; waits
     /// until `/readyz` answers 200.
     pub async fn start(dir: &Path, containerd: &super::Containerd, mirror_toml: &str) -> Pullgate {
+        Self::start_with_env(dir, containerd, mirror_toml, &[]).await
+    }
+
+    /// [`Pullgate::start`] with extra environment variables for the process.
+    pub async fn start_with_env(
+        dir: &Path,
+        containerd: &super::Containerd,
+        mirror_toml: &str,
+        env: &[(&str, &str)],
+    ) -> Pullgate {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("config.toml");
         std::fs::write(
@@ -56,6 +68,10 @@ impl Pullgate {
             log: dir.join("pullgate.log"),
             config,
             containerd_socket: containerd.socket(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         pg.spawn_and_wait().await;
         pg
@@ -78,6 +94,7 @@ impl Pullgate {
             .arg("--metrics-addr")
             .arg(&self.metrics_addr)
             .env("RUST_LOG", "pullgate=debug,info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
