@@ -150,22 +150,14 @@ async fn route(
                     "not serving the CRI socket\n".into(),
                 )
             } else {
-                let missing = health
-                    .hosts
-                    .as_ref()
-                    .map(|h| h.missing())
-                    .unwrap_or_default();
+                // The same check start-up logs: the two never disagree.
+                let problem = health.mirror_problem();
                 match health.probe().await {
-                    Ok(_) if !missing.is_empty() => text(
+                    Ok(_) if problem.is_some() => text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!(
-                            "containerd does not fetch through pullgate's mirror: these hosts.toml \
-                             files do not list it first (see the log): {}\n",
-                            missing
-                                .iter()
-                                .map(|p| p.display().to_string())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            "containerd does not fetch through pullgate's mirror: {}\n",
+                            problem.unwrap_or_default()
                         ),
                     ),
                     Ok(_) => text(StatusCode::OK, "ready\n".into()),

@@ -1,8 +1,73 @@
 //! Whether containerd reads the hosts.toml files pullgate keeps: its CRI registry `config_path`
 //! (containerd ignores `hosts.toml` without it) must name `mirror.hosts_dir`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// containerd's config as containerd itself reads it: the file, then each file its `imports`
+/// names (paths relative to the importing file, glob patterns, nested imports), later files
+/// replacing top-level keys and whole `plugins.<name>` sections, as containerd's `mergeConfig`
+/// does.
+pub fn load(file: &Path) -> Result<toml::Table, String> {
+    let mut seen = Vec::new();
+    load_into(file, &mut toml::Table::new(), &mut seen)
+}
+
+fn load_into(
+    file: &Path,
+    into: &mut toml::Table,
+    seen: &mut Vec<PathBuf>,
+) -> Result<toml::Table, String> {
+    // containerd refuses an import cycle; a bound keeps a pathological tree finite too.
+    let real = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    if seen.contains(&real) || seen.len() >= 64 {
+        return Ok(std::mem::take(into));
+    }
+    seen.push(real);
+    let text = crate::small_file::read_to_string(file)
+        .map_err(|e| format!("cannot read containerd's config {}: {e}", file.display()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        format!("{} is not valid TOML: {}", file.display(), e.message())
+    })?;
+    let imports: Vec<String> = table
+        .get("imports")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    merge(into, table);
+    let base = file.parent().unwrap_or(Path::new("/"));
+    for pattern in imports {
+        let full = base.join(&pattern);
+        let matches = glob::glob(&full.to_string_lossy())
+            .map_err(|e| format!("{}: imports pattern {pattern:?}: {e}", file.display()))?;
+        let mut found: Vec<PathBuf> = matches.filter_map(|m| m.ok()).collect();
+        found.sort();
+        for f in found {
+            let merged = load_into(&f, into, seen)?;
+            *into = merged;
+        }
+    }
+    Ok(std::mem::take(into))
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (k.as_str(), v, into.get_mut("plugins")) {
+            ("plugins", toml::Value::Table(plugins), Some(toml::Value::Table(have))) => {
+                for (name, section) in plugins {
+                    have.insert(name, section);
+                }
+            }
+            (_, v, _) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
 
 /// The CRI registry `config_path` of a containerd config file: version 2 configs (containerd 1.x,
 /// and 2.x reading them) under `io.containerd.grpc.v1.cri`, version 3 under
@@ -24,7 +89,7 @@ fn config_path(table: &toml::Table) -> Option<&str> {
 /// table (version 2 configs) or of the images plugin (version 3); containerd's default,
 /// overlayfs, when the file does not set it. `None` when the file cannot be read.
 pub fn snapshotter(file: &Path) -> Option<String> {
-    let table: toml::Table = crate::small_file::read_to_string(file).ok()?.parse().ok()?;
+    let table = load(file).ok()?;
     let plugins = table.get("plugins").and_then(|p| p.as_table());
     let set = plugins.and_then(|p| {
         p.get("io.containerd.cri.v1.images")
@@ -43,7 +108,7 @@ pub fn snapshotter(file: &Path) -> Option<String> {
 /// streams read nothing for this long is cancelled. `None`: not set (containerd's default, 5
 /// minutes, where it has the setting), unreadable, or 0 (disabled).
 pub fn progress_timeout(file: &Path) -> Option<Duration> {
-    let table: toml::Table = crate::small_file::read_to_string(file).ok()?.parse().ok()?;
+    let table = load(file).ok()?;
     let plugins = table.get("plugins")?.as_table()?;
     let text = ["io.containerd.cri.v1.images", "io.containerd.grpc.v1.cri"]
         .iter()
@@ -94,16 +159,12 @@ pub fn keepalive(file: &Path) -> Duration {
 
 /// `Err` says why containerd will not fetch through pullgate's mirror.
 pub fn check(file: &Path, hosts_dir: &Path) -> Result<(), String> {
-    let text = crate::small_file::read_to_string(file)
-        .map_err(|e| format!("cannot read containerd's config {}: {e}", file.display()))?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        format!("{} is not valid TOML: {}", file.display(), e.message())
-    })?;
+    let table = load(file)?;
     let want = hosts_dir.display().to_string();
     match config_path(&table) {
         None | Some("") => Err(format!(
-            "{} sets no CRI registry config_path: containerd ignores hosts.toml files and never \
-             fetches through pullgate's mirror; set config_path = {want:?}",
+            "{} (with its imports) sets no CRI registry config_path: containerd ignores \
+             hosts.toml files and never fetches through pullgate's mirror; set config_path = {want:?}",
             file.display()
         )),
         Some(p) if p.split(':').any(|d| Path::new(d) == hosts_dir) => Ok(()),
@@ -118,6 +179,39 @@ pub fn check(file: &Path, hosts_dir: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn imports_are_followed_as_containerd_merges_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("config.toml");
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::write(
+            &main,
+            "version = 2\nimports = [\"conf.d/*.toml\"]\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/wrong\"\n",
+        )
+        .unwrap();
+        let hosts = Path::new("/etc/containerd/certs.d");
+        assert!(check(&main, hosts).unwrap_err().contains("/wrong"));
+        // A drop-in replaces the whole CRI plugin section, as containerd does.
+        std::fs::write(
+            dir.path().join("conf.d/10-registry.toml"),
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n\
+             config_path = \"/etc/containerd/certs.d\"\n",
+        )
+        .unwrap();
+        assert_eq!(check(&main, hosts), Ok(()));
+        // A later drop-in that takes the section over without config_path wins.
+        std::fs::write(
+            dir.path().join("conf.d/20-other.toml"),
+            "imports = [\"../config.toml\"]\n[plugins.\"io.containerd.grpc.v1.cri\"]\nsandbox_image = \"x\"\n",
+        )
+        .unwrap();
+        let e = check(&main, hosts).unwrap_err();
+        assert!(e.contains("sets no CRI registry"), "{e}");
+        // A config file that is a device is an error, not a read of gigabytes.
+        assert!(check(Path::new("/dev/zero"), hosts).is_err());
+    }
 
     fn check_text(text: &str) -> Result<(), String> {
         let dir = tempfile::tempdir().unwrap();
