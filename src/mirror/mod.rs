@@ -24,6 +24,7 @@ pub mod hosts_file;
 mod parts;
 pub mod route;
 mod serve;
+mod verify;
 
 use std::sync::Arc;
 
@@ -51,6 +52,11 @@ pub struct Mirror {
     pace: parts::HostPace,
     /// The node-wide budget for blob bytes fetched ahead of containerd's reads.
     buffers: parts::Buffers,
+    /// Hash states of partly served blobs, for containerd's resumed requests.
+    checkpoints: verify::Checkpoints,
+    /// containerd's content store (channel, namespace), where a download cut for a digest
+    /// mismatch is dropped; `None`: left to expire.
+    ingests: Option<(tonic::transport::Channel, String)>,
 }
 
 impl Mirror {
@@ -65,6 +71,8 @@ impl Mirror {
         Mirror {
             buffers: parts::Buffers::new(cfg.buffer_budget.0),
             pace: Default::default(),
+            checkpoints: Default::default(),
+            ingests: None,
             cfg,
             demand,
             registry,
@@ -74,6 +82,13 @@ impl Mirror {
         }
     }
 
+    /// Drops, in containerd's content store, the download of a blob the mirror cut for a digest
+    /// mismatch: containerd keeps a cut ingest and would resume it, corrupt prefix included.
+    pub fn with_ingests(mut self, channel: tonic::transport::Channel, namespace: String) -> Mirror {
+        self.ingests = Some((channel, namespace));
+        self
+    }
+
     /// Binds `cfg.addr` and serves until `stop` is cancelled.
     pub async fn serve(
         self: Arc<Self>,
@@ -81,5 +96,24 @@ impl Mirror {
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         let listener = TcpListener::bind(self.cfg.addr).await?;
         Ok(serve::spawn(self, listener, stop))
+    }
+}
+
+/// Aborts containerd's ingest of blob `digest`, under each ref its fetcher may have given it
+/// (`remotes.MakeRefKey`: layers, configs, anything else); absent ones are fine.
+async fn drop_download(channel: tonic::transport::Channel, namespace: &str, digest: &str) {
+    for kind in ["layer", "config", "unknown"] {
+        let reference = format!("{kind}-{digest}");
+        match crate::upstream::content::abort_ingest(channel.clone(), namespace, &reference).await {
+            Ok(()) => tracing::debug!(
+                ingest = reference,
+                "download cut for a digest mismatch dropped"
+            ),
+            Err(e) => tracing::warn!(
+                ingest = reference,
+                error = e.message(),
+                "cannot drop the download cut for a digest mismatch"
+            ),
+        }
     }
 }
