@@ -496,7 +496,7 @@ impl Pump {
             return Err(Stop::Gone);
         }
         if let Some(actual) = mismatch {
-            self.mismatch(&actual, tx);
+            self.mismatch(&actual).await;
             return Err(Stop::Failed);
         }
         self.at += n;
@@ -506,8 +506,10 @@ impl Pump {
     }
 
     /// The blob's bytes did not hash to its digest: the body is cut before its last byte (the
-    /// caller fails it), and containerd's download of it is dropped once containerd lets go.
-    fn mismatch(&self, actual: &str, tx: &Tx) {
+    /// caller fails it), and containerd's download of it is dropped first. containerd keeps a
+    /// cut download and resumes it, corrupt bytes included; while this stream is open its
+    /// writer holds the ingest's ref, so no other download of the blob is dropped with it.
+    async fn mismatch(&self, actual: &str) {
         let key = &self.source.key;
         let upstream = match &self.from {
             Source::Mirror(h) => h.as_str(),
@@ -516,16 +518,15 @@ impl Pump {
         self.mirror.metrics.digest_mismatches.inc();
         warn!(blob = %key.name, repository = %key.repository, upstream, actual,
               "upstream's bytes do not match the blob's digest: response cut before its last byte");
-        let Some((channel, namespace)) = self.mirror.ingests.clone() else {
-            return;
-        };
-        let (tx, digest) = (tx.clone(), key.name.clone());
-        tokio::spawn(async move {
-            // containerd closes its writer when its read fails; the ingest goes after that.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tx.closed()).await;
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            super::drop_download(channel, &namespace, &digest).await;
-        });
+        if let Some((channel, namespace)) = self.mirror.ingests.clone() {
+            let drop = super::drop_download(channel, &namespace, &key.name);
+            if tokio::time::timeout(std::time::Duration::from_secs(5), drop)
+                .await
+                .is_err()
+            {
+                warn!(blob = %key.name, "containerd did not answer within 5s: its cut download of the blob is kept");
+            }
+        }
     }
 
     /// Pays for `chunk` in the bandwidth buckets; a pause that begins meanwhile holds the payment
