@@ -17,7 +17,9 @@ use common::*;
 fn mirror_addr(node: &Node) -> String {
     let cfg = std::fs::read_to_string(node.pullgate.config_path()).unwrap();
     let line = cfg.lines().find(|l| l.starts_with("addr = ")).unwrap();
-    line.trim_start_matches("addr = ").trim_matches('"').to_string()
+    line.trim_start_matches("addr = ")
+        .trim_matches('"')
+        .to_string()
 }
 
 /// GETs `path` from the mirror; returns status, Content-Length, bytes received, and whether the
@@ -64,14 +66,21 @@ async fn wrong_bytes_under_a_digest_never_reach_a_caller_complete() {
     assert_eq!(status, 200);
     let len = len.expect("Content-Length");
     assert_eq!(len, img.layer_blob_sizes[0]);
-    assert!((body.len() as u64) < len, "the body stops short: {}", body.len());
+    assert!(
+        (body.len() as u64) < len,
+        "the body stops short: {}",
+        body.len()
+    );
     assert!(failed, "the body ends in an error");
     let m = node.pullgate.metrics().await;
     assert_eq!(
         metric_value(&m, "pullgate_mirror_digest_mismatches_total"),
         1.0
     );
-    assert!(node.pullgate.log().contains("do not match the blob's digest"));
+    assert!(node
+        .pullgate
+        .log()
+        .contains("do not match the blob's digest"));
 
     // A digest the mirror cannot check is not served (containerd goes to its next host).
     let path = format!(
@@ -151,30 +160,30 @@ const DIGEST: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
 async fn redirects_to_metadata_or_pullgate_itself_are_refused() {
     let node = Node::start(None).await;
     let mirror = mirror_addr(&node);
-    let fake = redirecting(Arc::new(|_| "http://169.254.169.254/latest/meta-data/".into())).await;
-    let started = Instant::now();
-    let (status, _, body, _) = get(
-        &mirror,
-        &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr),
-    )
+    let fake = redirecting(Arc::new(|_| {
+        "http://169.254.169.254/latest/meta-data/".into()
+    }))
     .await;
+    let started = Instant::now();
+    let (status, _, body, _) =
+        get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
     let body = String::from_utf8_lossy(&body);
     assert!(status >= 400, "{status} {body}");
     assert!(
         body.contains("169.254.169.254") && body.contains("metadata"),
         "{body}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5), "no connect attempt");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no connect attempt"
+    );
 
     // Back to the mirror itself: refused, no recursion.
     let own = format!("http://{mirror}/v2/x/y/blobs/{DIGEST}?ns=127.0.0.1:1");
     let fake = redirecting(Arc::new(move |_| own.clone())).await;
     let before = mirror_requests(&node).await;
-    let (status, _, body, _) = get(
-        &mirror,
-        &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr),
-    )
-    .await;
+    let (status, _, body, _) =
+        get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
     let body = String::from_utf8_lossy(&body);
     assert!(status >= 400, "{status} {body}");
     assert!(body.contains("own listen address"), "{body}");
@@ -183,11 +192,7 @@ async fn redirects_to_metadata_or_pullgate_itself_are_refused() {
     // And to its metrics listener.
     let metrics = format!("http://{}/metrics", node.pullgate.metrics_addr());
     let fake = redirecting(Arc::new(move |_| metrics.clone())).await;
-    let (_, _, body, _) = get(
-        &mirror,
-        &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr),
-    )
-    .await;
+    let (_, _, body, _) = get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
     let body = String::from_utf8_lossy(&body);
     assert!(!body.contains("pullgate_"), "{body}");
     assert!(body.contains("own listen address"), "{body}");
@@ -214,11 +219,8 @@ async fn a_chain_of_redirects_stops_at_five_and_an_html_page_is_no_blob() {
     }))
     .await;
     *hops.lock().unwrap() = format!("http://{}", fake.addr);
-    let (status, _, body, _) = get(
-        &mirror,
-        &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr),
-    )
-    .await;
+    let (status, _, body, _) =
+        get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
     let body = String::from_utf8_lossy(&body);
     assert!(status >= 400, "{status} {body}");
     assert!(body.contains("more than 5 redirects"), "{body}");
@@ -246,11 +248,8 @@ async fn a_chain_of_redirects_stops_at_five_and_an_html_page_is_no_blob() {
     .await;
     let target = format!("http://{}/admin", internal.addr);
     let fake = redirecting(Arc::new(move |_| target.clone())).await;
-    let (status, len, body, failed) = get(
-        &mirror,
-        &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr),
-    )
-    .await;
+    let (status, len, body, failed) =
+        get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
     if status == 200 {
         assert!(failed, "the body must end in an error");
         assert!((body.len() as u64) < len.unwrap_or(u64::MAX));

@@ -96,6 +96,16 @@ pub async fn serve(
     };
     let verifier =
         super::verify::Verifier::new(&key.name, size, state, hash_from, range.start, range.end);
+    // No checkpoint (pullgate restarted): a running job's resumed blob is served unchecked, as
+    // its partial ranges are (containerd verifies the whole blob at commit); re-reading the
+    // prefix would cost up to the whole blob again. Anything else is re-read, hash-only.
+    let (hash_from, verifier) = if hash_from == 0 && range.start > 0 && class.is_none() {
+        debug!(blob = %key.name, from = range.start,
+               "resumed request with no checkpoint: served unchecked for the job's pull");
+        (range.start, verifier.unchecked())
+    } else {
+        (hash_from, verifier)
+    };
     if hash_from < range.start {
         mirror
             .metrics
@@ -230,10 +240,12 @@ enum Stop {
 impl Pump {
     async fn run(mut self, first: crate::registry::BlobBody, tx: Tx) {
         match self.pump(first, &tx).await {
-            Ok(()) | Err(Stop::Gone) => {}
+            Ok(()) => {}
+            Err(Stop::Gone) => self.verifier.stopped(&self.mirror.checkpoints),
             // Cutting the body short makes containerd's read fail: it keeps what it has written,
             // and its next attempt resumes with a Range.
             Err(Stop::Failed) => {
+                self.verifier.stopped(&self.mirror.checkpoints);
                 let _ = tx
                     .send(Err(std::io::Error::other("upstream stream failed")))
                     .await;

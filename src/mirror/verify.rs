@@ -5,9 +5,10 @@
 //!
 //! containerd resumes an ingest with `Range: bytes=N-`: the hash of bytes `0..N` then comes from
 //! a checkpoint (the hasher state, cloned every [`CHECKPOINT_EVERY`] bytes served) at or below
-//! `N`, and only `checkpoint..N` is read upstream again, hash-only. Checkpoints are bounded:
-//! [`BLOBS`] blobs (least recently used out), [`PER_BLOB`] per blob (every other dropped when
-//! full, so their spacing doubles), about 100 KiB in all for sha256.
+//! `N`, and only `checkpoint..N` is read upstream again, hash-only; a stream that stops leaves
+//! finer ones ([`RECENT_EVERY`]) over its last [`RECENT_SPAN`] bytes, where containerd resumes.
+//! Checkpoints are bounded: [`BLOBS`] blobs (least recently used out), [`PER_BLOB`] per blob
+//! (every other of the older half dropped when full), under 1 MiB in all.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -19,10 +20,14 @@ use crate::registry::digest::hex;
 
 /// How often (in bytes hashed) a checkpoint is taken.
 pub const CHECKPOINT_EVERY: u64 = 4 << 20;
+/// Finer checkpoints of the last [`RECENT_SPAN`] bytes a stream hashed, stored when it stops:
+/// containerd resumes where its writes stopped, at most the bytes in flight behind that.
+pub const RECENT_EVERY: u64 = 64 << 10;
+pub const RECENT_SPAN: u64 = 8 << 20;
 /// Blobs whose checkpoints are kept.
-pub const BLOBS: usize = 64;
-/// Checkpoints kept per blob.
-pub const PER_BLOB: usize = 32;
+pub const BLOBS: usize = 32;
+/// Checkpoints kept per blob (the older half thinned when full).
+pub const PER_BLOB: usize = 192;
 
 /// A running hash, cheap to clone (a few hundred bytes of state).
 #[derive(Clone)]
@@ -75,6 +80,8 @@ pub struct Verifier {
     /// Bytes before this offset are hashed only (containerd already has them).
     deliver_from: u64,
     last_checkpoint: u64,
+    /// States of the last [`RECENT_SPAN`] bytes, every [`RECENT_EVERY`].
+    recent: VecDeque<(u64, State)>,
 }
 
 /// What to do with a chunk.
@@ -106,7 +113,23 @@ impl Verifier {
             size,
             deliver_from,
             last_checkpoint: pos,
+            recent: VecDeque::new(),
         }
+    }
+
+    /// The stream stops short of the blob's end: its recent states become checkpoints.
+    pub fn stopped(&mut self, checkpoints: &Checkpoints) {
+        if self.state.is_some() {
+            for (at, state) in self.recent.drain(..) {
+                checkpoints.put(&self.digest, at, state);
+            }
+        }
+    }
+
+    /// Gives up checking this response.
+    pub fn unchecked(mut self) -> Verifier {
+        self.state = None;
+        self
     }
 
     /// Whether this response is checked.
@@ -129,9 +152,11 @@ impl Verifier {
         if self.pos >= self.size {
             let actual = state.clone().finish();
             if actual == self.digest {
+                self.state = None;
                 return Fed::Send(chunk);
             }
             checkpoints.forget(&self.digest);
+            self.state = None;
             let keep = chunk.len().saturating_sub(1);
             chunk.truncate(keep);
             return Fed::Mismatch {
@@ -142,6 +167,17 @@ impl Verifier {
         if self.pos - self.last_checkpoint >= CHECKPOINT_EVERY {
             self.last_checkpoint = self.pos;
             checkpoints.put(&self.digest, self.pos, state.clone());
+        }
+        let last = self.recent.back().map_or(0, |(at, _)| *at);
+        if self.recent.is_empty() || self.pos - last >= RECENT_EVERY {
+            self.recent.push_back((self.pos, state.clone()));
+            while self
+                .recent
+                .front()
+                .is_some_and(|(at, _)| *at + RECENT_SPAN < self.pos)
+            {
+                self.recent.pop_front();
+            }
         }
         Fed::Send(chunk)
     }
@@ -178,11 +214,11 @@ impl Checkpoints {
             Err(i) => cps.insert(i, (at, state)),
         }
         if cps.len() > PER_BLOB {
-            // Every other one goes, the latest stays.
-            let (len, mut i) = (cps.len(), 0);
+            // Every other one of the older half goes: the spacing grows away from the end.
+            let (half, mut i) = (cps.len() / 2, 0);
             cps.retain(|_| {
                 i += 1;
-                (len - i) % 2 == 0
+                i > half || i % 2 == 0
             });
         }
         blobs.push_back(entry);
@@ -291,10 +327,15 @@ mod tests {
         let cut = (5 * CHECKPOINT_EVERY / 2) as usize;
         run(&mut v, &data[..cut], 0, 65_536, &cps);
         assert_eq!(cps.count(&d), 2);
+        // Stopped there: its last states are kept too, so a resume right behind reads little.
+        v.stopped(&cps);
+        assert!(cps.count(&d) > 2);
+        let (near, _) = cps.at_or_below(&d, cut as u64 - 1, fresh(&d).unwrap());
+        assert!(cut as u64 - near <= RECENT_EVERY, "{near}");
         // containerd resumes at N: the checkpoint at or below N is used.
-        let n = cut as u64 - 1000;
+        let n = (cut as u64 - RECENT_SPAN).max(2 * CHECKPOINT_EVERY + 1000);
         let (from, state) = cps.at_or_below(&d, n, fresh(&d).unwrap());
-        assert_eq!(from, 2 * CHECKPOINT_EVERY);
+        assert!(from <= n && n - from <= RECENT_EVERY, "{from} {n}");
         let mut v = Verifier::new(&d, size as u64, state, from, n, size as u64);
         let (sent, mismatch) = run(&mut v, &data, from as usize, 65_536, &cps);
         assert_eq!(mismatch, None);
