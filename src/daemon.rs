@@ -39,19 +39,22 @@ async fn pull_path(
         request_timeout: m.request_timeout,
         user_agent: format!("pullgate/{}", env!("CARGO_PKG_VERSION")),
         mirror_credentials: m.mirror_credentials,
-        skip_hosts: vec![m.addr.to_string()],
+        skip_hosts: vec![m.addr.to_string(), cfg.metrics.addr.to_string()],
     });
     let demand = Demand::new();
     let mut hosts = None;
     if m.enabled {
-        let mirror = Arc::new(Mirror::new(
-            m.clone(),
-            demand.clone(),
-            registry.clone(),
-            scheduler.clone(),
-            metrics.clone(),
-            crate::mirror::containerd_config::keepalive(&cfg.containerd.config_file),
-        ));
+        let mirror = Arc::new(
+            Mirror::new(
+                m.clone(),
+                demand.clone(),
+                registry.clone(),
+                scheduler.clone(),
+                metrics.clone(),
+                crate::mirror::containerd_config::keepalive(&cfg.containerd.config_file),
+            )
+            .with_ingests(containerd.channel(), cfg.containerd.namespace.clone()),
+        );
         mirror.also_own(cfg.metrics.addr);
         mirror
             .serve(stop.clone())

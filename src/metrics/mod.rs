@@ -97,6 +97,8 @@ pub struct Metrics {
     /// Mirror connections closed unread, by reason (`uid`, `unknown_peer`, `cap`, `idle_evicted`).
     pub mirror_refused_connections: Family<ReasonLabels, Counter>,
     pub blob_retries: Counter,
+    pub digest_mismatches: Counter,
+    pub rehashed_bytes: Counter,
     pub parked_streams: Counter,
     pub range_parts: Counter,
     pub fetch_fallbacks: Family<ReasonLabels, Counter>,
@@ -202,6 +204,18 @@ impl Metrics {
             "blob_retries",
             "Blob streams the mirror resumed upstream with a Range after a cut or stall",
             blob_retries.clone(),
+        );
+        let digest_mismatches = Counter::default();
+        registry.register(
+            "mirror_digest_mismatches",
+            "Blob responses the mirror cut before their last byte because upstream's bytes did not hash to the digest",
+            digest_mismatches.clone(),
+        );
+        let rehashed_bytes = Counter::default();
+        registry.register(
+            "mirror_rehashed_bytes",
+            "Bytes read upstream only to hash them, for containerd's Range requests past the mirror's last checkpoint of the blob",
+            rehashed_bytes.clone(),
         );
         let parked_streams = Counter::default();
         registry.register(
@@ -336,6 +350,8 @@ impl Metrics {
             mirror_unscheduled,
             mirror_refused_connections,
             blob_retries,
+            digest_mismatches,
+            rehashed_bytes,
             parked_streams,
             range_parts,
             fetch_fallbacks,

@@ -20,7 +20,7 @@ use super::Mirror;
 use crate::metrics::{Metrics, ReasonLabels};
 
 /// Sent by pullgate's registry client on every upstream request.
-pub const HOP_HEADER: &str = "x-pullgate-hop";
+pub use crate::registry::HOP_HEADER;
 
 /// How often a refusal is logged at warn (the counter has them all).
 const LOG_EVERY: Duration = Duration::from_secs(60);

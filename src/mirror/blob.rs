@@ -65,11 +65,57 @@ pub async fn serve(
             return r;
         }
     };
+    // Only what can be checked is served: containerd fetches the rest from its next host.
+    let Some(fresh) = super::verify::fresh(&key.name) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "pullgate verifies sha256 and sha512 blobs only",
+        );
+    };
     let resp = head_of(&key, size, range.clone());
     let range = range.unwrap_or(0..size);
+    if range.end < size && class.is_some() {
+        // A range short of the blob's end (containerd 2.1's multipart fetch) cannot be hashed
+        // to the digest: served only for blobs of a running job, whose pull containerd verifies.
+        return status(
+            StatusCode::NOT_FOUND,
+            "a partial range of an unscheduled blob cannot be verified",
+        );
+    }
     if head || range.is_empty() {
         return resp.body(empty()).expect("valid response");
     }
+    // A resumed request: the hash of the bytes before it comes from a checkpoint, and the bytes
+    // between the checkpoint and the range are read again, hash-only.
+    let (hash_from, state) = if range.end == size {
+        mirror
+            .checkpoints
+            .at_or_below(&key.name, range.start, fresh)
+    } else {
+        (range.start, fresh)
+    };
+    let verifier =
+        super::verify::Verifier::new(&key.name, size, state, hash_from, range.start, range.end);
+    // No checkpoint (pullgate restarted): a running job's resumed blob is served unchecked, as
+    // its partial ranges are (containerd verifies the whole blob at commit); re-reading the
+    // prefix would cost up to the whole blob again. Anything else is re-read, hash-only.
+    let (hash_from, verifier) = if hash_from == 0 && range.start > 0 && class.is_none() {
+        debug!(blob = %key.name, from = range.start,
+               "resumed request with no checkpoint: served unchecked for the job's pull");
+        (range.start, verifier.unchecked())
+    } else {
+        (hash_from, verifier)
+    };
+    if hash_from < range.start {
+        mirror
+            .metrics
+            .rehashed_bytes
+            .inc_by(range.start - hash_from);
+        debug!(blob = %key.name, from = hash_from, to = range.start,
+               "resumed request: re-reading upstream from the last checkpoint, hash-only");
+    }
+    let requested = range.start;
+    let range = hash_from..range.end;
     // Upstream headers come before containerd's: a refusal here (404, 401, 5xx) lets
     // containerd try its next host instead of failing mid-body.
     let _slot = mirror
@@ -82,7 +128,8 @@ pub async fn serve(
         == Class::Urgent)
         .then(|| mirror.scheduler.bandwidth.urgent_stream());
     debug!(blob = %key.name, repository = %key.repository, job = source.job,
-           from = range.start, to = range.end, urgent = urgent.is_some(), "serving blob");
+           from = requested, to = range.end, urgent = urgent.is_some(), verified = verifier.checks(),
+           "serving blob");
     let first = match fetch(mirror, &source, range.clone()).await {
         Ok(b) => b,
         Err(e) => return upstream_error(&key, &e),
@@ -111,6 +158,7 @@ pub async fn serve(
         probe,
         budget: None,
         keepalive_due: tokio::time::Instant::now() + mirror.keepalive,
+        verifier,
     };
     tokio::spawn(pump.run(first, tx));
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -171,6 +219,8 @@ struct Pump {
     /// When containerd has gone a keep-alive interval without a byte: if the stream is a paused
     /// prewarm one then, it gets a few bytes (see [`Pump::keep_alive`]).
     keepalive_due: tokio::time::Instant,
+    /// Hashes every byte at `at` on (see [`super::verify`]).
+    verifier: super::verify::Verifier,
 }
 
 type Tx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
@@ -190,10 +240,12 @@ enum Stop {
 impl Pump {
     async fn run(mut self, first: crate::registry::BlobBody, tx: Tx) {
         match self.pump(first, &tx).await {
-            Ok(()) | Err(Stop::Gone) => {}
+            Ok(()) => {}
+            Err(Stop::Gone) => self.verifier.stopped(&self.mirror.checkpoints),
             // Cutting the body short makes containerd's read fail: it keeps what it has written,
             // and its next attempt resumes with a Range.
             Err(Stop::Failed) => {
+                self.verifier.stopped(&self.mirror.checkpoints);
                 let _ = tx
                     .send(Err(std::io::Error::other("upstream stream failed")))
                     .await;
@@ -443,16 +495,50 @@ impl Pump {
             && self.mirror.registry.ranges_work(host) != Some(false)
     }
 
+    /// Sends blob bytes `at..at + chunk.len()`, all hashed first; those before the requested
+    /// range are hashed only.
     async fn send(&mut self, chunk: Bytes, tx: &Tx) -> Result<(), Stop> {
         let n = chunk.len() as u64;
-        if tx.send(Ok(Frame::data(chunk))).await.is_err() {
+        let (out, mismatch) = match self.verifier.feed(chunk, &self.mirror.checkpoints) {
+            super::verify::Fed::Send(b) => (b, None),
+            super::verify::Fed::Mismatch { send, actual } => (send, Some(actual)),
+        };
+        if !out.is_empty() && tx.send(Ok(Frame::data(out))).await.is_err() {
             debug!(blob = %self.source.key.name, at = self.at, "containerd closed the stream");
             return Err(Stop::Gone);
+        }
+        if let Some(actual) = mismatch {
+            self.mismatch(&actual).await;
+            return Err(Stop::Failed);
         }
         self.at += n;
         self.keepalive_due = tokio::time::Instant::now() + self.mirror.keepalive;
         self.mirror.demand.progress(&self.source.key, self.at);
         Ok(())
+    }
+
+    /// The blob's bytes did not hash to its digest: the body is cut before its last byte (the
+    /// caller fails it), and containerd's download of it is dropped first. containerd keeps a
+    /// cut download and resumes it, corrupt bytes included; while this stream is open its
+    /// writer holds the ingest's ref, so no other download of the blob is dropped with it.
+    async fn mismatch(&self, actual: &str) {
+        let key = &self.source.key;
+        let upstream = match &self.from {
+            Source::Mirror(h) => h.as_str(),
+            Source::Registry => key.registry.as_str(),
+        };
+        self.mirror.metrics.digest_mismatches.inc();
+        warn!(blob = %key.name, repository = %key.repository, upstream, actual,
+              "upstream's bytes do not match the blob's digest: response cut before its last byte");
+        if let Some((channel, namespace)) = self.mirror.ingests.clone() {
+            let drop = super::drop_download(channel, &namespace, &key.name);
+            if tokio::time::timeout(std::time::Duration::from_secs(5), drop)
+                .await
+                .is_err()
+            {
+                warn!(blob = %key.name, "containerd did not answer within 5s: its cut download of the blob is kept");
+            }
+        }
     }
 
     /// Pays for `chunk` in the bandwidth buckets; a pause that begins meanwhile holds the payment

@@ -27,6 +27,7 @@ mod parts;
 mod peer;
 pub mod route;
 mod serve;
+mod verify;
 
 use std::sync::Arc;
 
@@ -60,6 +61,11 @@ pub struct Mirror {
     also_own: std::sync::OnceLock<std::net::SocketAddr>,
     /// Which peers may connect ([`access::Gate`]).
     gate: access::Gate,
+    /// Hash states of partly served blobs, for containerd's resumed requests.
+    checkpoints: verify::Checkpoints,
+    /// containerd's content store (channel, namespace), where a download cut for a digest
+    /// mismatch is dropped; `None`: left to expire.
+    ingests: Option<(tonic::transport::Channel, String)>,
 }
 
 impl Mirror {
@@ -76,6 +82,8 @@ impl Mirror {
             pace: Default::default(),
             also_own: Default::default(),
             gate: access::Gate::new(cfg.allow_uids.clone()),
+            checkpoints: Default::default(),
+            ingests: None,
             cfg,
             demand,
             registry,
@@ -98,6 +106,13 @@ impl Mirror {
         ]
     }
 
+    /// Drops, in containerd's content store, the download of a blob the mirror cut for a digest
+    /// mismatch: containerd keeps a cut ingest and would resume it, corrupt prefix included.
+    pub fn with_ingests(mut self, channel: tonic::transport::Channel, namespace: String) -> Mirror {
+        self.ingests = Some((channel, namespace));
+        self
+    }
+
     /// Binds `cfg.addr` and serves until `stop` is cancelled.
     pub async fn serve(
         self: Arc<Self>,
@@ -105,5 +120,24 @@ impl Mirror {
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         let listener = TcpListener::bind(self.cfg.addr).await?;
         Ok(serve::spawn(self, listener, stop))
+    }
+}
+
+/// Aborts containerd's ingest of blob `digest`, under each ref its fetcher may have given it
+/// (`remotes.MakeRefKey`: layers, configs, anything else); absent ones are fine.
+async fn drop_download(channel: tonic::transport::Channel, namespace: &str, digest: &str) {
+    for kind in ["layer", "config", "unknown"] {
+        let reference = format!("{kind}-{digest}");
+        match crate::upstream::content::abort_ingest(channel.clone(), namespace, &reference).await {
+            Ok(()) => tracing::debug!(
+                ingest = reference,
+                "download cut for a digest mismatch dropped"
+            ),
+            Err(e) => tracing::warn!(
+                ingest = reference,
+                error = e.message(),
+                "cannot drop the download cut for a digest mismatch"
+            ),
+        }
     }
 }

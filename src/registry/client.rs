@@ -35,8 +35,9 @@ pub struct RegistryConfig {
     pub user_agent: String,
     /// Send the pull's credentials to mirrors too (containerd does not; default false).
     pub mirror_credentials: bool,
-    /// Hosts (`host[:port]`) left out of every hosts.toml: pullgate's own mirror, so that its
-    /// upstream requests never come back to itself.
+    /// Hosts (`host[:port]`) left out of every hosts.toml: pullgate's own listeners (mirror,
+    /// metrics), so that its upstream requests never come back to itself; redirects to them
+    /// are refused too.
     pub skip_hosts: Vec<String>,
 }
 
@@ -776,6 +777,14 @@ impl RegistryClient {
         extra: &[(HeaderName, HeaderValue)],
         auth: Option<&HeaderValue>,
     ) -> Result<reqwest::Response, RegistryError> {
+        if let Err(refused) = super::egress::check_target(url) {
+            return Err(RegistryError::Protocol(format!(
+                "{}: request to {} refused: {}",
+                host.authority(),
+                refused.host,
+                refused.why
+            )));
+        }
         let mut rb = http.get(url);
         for (name, value) in &host.headers {
             rb = rb.header(name.as_str(), value.as_str());
@@ -808,7 +817,10 @@ impl RegistryClient {
             Ok(Err(e)) => {
                 tracing::debug!(method = "GET", host = host.authority(), path, error = %chain(&e), "registry request failed");
                 let msg = format!("GET {path} on {}: {}", host.authority(), chain(&e));
-                if e.is_timeout() {
+                if e.is_redirect() {
+                    // A refused redirect (see `egress`): the next host, not a retry.
+                    Err(RegistryError::Protocol(msg))
+                } else if e.is_timeout() {
                     Err(RegistryError::Timeout(msg))
                 } else {
                     Err(RegistryError::Transport(msg))
@@ -840,7 +852,12 @@ fn build_http_client(
     let mut b = reqwest::Client::builder()
         .user_agent(config.user_agent.clone())
         .connect_timeout(config.request_timeout)
-        .redirect(reqwest::redirect::Policy::limited(10));
+        .redirect(super::egress::redirect_policy(config.skip_hosts.clone()))
+        .dns_resolver(super::egress::resolver())
+        .default_headers(http::HeaderMap::from_iter([(
+            HeaderName::from_static(super::HOP_HEADER),
+            HeaderValue::from_static("1"),
+        )]));
     if key.skip_verify {
         b = b.danger_accept_invalid_certs(true);
     }

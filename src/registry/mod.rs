@@ -9,7 +9,9 @@
 //! - [`client`] — [`RegistryClient`], which resolves an image for a platform and fetches blobs
 //!   (whole or ranged, streamed), mirrors tried in order with fallback to the registry;
 //! - [`error`] — [`RegistryError`];
-//! - [`digest`] — `sha256:<hex>` helpers.
+//! - [`digest`] — `sha256:<hex>` helpers;
+//! - [`egress`] — where requests may go: bounded redirects, no link-local/metadata addresses,
+//!   never pullgate's own listeners.
 //!
 //! Credentials go only to the image's own registry (the hosts.toml `server`), never to mirrors
 //! unless [`RegistryConfig::mirror_credentials`] is set, and never into a message or a log.
@@ -17,6 +19,7 @@
 pub mod auth;
 pub mod client;
 pub mod digest;
+pub mod egress;
 pub mod error;
 pub mod hosts;
 pub mod manifest;
@@ -29,3 +32,7 @@ pub use hosts::{load_hosts, RegistryHost, DEFAULT_CONFIG_PATH};
 pub use manifest::Platform;
 pub use oci_spec::image::Descriptor;
 pub use reference::ImageRef;
+
+/// Sent on every upstream request pullgate makes: pullgate's mirror refuses requests carrying
+/// it, so a registry or hosts.toml entry pointing back at pullgate cannot make it recurse.
+pub const HOP_HEADER: &str = "x-pullgate-hop";
