@@ -221,4 +221,25 @@ async fn below_the_free_space_threshold_a_failed_pull_keeps_nothing() {
         1.0,
         "{m}"
     );
+    // `pullgate status` reads the same root (from containerd's config) and says so.
+    let out = Command::new(common::daemon::binary())
+        .arg("status")
+        .arg("--config")
+        .arg(node.pullgate.config_path())
+        .args(["--kubelet-config", "/nonexistent", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(v["disk"]["pressure"], true, "{v}");
+    assert_eq!(
+        v["disk"]["root"],
+        node.containerd.dir().join("root").display().to_string(),
+        "{v}"
+    );
+    assert!(v["disk"]["size_bytes"].as_u64().unwrap() <= 300 << 20, "{v}");
+    assert!(
+        v["problems"].to_string().contains("mirror.keep_partial_min_free"),
+        "{v}"
+    );
 }
