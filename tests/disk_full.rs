@@ -237,9 +237,14 @@ async fn below_the_free_space_threshold_a_failed_pull_keeps_nothing() {
         node.containerd.dir().join("root").display().to_string(),
         "{v}"
     );
-    assert!(v["disk"]["size_bytes"].as_u64().unwrap() <= 300 << 20, "{v}");
     assert!(
-        v["problems"].to_string().contains("mirror.keep_partial_min_free"),
+        v["disk"]["size_bytes"].as_u64().unwrap() <= 300 << 20,
+        "{v}"
+    );
+    assert!(
+        v["problems"]
+            .to_string()
+            .contains("mirror.keep_partial_min_free"),
         "{v}"
     );
 }

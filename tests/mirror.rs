@@ -329,9 +329,11 @@ async fn pullgate_killed_mid_pull_the_retry_resumes_what_containerd_kept() {
             .filter(|l| l.starts_with("pullgate-"))
             .count()
     };
-    wait_for("no lease of pullgate left", Duration::from_secs(10), || async {
-        ours() == 0
-    })
+    wait_for(
+        "no lease of pullgate left",
+        Duration::from_secs(10),
+        || async { ours() == 0 },
+    )
     .await;
 }
 
