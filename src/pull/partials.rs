@@ -200,9 +200,11 @@ impl Partials {
             Verdict::DropAll => {
                 let mut ids: Vec<String> = mine.into_iter().map(|(_, id)| id).collect();
                 ids.extend(self.take_kept());
+                let started = std::time::Instant::now();
                 let freed = self.delete_now(&ids, "disk_full").await;
                 let free = self.disk.sample().map(|r| disk::human(r.free));
                 warn!(leases = ?freed, free = free.as_deref().unwrap_or("unknown"),
+                      took_ms = started.elapsed().as_millis() as u64,
                       "containerd ran out of disk space: pullgate's kept partial downloads were \
                        deleted so that the node can pull again");
             }
@@ -253,7 +255,7 @@ impl Partials {
     }
 
     /// Keeps `id` as the image's lease; an earlier one's content moves into it first.
-    fn keep(self: &Partials, image: String, id: String) {
+    fn keep(&self, image: String, id: String) {
         let displaced = self.kept.lock().unwrap().insert(image, id.clone());
         self.gauge();
         if let Some(old) = displaced.filter(|o| *o != id) {
