@@ -12,6 +12,9 @@ use common::daemon::Pullgate;
 use common::slowproxy::SlowProxy;
 use common::*;
 
+/// The default, written out: the harness lowers it for tests on the build machine's disk.
+const DEFAULT_MIN_FREE: &str = "keep_partial_min_free = \"15%\"";
+
 /// A tmpfs mounted for the test, unmounted when dropped (after containerd has stopped).
 struct Tmpfs(PathBuf);
 
@@ -92,7 +95,7 @@ impl SmallDisk {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_that_fills_the_disk_leaves_the_node_able_to_pull() {
-    let node = SmallDisk::start("300m", "").await;
+    let node = SmallDisk::start("300m", DEFAULT_MIN_FREE).await;
     let big = push_image(&node.registry, "disk/big", "v1", &[400 << 20], None).await;
     let small = push_image(&node.registry, "disk/small", "v1", &[1 << 20], None).await;
 
@@ -166,7 +169,7 @@ async fn fail_midway(node: &SmallDisk, proxy: &mut SlowProxy, reference: &str, a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_keep_one_lease_per_image_and_still_resume() {
-    let node = SmallDisk::start("300m", "").await;
+    let node = SmallDisk::start("300m", DEFAULT_MIN_FREE).await;
     let size = 4 << 20;
     let img = push_image(&node.registry, "disk/retry", "v1", &[size], None).await;
     let mut proxy = node.slow_proxy(1 << 20).await;
