@@ -18,9 +18,11 @@ use crate::mirror::hosts_dir::HostsKeeper;
 use crate::mirror::{Demand, Mirror};
 use crate::prewarm::gate::{P2pGate, ProbeKind};
 use crate::prewarm::Prewarmer;
+use crate::pull::partials::Partials;
 use crate::pull::{Class, ContainerdPuller, PullCoordinator, Puller, ScheduledPuller};
 use crate::registry::{Platform, RegistryClient, RegistryConfig};
 use crate::schedule::{Scheduler, Setup};
+use crate::upstream::disk::Watch;
 use crate::upstream::{Containerd, Leases};
 use crate::watchdog::{self, Watchdog};
 
@@ -78,6 +80,7 @@ async fn pull_path(
     } else {
         info!("mirror disabled: containerd fetches images itself, unpaced; pullgate still orders and admits pulls");
     }
+    let partials = partials(cfg, containerd, metrics, stop);
     let puller = Arc::new(ScheduledPuller {
         scheduler: scheduler.clone(),
         demand,
@@ -86,17 +89,75 @@ async fn pull_path(
         metrics: metrics.clone(),
         platform: Platform::node(),
         hosts: hosts.clone(),
-        resume: (!m.keep_partial.is_zero()).then(|| {
-            (
-                Leases::new(containerd.channel(), cfg.containerd.namespace.clone()),
-                m.keep_partial,
-            )
-        }),
+        resume: partials.clone(),
         preempt: cfg.containerd.preempt_prewarm,
         containerd: containerd.clone(),
         shared_limit: Default::default(),
     });
     Ok((Arc::new(puller), hosts))
+}
+
+/// The leases that keep failed pulls' downloads (`None`: `mirror.keep_partial` is 0), and the
+/// disk sampler that drops them when containerd's root runs low. An earlier process's leases are
+/// sorted out off the start-up path.
+fn partials(
+    cfg: &Config,
+    containerd: &Containerd,
+    metrics: &Arc<Metrics>,
+    stop: &CancellationToken,
+) -> Option<Arc<Partials>> {
+    let root = crate::upstream::disk::root(&cfg.containerd);
+    let watch = || {
+        Watch::new(
+            root.clone(),
+            cfg.mirror.keep_partial_min_free,
+            metrics.clone(),
+        )
+    };
+    let every = cfg
+        .containerd
+        .health_interval
+        .min(crate::prewarm::gate::MAX_TICK);
+    if cfg.mirror.keep_partial.is_zero() {
+        let watch = watch();
+        tokio::spawn(every_tick(every, stop.clone(), move || {
+            watch.sample();
+            async {}
+        }));
+        return None;
+    }
+    let partials = Arc::new(Partials::new(
+        Leases::new(containerd.channel(), cfg.containerd.namespace.clone()),
+        cfg.mirror.keep_partial,
+        watch(),
+        metrics.clone(),
+    ));
+    let (p, stop) = (partials.clone(), stop.clone());
+    tokio::spawn(async move {
+        p.adopt_stale().await;
+        every_tick(every, stop, move || {
+            let p = p.clone();
+            async move { p.sweep().await }
+        })
+        .await
+    });
+    Some(partials)
+}
+
+/// Runs `f` every `every` until `stop`.
+async fn every_tick<F, Fut>(every: std::time::Duration, stop: CancellationToken, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => f().await,
+        }
+    }
 }
 
 /// Reads the config again (file and flags) for SIGHUP.

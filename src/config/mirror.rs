@@ -39,6 +39,9 @@ pub struct MirrorConfig {
     /// with the pull.
     #[serde(with = "units::duration")]
     pub keep_partial: Duration,
+    /// Free space containerd's root must keep for partial downloads to be kept (a quantity or a
+    /// percentage of the filesystem); below it a failed pull's downloads are dropped at once.
+    pub keep_partial_min_free: units::Share,
     /// Resumptions (ranged, from the byte reached) of one blob stream cut upstream.
     #[serde(deserialize_with = "units::whole::<_, _, 0, 100>")]
     pub retries: u32,
@@ -75,6 +78,9 @@ impl Default for MirrorConfig {
             mirror_credentials: false,
             request_timeout: Duration::from_secs(30),
             keep_partial: Duration::from_secs(3600),
+            // kubelet's default hard eviction threshold `imagefs.available<15%`: below it kubelet
+            // evicts pods and deletes images, so partials must not be what holds the space.
+            keep_partial_min_free: units::Share::Percent(15),
             retries: 4,
             unscheduled: Unscheduled::Urgent,
             header_read_timeout: Duration::from_secs(10),

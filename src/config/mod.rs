@@ -241,6 +241,10 @@ pub struct ContainerdConfig {
     /// containerd's own config file, read to check that its CRI registry `config_path` is
     /// `mirror.hosts_dir` (at start and in `/readyz`); empty: not checked.
     pub config_file: PathBuf,
+    /// containerd's root directory, whose free space decides whether partial downloads are kept
+    /// (`mirror.keep_partial_min_free`); empty: `root` of `config_file`, else
+    /// `/var/lib/containerd`.
+    pub root: PathBuf,
     /// Hand prewarm pulls back from containerd while a pod's pull runs (what they downloaded is
     /// kept, see `mirror.keep_partial`), and forward them again after: `auto` on containerd 2.x,
     /// whose transfer service limits the downloads of every pull on the node with one semaphore
@@ -266,6 +270,7 @@ impl Default for ContainerdConfig {
             connect_timeout: Duration::from_secs(5),
             health_interval: Duration::from_secs(5),
             config_file: PathBuf::from("/etc/containerd/config.toml"),
+            root: PathBuf::new(),
             preempt_prewarm: Preempt::Auto,
         }
     }
@@ -434,6 +439,13 @@ impl Config {
                 "containerd.config_file",
                 &self.containerd.config_file,
                 "/etc/containerd/config.toml",
+            ));
+        }
+        if !self.containerd.root.as_os_str().is_empty() {
+            paths.push((
+                "containerd.root",
+                &self.containerd.root,
+                "/var/lib/containerd",
             ));
         }
         for (key, path, like) in paths {

@@ -117,7 +117,16 @@ pub struct Metrics {
     pub panics: Family<TaskLabels, Counter>,
     /// systemd watchdog self-checks by result (`ok`: a ping was sent, `failed`: none).
     pub watchdog_checks: Family<ResultLabels, Counter>,
+    /// containerd's root filesystem, sampled every `containerd.health_interval`.
+    pub disk_free: Gauge,
+    pub disk_size: Gauge,
+    pub disk_pressure: Gauge,
+    pub kept_partials: Gauge,
+    pub partials_dropped: Family<ReasonLabels, Counter>,
 }
+
+/// Why kept partial downloads were dropped (`pullgate_partial_leases_dropped_total{reason}`).
+pub const DROP_REASONS: [&str; 3] = ["disk_full", "low_disk", "stale"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -305,6 +314,41 @@ impl Metrics {
             "Tasks that panicked (a bug in pullgate): a pull job's requesters got an internal error",
             panics.clone(),
         );
+        let disk_free = Gauge::default();
+        registry.register(
+            "containerd_disk_free_bytes",
+            "Bytes available on the filesystem of containerd's root",
+            disk_free.clone(),
+        );
+        let disk_size = Gauge::default();
+        registry.register(
+            "containerd_disk_size_bytes",
+            "Size of the filesystem of containerd's root",
+            disk_size.clone(),
+        );
+        let disk_pressure = Gauge::default();
+        registry.register(
+            "disk_pressure",
+            "1 when containerd's root has less free space than mirror.keep_partial_min_free \
+             (failed pulls' downloads are not kept)",
+            disk_pressure.clone(),
+        );
+        let kept_partials = Gauge::default();
+        registry.register(
+            "partial_leases",
+            "Leases holding the downloads of failed or interrupted pulls for their next attempt",
+            kept_partials.clone(),
+        );
+        let partials_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "partial_leases_dropped",
+            "Leases of failed pulls deleted to free disk: disk_full (a pull hit ENOSPC), \
+             low_disk (below mirror.keep_partial_min_free), stale (older attempts found at start)",
+            partials_dropped.clone(),
+        );
+        for reason in DROP_REASONS {
+            let _ = partials_dropped.get_or_create(&ReasonLabels { reason });
+        }
         for task in ["pull", "prewarm"] {
             let _ = panics.get_or_create(&TaskLabels { task });
         }
@@ -367,6 +411,11 @@ impl Metrics {
             lane_waiting,
             panics,
             watchdog_checks,
+            disk_free,
+            disk_size,
+            disk_pressure,
+            kept_partials,
+            partials_dropped,
         }
     }
 

@@ -10,6 +10,7 @@
 
 mod coordinator;
 mod finish;
+pub mod partials;
 pub mod request;
 mod scheduled;
 

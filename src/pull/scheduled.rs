@@ -14,16 +14,18 @@
 //! resolve (registry down, unknown auth scheme, not found) still takes its turn and is forwarded:
 //! containerd then fetches from its other hosts and answers with its own error if it fails too.
 //! Each forwarded pull runs under a lease pullgate creates ([`crate::upstream::leases`]), so a
-//! pull cut short keeps what containerd downloaded for the next attempt.
+//! pull cut short keeps what containerd downloaded for the next attempt, while the disk has room
+//! ([`super::partials`]).
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tracing::{debug, info, warn};
 
+use super::partials::{Partials, PullLease};
 use super::{ContainerdPuller, PullJob, Puller};
 use crate::config::Preempt;
 use crate::grpc::CapturedReply;
@@ -34,8 +36,11 @@ use crate::mirror::{Demand, Registration};
 use crate::registry::{Credentials, ImageRef, Platform, RegistryClient, RegistryError};
 use crate::schedule::{Scheduler, Ticket};
 use crate::upstream::content::{abort_ingest, failed_commit_ref};
-use crate::upstream::leases::LEASE_HEADER;
-use crate::upstream::{Containerd, Leases};
+use crate::upstream::Containerd;
+
+/// The longest a failed pull's reply waits for its kept downloads to be settled (deleted with
+/// containerd's GC run, on a full disk): containerd freed 300 MB in well under a second here.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 /// A [`Puller`] that admits each job before containerd pulls it through the mirror.
 pub struct ScheduledPuller {
@@ -47,8 +52,8 @@ pub struct ScheduledPuller {
     pub platform: Platform,
     /// Re-checks pullgate's hosts.toml entry for the image's registry before each pull.
     pub hosts: Option<HostsKeeper>,
-    /// The lease each forwarded pull runs under, and how long it outlives a failed pull.
-    pub resume: Option<(Leases, Duration)>,
+    /// The leases that keep a failed pull's downloads for its next attempt.
+    pub resume: Option<Arc<Partials>>,
     /// Hand prewarm pulls back from containerd while a pod's pull runs.
     pub preempt: Preempt,
     /// For `Preempt::Auto`: containerd's version decides, asked once.
@@ -117,10 +122,21 @@ impl Puller for Arc<ScheduledPuller> {
             if reply.status().code() == tonic::Code::Ok {
                 // Off the requester's path: the reply does not wait on containerd's metadata
                 // write.
-                let me = me.clone();
-                tokio::spawn(async move { me.release_lease(lease).await });
+                if let (Some(p), Some(l)) = (me.resume.clone(), lease) {
+                    tokio::spawn(async move { p.succeeded(l).await });
+                }
             } else {
                 me.drop_corrupt_ingest(reply.status().message()).await;
+                // Before the reply, so a full disk is freed by the time the requester retries;
+                // bounded, so a slow containerd GC never holds the reply (the work goes on).
+                if let Some(p) = me.resume.clone() {
+                    let message = reply.status().message().to_string();
+                    let settle = tokio::spawn(async move { p.failed(lease, &message).await });
+                    if tokio::time::timeout(SETTLE_WAIT, settle).await.is_err() {
+                        warn!(wait = ?SETTLE_WAIT, "freeing the failed pull's downloads takes \
+                              longer than usual: answering now, containerd's GC goes on");
+                    }
+                }
             }
             reply
         }
@@ -201,11 +217,10 @@ impl ScheduledPuller {
     /// A blob that failed containerd's verification must not stay as a complete ingest (kept by
     /// the lease, the next attempt would fail its commit again): it is aborted.
     async fn drop_corrupt_ingest(&self, message: &str) {
-        let (Some(reference), Some((leases, _))) = (failed_commit_ref(message), &self.resume)
-        else {
+        let (Some(reference), Some(partials)) = (failed_commit_ref(message), &self.resume) else {
             return;
         };
-        let (channel, namespace) = leases.channel();
+        let (channel, namespace) = partials.leases().channel();
         match abort_ingest(channel.clone(), namespace, reference).await {
             Ok(()) => info!(
                 ingest = reference,
@@ -219,20 +234,6 @@ impl ScheduledPuller {
         }
     }
 
-    /// After a successful pull the image holds its content: the lease goes. After a failure it
-    /// stays (it expires by itself), so the next attempt resumes what containerd downloaded.
-    async fn release_lease(&self, lease: Option<String>) {
-        let (Some(id), Some((leases, _))) = (lease, &self.resume) else {
-            return;
-        };
-        if let Err(e) = leases.delete(&id).await {
-            debug!(
-                lease = id,
-                error = e.message(),
-                "lease not deleted; it expires by itself"
-            );
-        }
-    }
     /// Forwards the pull to containerd. A prewarm pull is handed back (the call dropped, which
     /// cancels containerd's pull; its downloads stay under the lease) while a pod's pull runs,
     /// and forwarded again once none does, when containerd shares one download limit between
@@ -286,25 +287,9 @@ impl ScheduledPuller {
             .await
     }
 
-    /// Creates the pull's lease and names it in the forwarded request; `None` (containerd uses
-    /// its own) when off or containerd refuses.
-    async fn resume_lease(&self, job: &mut PullJob) -> Option<String> {
-        let (leases, keep) = self.resume.as_ref()?;
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let id = format!("pullgate-{}-{nanos}", job.id);
-        let value = http::HeaderValue::from_str(&id).ok()?;
-        if let Err(e) = leases.create(&id, job.id, *keep).await {
-            warn!(
-                error = e.message(),
-                "cannot create the pull's lease: an interrupted pull will start over"
-            );
-            return None;
-        }
-        job.request.headers.insert(LEASE_HEADER, value);
-        Some(id)
+    /// The pull's lease (see [`Partials::begin`]); `None`: containerd uses its own.
+    async fn resume_lease(&self, job: &mut PullJob) -> Option<PullLease> {
+        self.resume.as_ref()?.begin(job).await
     }
 
     fn unresolved(&self, reason: &'static str, detail: &str) {

@@ -32,6 +32,7 @@ pub struct Report {
     /// `None`: no kubelet on this node (no process, no config file).
     pub kubelet: Option<KubeletState>,
     pub mirror: MirrorState,
+    pub disk: DiskState,
     /// `None`: unknown (pullgate's metrics not reachable).
     pub p2p_gate_open: Option<bool>,
     /// Live jobs by class, then state.
@@ -54,6 +55,19 @@ pub struct ContainerdState {
     pub version: Option<String>,
     pub error: Option<String>,
     pub snapshotter: Option<String>,
+}
+
+/// containerd's root filesystem, as the daemon samples it.
+#[derive(Debug, Serialize)]
+pub struct DiskState {
+    pub root: String,
+    pub free_bytes: Option<u64>,
+    pub size_bytes: Option<u64>,
+    /// `mirror.keep_partial_min_free` in bytes of this filesystem.
+    pub min_free_bytes: Option<u64>,
+    /// Below the threshold: failed pulls' downloads are not kept.
+    pub pressure: bool,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -137,6 +151,7 @@ pub async fn gather(cfg: &Config, kubelet_config: &Path) -> Report {
     });
 
     let mirror = mirror_state(cfg, &mut problems);
+    let disk = disk_state(cfg, &mut problems);
     Report {
         version: env!("CARGO_PKG_VERSION"),
         ok: problems.is_empty(),
@@ -145,6 +160,7 @@ pub async fn gather(cfg: &Config, kubelet_config: &Path) -> Report {
         containerd,
         kubelet,
         mirror,
+        disk,
         p2p_gate_open,
         jobs,
         last_errors,
@@ -230,6 +246,40 @@ async fn http_state(
         _ => None,
     };
     (ready, detail, gate)
+}
+
+fn disk_state(cfg: &Config, problems: &mut Vec<String>) -> DiskState {
+    use crate::upstream::disk;
+    let root = disk::root(&cfg.containerd);
+    let mut state = DiskState {
+        root: root.display().to_string(),
+        free_bytes: None,
+        size_bytes: None,
+        min_free_bytes: None,
+        pressure: false,
+        error: None,
+    };
+    match disk::room(&root) {
+        Ok(r) => {
+            let min = cfg.mirror.keep_partial_min_free.of(r.size);
+            state.free_bytes = Some(r.free);
+            state.size_bytes = Some(r.size);
+            state.min_free_bytes = Some(min);
+            state.pressure = r.pressure(cfg.mirror.keep_partial_min_free);
+            if state.pressure {
+                problems.push(format!(
+                    "containerd's disk {} has {} free of {} (below mirror.keep_partial_min_free, \
+                     {}): failed pulls start over; free space (crictl rmi --prune)",
+                    state.root,
+                    disk::human(r.free),
+                    disk::human(r.size),
+                    disk::human(min)
+                ));
+            }
+        }
+        Err(e) => state.error = Some(e.to_string()),
+    }
+    state
 }
 
 fn mirror_state(cfg: &Config, problems: &mut Vec<String>) -> MirrorState {
@@ -346,6 +396,29 @@ pub fn render(r: &Report) -> String {
                 o,
                 "  kubelet     not found on this node (no process, no config file)"
             );
+        }
+    }
+    let d = &r.disk;
+    match (d.free_bytes, d.size_bytes) {
+        (Some(free), Some(size)) => {
+            let h = crate::upstream::disk::human;
+            let verdict = if d.pressure {
+                "LOW: failed pulls' downloads are not kept"
+            } else {
+                "room for partial downloads"
+            };
+            let _ = writeln!(
+                o,
+                "  disk        {} free of {} at {} (keeps partials above {}): {verdict}",
+                h(free),
+                h(size),
+                d.root,
+                h(d.min_free_bytes.unwrap_or(0))
+            );
+        }
+        _ => {
+            let err = d.error.as_deref().unwrap_or("");
+            let _ = writeln!(o, "  disk        unreadable at {}: {err}", d.root);
         }
     }
     let m = &r.mirror;

@@ -19,8 +19,13 @@ use leases::leases_client::LeasesClient;
 
 /// Label that makes containerd's GC drop a lease after the given RFC 3339 time.
 const EXPIRE_LABEL: &str = "containerd.io/gc.expire";
-/// Marks pullgate's leases, so operators can tell them apart (`ctr -n k8s.io leases ls`).
+/// Marks pullgate's leases, so operators can tell them apart (`ctr -n k8s.io leases ls`); the
+/// value is `<process start, unix ms>-<job>`, unique across restarts.
 pub const OWNER_LABEL: &str = "pullgate.io/job";
+/// The image a lease holds partial downloads of, so that a restarted pullgate keeps one per image.
+pub const IMAGE_LABEL: &str = "pullgate.io/image";
+/// containerd refuses a label whose key and value exceed 4096 bytes.
+const MAX_LABEL: usize = 4000;
 /// RFC 3339 ends at year 9999; config bounds keep expiries far below this.
 const MAX_EXPIRY: Duration = Duration::from_secs(10 * 365 * 86400);
 
@@ -46,8 +51,14 @@ impl Leases {
         }
     }
 
-    /// Creates a lease containerd drops by itself after `expire`.
-    pub async fn create(&self, id: &str, job: u64, expire: Duration) -> Result<(), Status> {
+    /// Creates a lease containerd drops by itself after `expire`, labelled with its job and image.
+    pub async fn create(
+        &self,
+        id: &str,
+        job: &str,
+        image: &str,
+        expire: Duration,
+    ) -> Result<(), Status> {
         let now = SystemTime::now();
         let until = now.checked_add(expire.min(MAX_EXPIRY)).unwrap_or(now);
         let labels = HashMap::from([
@@ -57,6 +68,10 @@ impl Leases {
             ),
             (OWNER_LABEL.to_string(), job.to_string()),
         ]);
+        let mut labels = labels;
+        if image.len() <= MAX_LABEL {
+            labels.insert(IMAGE_LABEL.to_string(), image.to_string());
+        }
         let req = super::namespaced(
             leases::CreateRequest {
                 id: id.to_string(),
@@ -70,12 +85,13 @@ impl Leases {
             .map(|_| ())
     }
 
-    /// Deletes a lease; what it alone protected becomes garbage.
-    pub async fn delete(&self, id: &str) -> Result<(), Status> {
+    /// Deletes a lease; what it alone protected becomes garbage. `sync`: containerd's GC has
+    /// run (the space is free) when this returns.
+    pub async fn delete(&self, id: &str, sync: bool) -> Result<(), Status> {
         let req = super::namespaced(
             leases::DeleteRequest {
                 id: id.to_string(),
-                sync: false,
+                sync,
             },
             &self.namespace,
         );
@@ -84,5 +100,64 @@ impl Leases {
             Err(s) if s.code() == Code::NotFound => Ok(()),
             Err(s) => Err(s),
         }
+    }
+}
+
+/// One of pullgate's leases as containerd lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ours {
+    pub id: String,
+    /// `None`: made by a pullgate that did not label the image.
+    pub image: Option<String>,
+    /// Unix seconds.
+    pub created: i64,
+}
+
+impl Leases {
+    /// pullgate's leases (labelled [`OWNER_LABEL`]), of every process that ran.
+    pub async fn list_ours(&self) -> Result<Vec<Ours>, Status> {
+        let req = super::namespaced(
+            leases::ListRequest {
+                filters: vec![format!("labels.\"{OWNER_LABEL}\"")],
+            },
+            &self.namespace,
+        );
+        let listed = LeasesClient::new(self.channel.clone()).list(req).await?;
+        Ok(listed
+            .into_inner()
+            .leases
+            .into_iter()
+            .filter(|l| l.labels.contains_key(OWNER_LABEL))
+            .map(|l| Ours {
+                image: l.labels.get(IMAGE_LABEL).cloned(),
+                created: l.created_at.map(|t| t.seconds).unwrap_or_default(),
+                id: l.id,
+            })
+            .collect())
+    }
+
+    /// Adds everything lease `from` holds (ingests, content, snapshots) to lease `into`, so that
+    /// `from` can go without freeing any of it.
+    pub async fn absorb(&self, into: &str, from: &str) -> Result<usize, Status> {
+        let mut client = LeasesClient::new(self.channel.clone());
+        let req = super::namespaced(
+            leases::ListResourcesRequest {
+                id: from.to_string(),
+            },
+            &self.namespace,
+        );
+        let resources = client.list_resources(req).await?.into_inner().resources;
+        let n = resources.len();
+        for r in resources {
+            let req = super::namespaced(
+                leases::AddResourceRequest {
+                    id: into.to_string(),
+                    resource: Some(r),
+                },
+                &self.namespace,
+            );
+            client.add_resource(req).await?;
+        }
+        Ok(n)
     }
 }

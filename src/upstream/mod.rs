@@ -2,6 +2,7 @@
 
 pub mod containerd;
 pub mod content;
+pub mod disk;
 pub mod leases;
 
 pub use containerd::Containerd;

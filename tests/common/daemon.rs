@@ -49,11 +49,18 @@ impl Pullgate {
     ) -> Pullgate {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("config.toml");
+        // The tests' containerd root shares the build machine's disk: its free space must not
+        // decide whether a test's partial downloads are kept (tests/disk_full.rs sets its own).
+        let min_free = if mirror_toml.contains("keep_partial_min_free") {
+            ""
+        } else {
+            "keep_partial_min_free = \"1MB\"\n"
+        };
         std::fs::write(
             &config,
             format!(
                 "[api]\nsocket = {:?}\n[containerd]\nconfig_file = {:?}\n\
-                 [mirror]\naddr = \"127.0.0.1:{}\"\nhosts_dir = {:?}\n{mirror_toml}\n",
+                 [mirror]\naddr = \"127.0.0.1:{}\"\nhosts_dir = {:?}\n{min_free}{mirror_toml}\n",
                 dir.join("api.sock"),
                 containerd.config_path(),
                 super::free_port(),
