@@ -203,10 +203,10 @@ async fn a_chain_of_redirects_stops_at_five_and_an_html_page_is_no_blob() {
     let node = Node::start(None).await;
     let mirror = mirror_addr(&node);
     // Ten hops on the fake itself, each to a new path.
-    let hops: Arc<std::sync::Mutex<String>> = Default::default();
+    let hops: Arc<parking_lot::Mutex<String>> = Default::default();
     let base = hops.clone();
     let fake = FakeServer::start(Arc::new(move |r| {
-        let base = base.lock().unwrap().clone();
+        let base = base.lock().clone();
         if let Some(n) = r.target.strip_prefix("/hop/") {
             let n: u32 = n.parse().unwrap_or(99);
             return Some(if n < 10 {
@@ -218,7 +218,7 @@ async fn a_chain_of_redirects_stops_at_five_and_an_html_page_is_no_blob() {
         Some(FakeResponse::new(307).header("Location", &format!("{base}/hop/1")))
     }))
     .await;
-    *hops.lock().unwrap() = format!("http://{}", fake.addr);
+    *hops.lock() = format!("http://{}", fake.addr);
     let (status, _, body, _) =
         get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
     let body = String::from_utf8_lossy(&body);

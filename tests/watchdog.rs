@@ -6,8 +6,9 @@
 
 mod common;
 
+use parking_lot::Mutex;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::daemon::Pullgate;
@@ -31,14 +32,14 @@ impl Heard {
             let mut buf = vec![0u8; 4096];
             while let Ok(n) = socket.recv(&mut buf).await {
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                h.0.lock().unwrap().push((Instant::now(), text));
+                h.0.lock().push((Instant::now(), text));
             }
         });
         heard
     }
 
     fn times(&self, what: &str, since: Instant) -> Vec<Instant> {
-        let all = self.0.lock().unwrap();
+        let all = self.0.lock();
         all.iter()
             .filter(|(t, m)| *t >= since && m.lines().any(|l| l == what))
             .map(|(t, _)| *t)

@@ -654,13 +654,13 @@ async fn prewarm_everywhere(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         } else {
-            let queue = std::sync::Arc::new(std::sync::Mutex::new(refs));
+            let queue = std::sync::Arc::new(parking_lot::Mutex::new(refs));
             for _ in 0..2 {
                 let (c, queue, failed) = (site.client(), queue.clone(), failed.clone());
                 tasks.push(tokio::spawn(async move {
                     loop {
                         let next = {
-                            let mut q = queue.lock().unwrap();
+                            let mut q = queue.lock();
                             (!q.is_empty()).then(|| q.remove(0))
                         };
                         let Some(r) = next else { break };

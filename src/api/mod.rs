@@ -46,7 +46,6 @@ pub fn job_message(r: &JobRecord) -> pb::Job {
         .progress
         .blobs
         .lock()
-        .unwrap()
         .iter()
         .map(|b| pb::Layer {
             digest: b.digest.clone(),

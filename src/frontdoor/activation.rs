@@ -4,11 +4,11 @@
 //! of `ListenStream=` lines does not matter. While pullgate restarts, systemd keeps the socket
 //! and kubelet's calls wait in its backlog instead of failing.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use tracing::{info, warn};
 
@@ -21,7 +21,7 @@ static HANDED: Mutex<Option<HashMap<PathBuf, UnixListener>>> = Mutex::new(None);
 /// Reads the handed-over sockets once, at start, before any other fd is opened (so fds 3..
 /// are what systemd passed), and clears the variables so children do not see them.
 pub fn receive() {
-    let mut handed = HANDED.lock().unwrap();
+    let mut handed = HANDED.lock();
     if handed.is_some() {
         return;
     }
@@ -67,7 +67,7 @@ pub fn receive() {
 
 /// The listener systemd handed over for `path`, if it did.
 pub fn take(path: &Path) -> Option<UnixListener> {
-    let mut handed = HANDED.lock().unwrap();
+    let mut handed = HANDED.lock();
     let l = handed.as_mut()?.remove(path)?;
     info!(socket = %path.display(), "socket handed over by systemd (socket activation)");
     Some(l)
@@ -77,7 +77,6 @@ pub fn take(path: &Path) -> Option<UnixListener> {
 pub fn untaken() -> Vec<PathBuf> {
     HANDED
         .lock()
-        .unwrap()
         .as_ref()
         .map(|h| h.keys().cloned().collect())
         .unwrap_or_default()

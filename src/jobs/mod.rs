@@ -2,10 +2,11 @@
 //! the one place a job's priority and state live. Any change bumps the board's generation, which
 //! is how the scheduler and API watchers learn that something moved.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
@@ -152,16 +153,16 @@ impl JobRecord {
     }
 
     pub fn state(&self) -> JobState {
-        self.timeline.lock().unwrap().state
+        self.timeline.lock().state
     }
 
     pub fn message(&self) -> String {
-        self.timeline.lock().unwrap().message.clone()
+        self.timeline.lock().message.clone()
     }
 
     pub fn set_state(&self, state: JobState) {
         {
-            let mut t = self.timeline.lock().unwrap();
+            let mut t = self.timeline.lock();
             if t.state.is_terminal() || t.state == state {
                 return;
             }
@@ -182,7 +183,7 @@ impl JobRecord {
     /// Ends the job (a no-op if it has ended already).
     pub fn end(&self, state: JobState, message: impl Into<String>) {
         {
-            let mut t = self.timeline.lock().unwrap();
+            let mut t = self.timeline.lock();
             if t.state.is_terminal() {
                 return;
             }
@@ -195,7 +196,7 @@ impl JobRecord {
 
     /// Time spent waiting for a slot (so far, if still waiting).
     pub fn queue_wait(&self) -> Duration {
-        let t = self.timeline.lock().unwrap();
+        let t = self.timeline.lock();
         match (t.queued, t.admitted) {
             (Some(q), Some(a)) => a.saturating_duration_since(q),
             (Some(q), None) => t
@@ -207,7 +208,7 @@ impl JobRecord {
     }
 
     pub fn elapsed(&self) -> Duration {
-        let t = self.timeline.lock().unwrap();
+        let t = self.timeline.lock();
         t.ended
             .unwrap_or_else(Instant::now)
             .saturating_duration_since(self.created)
@@ -276,20 +277,20 @@ impl JobBoard {
             size: AtomicU64::new(0),
             changed: self.changed.clone(),
         });
-        self.live.lock().unwrap().insert(id, record.clone());
+        self.live.lock().insert(id, record.clone());
         record.bump();
         record
     }
 
     /// Moves an ended job from the live set to the history.
     pub fn retire(&self, id: u64) {
-        let Some(record) = self.live.lock().unwrap().remove(&id) else {
+        let Some(record) = self.live.lock().remove(&id) else {
             return;
         };
         if !record.state().is_terminal() {
             record.end(JobState::Cancelled, "abandoned");
         }
-        let mut ended = self.ended.lock().unwrap();
+        let mut ended = self.ended.lock();
         ended.push_back(record);
         while ended.len() > KEEP_ENDED {
             ended.pop_front();
@@ -299,24 +300,19 @@ impl JobBoard {
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<JobRecord>> {
-        if let Some(r) = self.live.lock().unwrap().get(&id) {
+        if let Some(r) = self.live.lock().get(&id) {
             return Some(r.clone());
         }
-        self.ended
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|r| r.id == id)
-            .cloned()
+        self.ended.lock().iter().find(|r| r.id == id).cloned()
     }
 
     pub fn live(&self) -> Vec<Arc<JobRecord>> {
-        self.live.lock().unwrap().values().cloned().collect()
+        self.live.lock().values().cloned().collect()
     }
 
     /// Live jobs, then ended ones, by id.
     pub fn all(&self) -> Vec<Arc<JobRecord>> {
-        let mut all: Vec<_> = self.ended.lock().unwrap().iter().cloned().collect();
+        let mut all: Vec<_> = self.ended.lock().iter().cloned().collect();
         all.extend(self.live());
         all.sort_by_key(|r| r.id);
         all

@@ -32,7 +32,7 @@ impl BlobProgress {
 /// Progress of one job: its blobs in manifest order.
 #[derive(Debug, Default)]
 pub struct JobProgress {
-    pub blobs: std::sync::Mutex<Vec<Arc<BlobProgress>>>,
+    pub blobs: parking_lot::Mutex<Vec<Arc<BlobProgress>>>,
     /// Told when one of the blobs is complete.
     blob_done: tokio::sync::Notify,
 }
@@ -55,12 +55,12 @@ impl JobProgress {
     }
 
     pub fn add(&self, blob: Arc<BlobProgress>) {
-        self.blobs.lock().unwrap().push(blob);
+        self.blobs.lock().push(blob);
     }
 
     /// Whether every blob is known and has reached containerd in full.
     pub fn complete(&self) -> bool {
-        let blobs = self.blobs.lock().unwrap();
+        let blobs = self.blobs.lock();
         !blobs.is_empty() && blobs.iter().all(|b| b.done() >= b.total)
     }
 
@@ -68,7 +68,6 @@ impl JobProgress {
     pub fn totals(&self) -> (u64, u64) {
         self.blobs
             .lock()
-            .unwrap()
             .iter()
             .fold((0, 0), |(d, t), b| (d + b.done(), t + b.total))
     }

@@ -8,8 +8,9 @@
 //! Sockets that connect and never send a head (slowloris) thus cannot hold the mirror: each new
 //! connection from containerd pushes one of them out, and `header_read_timeout` ends the rest.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -69,12 +70,12 @@ impl Table {
     /// Connections held now.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.inner.lock().unwrap().conns.len()
+        self.inner.lock().conns.len()
     }
 
     /// Makes room for a new connection (see the module comment).
     pub fn admit(self: &Arc<Self>) -> Admit {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         let mut evicted = false;
         if inner.conns.len() >= self.cap {
             // O(cap) per newcomer at the cap: 1,024 entries, a few µs, only when full.
@@ -120,7 +121,7 @@ impl Slot {
     /// Marks a request head received: this connection is not closed to make room until
     /// the returned guard (kept with the response body) drops.
     pub fn busy(&self) -> Busy {
-        if let Some(e) = self.table.inner.lock().unwrap().conns.get_mut(&self.id) {
+        if let Some(e) = self.table.inner.lock().conns.get_mut(&self.id) {
             e.busy += 1;
         }
         Busy {
@@ -132,13 +133,13 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.table.inner.lock().unwrap().conns.remove(&self.id);
+        self.table.inner.lock().conns.remove(&self.id);
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if let Some(e) = self.table.inner.lock().unwrap().conns.get_mut(&self.id) {
+        if let Some(e) = self.table.inner.lock().conns.get_mut(&self.id) {
             e.busy = e.busy.saturating_sub(1);
             if e.busy == 0 {
                 e.idle_since = Instant::now();

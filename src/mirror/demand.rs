@@ -10,8 +10,9 @@
 //! mirror that challenges it with 401 (observed on 1.6, 1.7 and 2.1), so a pull with other (or
 //! no) credentials never reads through another job's. Content a job read anonymously is public.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::{watch, Notify};
 
@@ -167,7 +168,7 @@ impl Demand {
 
     /// Whether a job of `registry` was registered since start.
     pub fn has_seen(&self, registry: &str) -> bool {
-        self.state.lock().unwrap().seen.contains(registry)
+        self.state.lock().seen.contains(registry)
     }
 
     /// Registers `resolved` (the image of job `record`, fetched with `creds`): its manifests
@@ -182,7 +183,7 @@ impl Demand {
     ) -> Registration {
         let job = record.id;
         let mut keys = Vec::new();
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         if !st.seen.contains(&image.registry) {
             st.seen.insert(image.registry.clone());
         }
@@ -241,13 +242,7 @@ impl Demand {
     /// Marks a resolution of `image` in flight until the guard drops (after its registration).
     pub fn resolving(self: &Arc<Self>, image: &ImageRef) -> Resolving {
         let repo = (image.registry.clone(), image.repository.clone());
-        *self
-            .state
-            .lock()
-            .unwrap()
-            .resolving
-            .entry(repo.clone())
-            .or_default() += 1;
+        *self.state.lock().resolving.entry(repo.clone()).or_default() += 1;
         Resolving {
             demand: self.clone(),
             repo,
@@ -264,7 +259,7 @@ impl Demand {
             tokio::pin!(woken);
             woken.as_mut().enable();
             let pending = {
-                let st = self.state.lock().unwrap();
+                let st = self.state.lock();
                 st.resolving
                     .contains_key(&(key.registry.clone(), key.repository.clone()))
             };
@@ -295,7 +290,7 @@ impl Demand {
     /// The manifest registered under `key` (tag or digest), if a running job whose credentials
     /// the request presents resolved it.
     pub fn manifest(&self, key: &Key, presented: Option<&Presented>) -> Access<FetchedManifest> {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         let Some(e) = st.manifests.get(key) else {
             return Access::Unknown;
         };
@@ -311,7 +306,7 @@ impl Demand {
     /// Where to fetch blob `key`, if a running job whose credentials the request presents needs
     /// it (the highest-priority such job's credentials are used upstream).
     pub fn blob(&self, key: &Key, presented: Option<&Presented>) -> Access<BlobSource> {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         let Some(entry) = st.blobs.get(key) else {
             return Access::Unknown;
         };
@@ -342,7 +337,7 @@ impl Demand {
     /// download in flight, so a pod's layer shared with a prewarm image must not stay at prewarm
     /// pace); `unknown` when no job needs it (any more).
     pub fn class(&self, key: &Key, unknown: Class) -> Class {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         st.by_digest
             .get(&key.name)
             .into_iter()
@@ -356,7 +351,7 @@ impl Demand {
 
     /// Records that `done` bytes of blob `key` have reached containerd, for every job needing it.
     pub fn progress(&self, key: &Key, done: u64) {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         if let Some(entry) = st.blobs.get(key) {
             for n in &entry.needs {
                 if done > n.progress.done() {
@@ -371,12 +366,12 @@ impl Demand {
 
     /// Blobs and manifests registered (for tests and status).
     pub fn len(&self) -> (usize, usize) {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         (st.blobs.len(), st.manifests.len())
     }
 
     fn remove(&self, job: u64, keys: &[(bool, Key)]) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         for (is_manifest, key) in keys {
             if *is_manifest {
                 if let Some(e) = st.manifests.get_mut(key) {
@@ -417,7 +412,7 @@ pub struct Resolving {
 impl Drop for Resolving {
     fn drop(&mut self) {
         {
-            let mut st = self.demand.state.lock().unwrap();
+            let mut st = self.demand.state.lock();
             if let Some(n) = st.resolving.get_mut(&self.repo) {
                 *n -= 1;
                 if *n == 0 {
@@ -443,6 +438,27 @@ mod tests {
     use bytes::Bytes;
     use oci_spec::image::{Digest, MediaType};
     use std::str::FromStr;
+
+    #[test]
+    fn a_panic_while_the_table_is_locked_does_not_fail_later_pulls() {
+        let demand = Demand::new();
+        let held = demand.clone();
+        // A bug that panics inside a critical section (caught, as tokio catches a task's panic).
+        let r = std::thread::spawn(move || {
+            let _guard = held.state.lock();
+            panic!("a bug while the demand table is locked");
+        })
+        .join();
+        assert!(r.is_err());
+        // With std's Mutex the lock would now be poisoned and every `.lock()` panic.
+        let key = Key {
+            registry: "r.test".into(),
+            repository: "app".into(),
+            name: format!("sha256:{}", "a".repeat(64)),
+        };
+        assert_eq!(demand.class(&key, Class::Prewarm), Class::Prewarm);
+        assert!(!demand.has_seen("r.test"));
+    }
 
     fn desc(hex: char, size: u64) -> Descriptor {
         let d = Digest::from_str(&format!("sha256:{}", hex.to_string().repeat(64))).unwrap();
@@ -510,7 +526,7 @@ mod tests {
         ));
         drop(ra);
         assert_eq!(demand.len(), (0, 0));
-        assert!(demand.state.lock().unwrap().by_digest.is_empty());
+        assert!(demand.state.lock().by_digest.is_empty());
         assert!(matches!(demand.blob(&shared, None), Access::Unknown));
     }
 

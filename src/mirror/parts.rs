@@ -10,10 +10,11 @@
 //! budget (`mirror.buffer_budget`), reserved per split blob up front, so they are bounded and
 //! no stream ever waits for another's buffer.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,7 +46,7 @@ pub struct HostPace {
 impl HostPace {
     /// `Some(capped)` while the last verdict is fresh.
     pub fn capped(&self, host: &str) -> Option<bool> {
-        let v = self.verdicts.lock().unwrap();
+        let v = self.verdicts.lock();
         v.get(host)
             .filter(|(_, at)| at.elapsed() < REMEMBER)
             .map(|(c, _)| *c)
@@ -55,7 +56,6 @@ impl HostPace {
         let before = self
             .verdicts
             .lock()
-            .unwrap()
             .insert(host.to_string(), (capped, Instant::now()));
         let changed = before.map(|(c, _)| c) != Some(capped);
         if capped && changed {

@@ -10,8 +10,8 @@
 //! Checkpoints are bounded: [`BLOBS`] blobs (least recently used out), [`PER_BLOB`] per blob
 //! (every other of the older half dropped when full), under 1 MiB in all.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256, Sha512};
@@ -183,17 +183,20 @@ impl Verifier {
     }
 }
 
+/// A blob's digest and its hash states by offset, sorted.
+type BlobCheckpoints = (String, Vec<(u64, State)>);
+
 /// Hash states of partly served blobs, for containerd's resumed requests.
 #[derive(Default)]
 pub struct Checkpoints {
     /// Least recently used first; each blob's checkpoints sorted by offset.
-    blobs: Mutex<VecDeque<(String, Vec<(u64, State)>)>>,
+    blobs: Mutex<VecDeque<BlobCheckpoints>>,
 }
 
 impl Checkpoints {
     /// The latest checkpoint of `digest` at or below offset `n` (`(0, fresh)` if none).
     pub fn at_or_below(&self, digest: &str, n: u64, fresh: State) -> (u64, State) {
-        let blobs = self.blobs.lock().unwrap();
+        let blobs = self.blobs.lock();
         blobs
             .iter()
             .find(|(d, _)| d == digest)
@@ -202,7 +205,7 @@ impl Checkpoints {
     }
 
     pub fn put(&self, digest: &str, at: u64, state: State) {
-        let mut blobs = self.blobs.lock().unwrap();
+        let mut blobs = self.blobs.lock();
         let mut entry = match blobs.iter().position(|(d, _)| d == digest) {
             Some(i) => blobs.remove(i).expect("found"),
             None => (digest.to_string(), Vec::new()),
@@ -229,12 +232,12 @@ impl Checkpoints {
 
     /// Drops `digest`'s checkpoints (they hash bytes that turned out wrong).
     pub fn forget(&self, digest: &str) {
-        self.blobs.lock().unwrap().retain(|(d, _)| d != digest);
+        self.blobs.lock().retain(|(d, _)| d != digest);
     }
 
     #[cfg(test)]
     fn count(&self, digest: &str) -> usize {
-        let blobs = self.blobs.lock().unwrap();
+        let blobs = self.blobs.lock();
         blobs
             .iter()
             .find(|(d, _)| d == digest)
@@ -385,6 +388,6 @@ mod tests {
         assert_eq!(cps.count("a"), 0);
         assert_eq!(cps.count("b0"), 0);
         assert_eq!(cps.count(&format!("b{}", BLOBS + 9)), 1);
-        assert!(cps.blobs.lock().unwrap().len() <= BLOBS);
+        assert!(cps.blobs.lock().len() <= BLOBS);
     }
 }

@@ -3,9 +3,10 @@
 //! replaces the list: unchanged entries keep running, removed or changed ones stop once their
 //! pull in flight ends (work is never dropped by a reload).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -57,7 +58,7 @@ impl Prewarmer {
 
     /// Makes the configured list the running one.
     pub fn apply(&self, entries: &[PrewarmEntry]) {
-        let mut running = self.running.lock().unwrap();
+        let mut running = self.running.lock();
         let mut wanted = HashMap::new();
         for (i, e) in entries.iter().enumerate() {
             wanted.insert(e.image.clone(), (i as u32, e.clone()));
@@ -97,7 +98,7 @@ impl Prewarmer {
                         panic, "prewarm entry task panicked (a bug in pullgate)"
                     );
                     coordinator.count_panic("prewarm");
-                    *status_.lock().unwrap_or_else(|e| e.into_inner()) =
+                    *status_.lock() =
                         EntryStatus::Failed(format!("pullgate hit an internal error: {panic}"));
                 }
             });
@@ -115,16 +116,10 @@ impl Prewarmer {
 
     /// Every configured image with its status, in config order.
     pub fn status(&self) -> Vec<(String, EntryStatus)> {
-        let running = self.running.lock().unwrap();
+        let running = self.running.lock();
         let mut v: Vec<_> = running
             .values()
-            .map(|r| {
-                (
-                    r.order,
-                    r.entry.image.clone(),
-                    r.status.lock().unwrap().clone(),
-                )
-            })
+            .map(|r| (r.order, r.entry.image.clone(), r.status.lock().clone()))
             .collect();
         v.sort_by_key(|(order, _, _)| *order);
         v.into_iter().map(|(_, i, s)| (i, s)).collect()
@@ -132,7 +127,7 @@ impl Prewarmer {
 
     /// Every configured entry, in config order.
     pub fn entries(&self) -> Vec<PrewarmEntry> {
-        let running = self.running.lock().unwrap();
+        let running = self.running.lock();
         let mut v: Vec<_> = running
             .values()
             .map(|r| (r.order, r.entry.clone()))
@@ -143,7 +138,7 @@ impl Prewarmer {
 
     /// Stops every entry (after their pulls in flight).
     pub fn stop(&self) {
-        for r in self.running.lock().unwrap().values() {
+        for r in self.running.lock().values() {
             r.retire.cancel();
         }
     }
@@ -166,8 +161,8 @@ async fn run_entry(
     loop {
         let outcome = round(&coordinator, &prewarm, &entry, &retire, backoff_unit).await;
         match &outcome {
-            Some(Ok(())) => *status.lock().unwrap() = EntryStatus::Present,
-            Some(Err(e)) => *status.lock().unwrap() = EntryStatus::Failed(e.clone()),
+            Some(Ok(())) => *status.lock() = EntryStatus::Present,
+            Some(Err(e)) => *status.lock() = EntryStatus::Failed(e.clone()),
             None => return,
         }
         if entry.policy == Policy::Once {

@@ -6,10 +6,11 @@
 //! that goes away detaches; when the last one leaves, the job's future is dropped, which cancels
 //! the upstream call.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::FutureExt;
@@ -110,7 +111,7 @@ impl PullCoordinator {
 
     /// Number of upstream pulls in flight.
     pub fn in_flight(&self) -> usize {
-        self.jobs.lock().unwrap().len()
+        self.jobs.lock().len()
     }
 
     pub fn board(&self) -> &Arc<JobBoard> {
@@ -133,7 +134,7 @@ impl PullCoordinator {
         let key = MergeKey::of(&info);
         let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
         let priority = info.priority();
-        let mut jobs = self.jobs.lock().unwrap();
+        let mut jobs = self.jobs.lock();
         let (id, reply, record, joined) = match jobs.get_mut(&key) {
             Some(entry) => {
                 entry.waiters.push((waiter, priority));
@@ -202,7 +203,7 @@ impl PullCoordinator {
     /// Cancels a job for every requester (`pullgate cancel`). Urgent jobs are refused: a pod
     /// waits for them.
     pub fn cancel(&self, id: u64) -> Result<(), CancelError> {
-        let mut jobs = self.jobs.lock().unwrap();
+        let mut jobs = self.jobs.lock();
         let key = jobs
             .iter()
             .find(|(_, e)| e.id == id)
@@ -249,7 +250,7 @@ impl PullCoordinator {
         };
         // Remove before answering: a request arriving after this point starts a fresh pull.
         {
-            let mut jobs = self.jobs.lock().unwrap();
+            let mut jobs = self.jobs.lock();
             if jobs.get(&key).is_some_and(|e| e.id == id) {
                 jobs.remove(&key);
             }
@@ -316,7 +317,7 @@ impl PullCoordinator {
     }
 
     fn detach(&self, key: &MergeKey, id: u64, waiter: u64) {
-        let mut jobs = self.jobs.lock().unwrap();
+        let mut jobs = self.jobs.lock();
         let Some(entry) = jobs.get_mut(key) else {
             return;
         };

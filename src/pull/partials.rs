@@ -14,8 +14,9 @@
 //! - At start, leases of an earlier pullgate are adopted (the newest per image; a restart mid-pull
 //!   is what resumption is for) or, below the threshold, deleted.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, info, warn};
@@ -145,7 +146,7 @@ impl Partials {
             );
             return None;
         }
-        let earlier = self.kept.lock().unwrap().remove(&image);
+        let earlier = self.kept.lock().remove(&image);
         self.gauge();
         if let Some(old) = earlier {
             self.replace(&id, &old).await;
@@ -216,7 +217,7 @@ impl Partials {
         let Some(room) = self.disk.sample() else {
             return;
         };
-        if !self.disk.pressure(&room) || self.kept.lock().unwrap().is_empty() {
+        if !self.disk.pressure(&room) || self.kept.lock().is_empty() {
             return;
         }
         let ids = self.take_kept();
@@ -247,7 +248,7 @@ impl Partials {
         let pressure = self.disk.sample().is_some_and(|r| self.disk.pressure(&r));
         let (keep, delete) = stale_plan(found, pressure);
         let kept = keep.len();
-        self.kept.lock().unwrap().extend(keep);
+        self.kept.lock().extend(keep);
         self.gauge();
         let freed = self.delete_now(&delete, "stale").await;
         info!(kept, deleted = ?freed, disk_pressure = pressure,
@@ -256,7 +257,7 @@ impl Partials {
 
     /// Keeps `id` as the image's lease; an earlier one's content moves into it first.
     fn keep(&self, image: String, id: String) {
-        let displaced = self.kept.lock().unwrap().insert(image, id.clone());
+        let displaced = self.kept.lock().insert(image, id.clone());
         self.gauge();
         if let Some(old) = displaced.filter(|o| *o != id) {
             let leases = self.leases.clone();
@@ -269,13 +270,7 @@ impl Partials {
     }
 
     fn take_kept(&self) -> Vec<String> {
-        let ids = self
-            .kept
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, id)| id)
-            .collect();
+        let ids = self.kept.lock().drain().map(|(_, id)| id).collect();
         self.gauge();
         ids
     }
@@ -299,7 +294,7 @@ impl Partials {
     }
 
     fn gauge(&self) {
-        let n = self.kept.lock().unwrap().len();
+        let n = self.kept.lock().len();
         self.metrics.kept_partials.set(n as i64);
     }
 }

@@ -3,10 +3,10 @@
 //! Secrets never leave this module in readable form except in request headers: `Debug` redacts
 //! them, error messages never include them, the token cache keys on a sha256 fingerprint.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -400,7 +400,7 @@ pub struct TokenCache {
 
 impl fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.tokens.lock().map(|t| t.len()).unwrap_or(0);
+        let n = self.tokens.lock().len();
         write!(f, "TokenCache({n} tokens)")
     }
 }
@@ -424,7 +424,7 @@ impl TokenCache {
         creds: &Credentials,
     ) -> Option<String> {
         let key = Self::key(realm, service, scope, creds);
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tokens = self.tokens.lock();
         match tokens.get(&key) {
             Some((token, until)) if Instant::now() < *until => Some(token.clone()),
             Some(_) => {
@@ -447,7 +447,7 @@ impl TokenCache {
     ) {
         let until = token_deadline(Instant::now(), expires_in);
         let key = Self::key(realm, service, scope, creds);
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tokens = self.tokens.lock();
         tokens.retain(|_, (_, u)| Instant::now() < *u);
         tokens.insert(key, (token, until));
     }
@@ -455,10 +455,7 @@ impl TokenCache {
     /// Drops a token the registry refused.
     pub fn invalidate(&self, realm: &str, service: Option<&str>, scope: &str, creds: &Credentials) {
         let key = Self::key(realm, service, scope, creds);
-        self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
+        self.tokens.lock().remove(&key);
     }
 }
 

@@ -1,13 +1,14 @@
 //! The pull side of an OCI distribution client: resolve an image to its manifest for a platform,
 //! and stream blobs (whole or a byte range), trying containerd's configured mirrors first.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -539,7 +540,7 @@ impl RegistryClient {
     }
 
     fn note_ranges(&self, host: &RegistryHost, work: bool) {
-        let mut ranges = self.inner.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ranges = self.inner.ranges.lock();
         if ranges.insert(host.authority().to_string(), work) != Some(work) && !work {
             tracing::info!(
                 host = host.authority(),
@@ -551,7 +552,7 @@ impl RegistryClient {
 
     /// Whether `host` (`host[:port]`) honoured `Range` when last asked; `None`: never asked.
     pub fn ranges_work(&self, host: &str) -> Option<bool> {
-        let ranges = self.inner.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        let ranges = self.inner.ranges.lock();
         ranges.get(host).copied()
     }
 
@@ -565,7 +566,7 @@ impl RegistryClient {
         } else {
             TlsKey::default()
         };
-        let mut clients = self.inner.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clients = self.inner.clients.lock();
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
@@ -658,7 +659,6 @@ impl RegistryClient {
             self.inner
                 .challenges
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
                 .insert(memo_key.clone(), challenge.clone());
             auth = self
                 .answer(&http, &challenge, image, creds, what)
@@ -670,12 +670,7 @@ impl RegistryClient {
     }
 
     fn memo(&self, key: &(String, String)) -> Option<Challenge> {
-        self.inner
-            .challenges
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+        self.inner.challenges.lock().get(key).cloned()
     }
 
     /// The Authorization header to send before any 401: a registry token as is, else what the
@@ -1158,7 +1153,7 @@ mod tests {
             .unwrap();
         c.http_for(&https_host(false, vec![ca_file.clone()]))
             .unwrap();
-        assert_eq!(c.inner.clients.lock().unwrap().len(), 3);
+        assert_eq!(c.inner.clients.lock().len(), 3);
         let e = c
             .http_for(&https_host(false, vec![bad_file.clone()]))
             .unwrap_err();

@@ -16,8 +16,9 @@
 //! work arrived (or left, or that its own job was promoted) and slows down (or speeds up) without
 //! its connection ever being closed.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -98,7 +99,7 @@ impl Drop for UrgentStream {
     fn drop(&mut self) {
         self.bw.settle();
         if self.bw.urgent.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *self.bw.urgent_mark.lock().unwrap() = Some(Instant::now());
+            *self.bw.urgent_mark.lock() = Some(Instant::now());
         }
     }
 }
@@ -135,13 +136,13 @@ impl Bandwidth {
     }
 
     pub fn limits(&self) -> Limits {
-        *self.limits.lock().unwrap()
+        *self.limits.lock()
     }
 
     /// New limits (config reload); streams pick them up within [`RECHECK`].
     pub fn set_limits(&self, limits: Limits) {
         self.settle();
-        *self.limits.lock().unwrap() = limits;
+        *self.limits.lock() = limits;
     }
 
     /// Marks an urgent stream open until the guard drops.
@@ -161,7 +162,6 @@ impl Bandwidth {
             && self
                 .urgent_mark
                 .lock()
-                .unwrap()
                 .is_some_and(|at| at.elapsed() < LINGER)
     }
 
@@ -170,7 +170,7 @@ impl Bandwidth {
     pub fn set_urgent_jobs(&self, n: usize) {
         self.settle();
         if self.urgent_jobs.swap(n, Ordering::SeqCst) < n {
-            *self.urgent_mark.lock().unwrap() = Some(Instant::now());
+            *self.urgent_mark.lock() = Some(Instant::now());
         }
     }
 
@@ -194,7 +194,7 @@ impl Bandwidth {
     pub fn received_unpaced(&self, class: Class, n: u64) {
         self.received[class_index(class)].fetch_add(n, Ordering::Relaxed);
         let rate = self.rate(Which::Node);
-        let mut b = self.buckets.lock().unwrap();
+        let mut b = self.buckets.lock();
         if rate != 0 {
             b.node.refill(Instant::now(), rate);
             b.node.tokens -= n as f64;
@@ -225,7 +225,7 @@ impl Bandwidth {
 
     fn settle(&self) {
         let now = Instant::now();
-        let mut b = self.buckets.lock().unwrap();
+        let mut b = self.buckets.lock();
         for w in [Which::Node, Which::Prewarm] {
             let rate = self.rate(w);
             if rate != u64::MAX {
@@ -247,7 +247,7 @@ impl Bandwidth {
         let which = buckets_of(class());
         {
             let now = Instant::now();
-            let mut b = self.buckets.lock().unwrap();
+            let mut b = self.buckets.lock();
             for &w in which {
                 let rate = self.rate(w);
                 let bk = bucket(&mut b, w);
@@ -276,7 +276,7 @@ impl Bandwidth {
     fn wait_for(&self, class: &impl Fn() -> Class) -> Duration {
         let which = buckets_of(class());
         let now = Instant::now();
-        let mut b = self.buckets.lock().unwrap();
+        let mut b = self.buckets.lock();
         let mut wait = Duration::ZERO;
         for &w in which {
             let rate = self.rate(w);

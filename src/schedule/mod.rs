@@ -22,9 +22,10 @@ pub mod bandwidth;
 mod priority;
 pub mod slots;
 
+use parking_lot::Mutex;
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use tokio::sync::watch;
 
@@ -179,7 +180,7 @@ impl Scheduler {
 
     /// New admission limits (config reload).
     pub fn set_admission(&self, a: Admission) {
-        *self.admission.lock().unwrap() = a;
+        *self.admission.lock() = a;
         self.dispatch();
     }
 
@@ -191,7 +192,7 @@ impl Scheduler {
     pub fn enter(self: &Arc<Self>, record: Arc<JobRecord>) -> Ticket {
         let id = record.id;
         {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             st.seq += 1;
             let seq = st.seq;
             st.entries.insert(
@@ -219,9 +220,9 @@ impl Scheduler {
 
     /// Admits whatever may run now. Cheap; called on every change.
     fn dispatch(&self) {
-        let adm = *self.admission.lock().unwrap();
+        let adm = *self.admission.lock();
         let gate_open = self.gate_open();
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         let urgent = st
             .entries
             .values()
@@ -288,13 +289,13 @@ impl Scheduler {
     }
 
     fn phase(&self, id: u64) -> Option<Phase> {
-        self.state.lock().unwrap().entries.get(&id).map(|e| e.phase)
+        self.state.lock().entries.get(&id).map(|e| e.phase)
     }
 
     /// Updates the scheduling gauges.
     pub fn sample(&self, board: &JobBoard) {
         let m = &self.metrics;
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock();
         for class in [Class::Urgent, Class::Prewarm] {
             let queued = st
                 .entries
@@ -389,8 +390,8 @@ impl Ticket {
         let id = self.record.id;
         let mut admitted = s.admitted.subscribe();
         {
-            let large_from = s.admission.lock().unwrap().large_image_bytes;
-            let mut st = s.state.lock().unwrap();
+            let large_from = s.admission.lock().large_image_bytes;
+            let mut st = s.state.lock();
             if let Some(e) = st.entries.get_mut(&id) {
                 e.large = large_from > 0 && size.is_some_and(|b| b >= large_from);
                 e.phase = Phase::Waiting;
@@ -421,7 +422,7 @@ impl Ticket {
     /// The job keeps its prewarm slot until it ends.
     pub fn leave_lane(&self) -> bool {
         let left = {
-            let mut st = self.scheduler.state.lock().unwrap();
+            let mut st = self.scheduler.state.lock();
             st.entries
                 .get_mut(&self.record.id)
                 .is_some_and(|e| std::mem::take(&mut e.holds_lane))
@@ -434,7 +435,7 @@ impl Ticket {
 
     /// Whether the job runs in the large-image lane.
     pub fn in_lane(&self) -> bool {
-        let st = self.scheduler.state.lock().unwrap();
+        let st = self.scheduler.state.lock();
         st.entries
             .get(&self.record.id)
             .is_some_and(|e| e.holds_lane)
@@ -443,12 +444,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.scheduler
-            .state
-            .lock()
-            .unwrap()
-            .entries
-            .remove(&self.record.id);
+        self.scheduler.state.lock().entries.remove(&self.record.id);
         self.scheduler.dispatch();
     }
 }
@@ -528,7 +524,7 @@ mod tests {
                 ticket.wait_gate().await;
                 tokio::time::sleep(resolve).await;
                 ticket.admit(Some(size)).await;
-                log.lock().unwrap().push(image);
+                log.lock().push(image);
                 tokio::time::sleep(fetch).await;
                 r.end(JobState::Done, "");
             });
@@ -536,7 +532,7 @@ mod tests {
         }
 
         fn started(&self) -> Vec<String> {
-            self.log.lock().unwrap().clone()
+            self.log.lock().clone()
         }
     }
 
@@ -597,7 +593,7 @@ mod tests {
         tokio::time::sleep(10 * MS).await;
         assert_eq!(w.started(), vec!["a", "b"]);
         b.await.unwrap();
-        assert!(w.sched.state.lock().unwrap().entries.is_empty());
+        assert!(w.sched.state.lock().entries.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,10 +5,11 @@
 //! prewarm stream paused for an urgent pull keeps its slot, so an urgent pull that waited for
 //! that slot would wait forever.
 
+use parking_lot::Mutex;
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
@@ -42,7 +43,7 @@ pub struct SlotPermit {
 impl Drop for SlotPermit {
     fn drop(&mut self) {
         if let Some(s) = self.slots.take() {
-            s.state.lock().unwrap().in_use -= 1;
+            s.state.lock().in_use -= 1;
             s.changed.send_modify(|g| *g += 1);
         }
     }
@@ -57,7 +58,7 @@ struct Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some(k) = self.key.take() {
-            self.slots.state.lock().unwrap().waiting.remove(&k);
+            self.slots.state.lock().waiting.remove(&k);
             self.slots.changed.send_modify(|g| *g += 1);
         }
     }
@@ -77,13 +78,13 @@ impl Slots {
     }
 
     pub fn set_capacity(&self, capacity: usize) {
-        self.state.lock().unwrap().capacity = capacity;
+        self.state.lock().capacity = capacity;
         self.changed.send_modify(|g| *g += 1);
     }
 
     /// (in use, waiting)
     pub fn usage(&self) -> (usize, usize) {
-        let s = self.state.lock().unwrap();
+        let s = self.state.lock();
         (s.in_use, s.waiting.len())
     }
 
@@ -97,13 +98,13 @@ impl Slots {
             key: Some((Reverse(*priority.borrow_and_update()), seq)),
         };
         {
-            let mut s = self.state.lock().unwrap();
+            let mut s = self.state.lock();
             s.waiting.insert(guard.key.unwrap());
         }
         let mut prio_open = true;
         loop {
             {
-                let mut s = self.state.lock().unwrap();
+                let mut s = self.state.lock();
                 let key = guard.key.unwrap();
                 let free = s.capacity == 0 || s.in_use < s.capacity;
                 let urgent = key.0 .0.is_urgent();
@@ -123,7 +124,7 @@ impl Slots {
                 _ = changed.changed() => {}
                 r = priority.changed(), if prio_open => {
                     if r.is_ok() {
-                        let mut s = self.state.lock().unwrap();
+                        let mut s = self.state.lock();
                         let old = guard.key.unwrap();
                         s.waiting.remove(&old);
                         let new = (Reverse(*priority.borrow_and_update()), old.1);
@@ -172,7 +173,7 @@ mod tests {
             let (slots, order) = (slots.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
                 let _p = slots.acquire(rx).await;
-                order.lock().unwrap().push(name);
+                order.lock().push(name);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }));
             settle().await;
@@ -185,7 +186,7 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(
-            *order.lock().unwrap(),
+            *order.lock(),
             vec!["later-promoted", "high", "low-a", "low-b"]
         );
         assert_eq!(slots.usage(), (0, 0));

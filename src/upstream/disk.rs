@@ -2,8 +2,9 @@
 //! for the next attempt (`mirror.keep_partial_min_free`): partials are worth a resume only while
 //! they do not stand between the node and its next pull.
 
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tracing::{info, warn};
 
@@ -76,7 +77,7 @@ impl Watch {
             self.metrics.disk_size.set(clamp(r.size));
             self.metrics.disk_pressure.set(i64::from(self.pressure(r)));
         }
-        let mut last = self.last.lock().unwrap();
+        let mut last = self.last.lock();
         if *last != Some(state) {
             let min = self.min_free.of(res.as_ref().map(|r| r.size).unwrap_or(0));
             match &res {

@@ -2,8 +2,9 @@
 //! give (failures, silence) and for small services such as a bearer-token server. One request per
 //! connection (`Connection: close`); every request is recorded.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -76,7 +77,7 @@ impl FakeServer {
                     let Some(req) = read_request(&mut sock).await else {
                         return;
                     };
-                    recorded.lock().unwrap().push(req.clone());
+                    recorded.lock().push(req.clone());
                     let Some(resp) = handler(&req) else {
                         tokio::time::sleep(Duration::from_secs(3600)).await;
                         return;
@@ -109,7 +110,7 @@ impl FakeServer {
 
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<FakeRequest> {
-        self.requests.lock().unwrap().clone()
+        self.requests.lock().clone()
     }
 }
 

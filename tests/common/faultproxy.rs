@@ -2,8 +2,9 @@
 //! body short, flips a byte, or stalls; it can also answer manifest GETs late. Requests are
 //! recorded, with their Range headers and arrival times, so tests can see resumption and order.
 
+use parking_lot::Mutex;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -85,16 +86,16 @@ impl FaultProxy {
 
     /// The next `times` GETs of blob `digest` get `fault`.
     pub fn inject(&self, digest: &str, fault: Fault, times: usize) {
-        *self.state.target.lock().unwrap() = Some((digest.to_string(), fault, times));
+        *self.state.target.lock() = Some((digest.to_string(), fault, times));
     }
 
     /// Every later manifest GET (not HEAD) is passed on `delay` late.
     pub fn delay_manifest_gets(&self, delay: Duration) {
-        *self.state.manifest_delay.lock().unwrap() = delay;
+        *self.state.manifest_delay.lock() = delay;
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
-        self.state.requests.lock().unwrap().clone()
+        self.state.requests.lock().clone()
     }
 
     /// GETs of blob `digest`, with their Range headers.
@@ -126,7 +127,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    state.requests.lock().unwrap().push(Recorded {
+    state.requests.lock().push(Recorded {
         method: req.method().to_string(),
         path: path.clone(),
         range: header("range"),
@@ -134,12 +135,12 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         authorization: header("authorization"),
         at: std::time::Instant::now(),
     });
-    let delay = *state.manifest_delay.lock().unwrap();
+    let delay = *state.manifest_delay.lock();
     if req.method() == "GET" && path.contains("/manifests/") && !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     let fault = {
-        let mut target = state.target.lock().unwrap();
+        let mut target = state.target.lock();
         match target.as_mut() {
             Some((digest, fault, times))
                 if *times > 0 && req.method() == "GET" && is_blob(&path, digest) =>

@@ -27,11 +27,11 @@ pub mod store;
 pub mod tokenauth;
 pub mod varnish;
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use containerd::Containerd;
@@ -56,7 +56,7 @@ pub fn free_port() -> u16 {
             .unwrap_or_else(|e| panic!("free_port: local_addr: {e}"))
             .port();
         drop(listener);
-        let mut guard = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = HANDED_OUT.lock();
         if guard.get_or_insert_with(HashSet::new).insert(port) {
             return port;
         }

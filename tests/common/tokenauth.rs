@@ -3,9 +3,10 @@
 //! username/password, to put in front of a distribution registry started with
 //! `Registry::start_token_auth` (see [`TokenServer::start_registry`]).
 
+use parking_lot::Mutex;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -194,7 +195,7 @@ impl TokenServer {
                 let exp = next_exp.swap(TOKEN_LIFETIME, Ordering::SeqCst);
                 let issue = |field: &str, subject: &str, scopes: &[String]| {
                     let token = signer.token(subject, scopes, exp);
-                    issued.lock().unwrap().push(token.clone());
+                    issued.lock().push(token.clone());
                     let mut body = serde_json::Map::new();
                     body.insert(field.to_string(), token.into());
                     body.insert("expires_in".to_string(), TOKEN_LIFETIME.into());
@@ -291,7 +292,7 @@ impl TokenServer {
 
     /// Every token issued so far, in order.
     pub fn issued(&self) -> Vec<String> {
-        self.issued.lock().unwrap().clone()
+        self.issued.lock().clone()
     }
 
     /// The next token issued (by the next `/token` request, whatever its answer) expires
