@@ -22,6 +22,12 @@ fn mirror_addr(node: &Node) -> String {
         .to_string()
 }
 
+/// Gives `registry` a directory under containerd's certs.d, as an operator's configured registry
+/// has: the mirror serves blobs no job needs only for registries it knows (tests/mirror_access.rs).
+fn configure(node: &Node, registry: &str) {
+    std::fs::create_dir_all(node.containerd.dir().join("certs.d").join(registry)).unwrap();
+}
+
 /// GETs `path` from the mirror; returns status, Content-Length, bytes received, and whether the
 /// body ended with an error.
 async fn get(mirror: &str, path: &str) -> (u16, Option<u64>, Vec<u8>, bool) {
@@ -164,6 +170,7 @@ async fn redirects_to_metadata_or_pullgate_itself_are_refused() {
         "http://169.254.169.254/latest/meta-data/".into()
     }))
     .await;
+    configure(&node, &fake.addr.to_string());
     let started = Instant::now();
     let (status, _, body, _) =
         get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
@@ -181,6 +188,7 @@ async fn redirects_to_metadata_or_pullgate_itself_are_refused() {
     // Back to the mirror itself: refused, no recursion.
     let own = format!("http://{mirror}/v2/x/y/blobs/{DIGEST}?ns=127.0.0.1:1");
     let fake = redirecting(Arc::new(move |_| own.clone())).await;
+    configure(&node, &fake.addr.to_string());
     let before = mirror_requests(&node).await;
     let (status, _, body, _) =
         get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
@@ -192,6 +200,7 @@ async fn redirects_to_metadata_or_pullgate_itself_are_refused() {
     // And to its metrics listener.
     let metrics = format!("http://{}/metrics", node.pullgate.metrics_addr());
     let fake = redirecting(Arc::new(move |_| metrics.clone())).await;
+    configure(&node, &fake.addr.to_string());
     let (_, _, body, _) = get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
     let body = String::from_utf8_lossy(&body);
     assert!(!body.contains("pullgate_"), "{body}");
@@ -218,6 +227,7 @@ async fn a_chain_of_redirects_stops_at_five_and_an_html_page_is_no_blob() {
         Some(FakeResponse::new(307).header("Location", &format!("{base}/hop/1")))
     }))
     .await;
+    configure(&node, &fake.addr.to_string());
     *hops.lock() = format!("http://{}", fake.addr);
     let (status, _, body, _) =
         get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
@@ -248,6 +258,7 @@ async fn a_chain_of_redirects_stops_at_five_and_an_html_page_is_no_blob() {
     .await;
     let target = format!("http://{}/admin", internal.addr);
     let fake = redirecting(Arc::new(move |_| target.clone())).await;
+    configure(&node, &fake.addr.to_string());
     let (status, len, body, failed) =
         get(&mirror, &format!("/v2/x/y/blobs/{DIGEST}?ns={}", fake.addr)).await;
     if status == 200 {

@@ -98,8 +98,13 @@ pub async fn serve(
         super::verify::Verifier::new(&key.name, size, state, hash_from, range.start, range.end);
     // No checkpoint (pullgate restarted): a running job's resumed blob is served unchecked, as
     // its partial ranges are (containerd verifies the whole blob at commit); re-reading the
-    // prefix would cost up to the whole blob again. Anything else is re-read, hash-only.
-    let (hash_from, verifier) = if hash_from == 0 && range.start > 0 && class.is_none() {
+    // prefix would cost up to the whole blob again. Anything else is re-read, hash-only, and so
+    // is a blob whose upstream just served a mismatch (containerd resumes the cut body at once).
+    let (hash_from, verifier) = if hash_from == 0
+        && range.start > 0
+        && class.is_none()
+        && !mirror.checkpoints.has_mismatched(&key.name)
+    {
         debug!(blob = %key.name, from = range.start,
                "resumed request with no checkpoint: served unchecked for the job's pull");
         (range.start, verifier.unchecked())

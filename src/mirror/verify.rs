@@ -153,9 +153,10 @@ impl Verifier {
             let actual = state.clone().finish();
             if actual == self.digest {
                 self.state = None;
+                checkpoints.verified(&self.digest);
                 return Fed::Send(chunk);
             }
-            checkpoints.forget(&self.digest);
+            checkpoints.mismatched(&self.digest);
             self.state = None;
             let keep = chunk.len().saturating_sub(1);
             chunk.truncate(keep);
@@ -191,6 +192,10 @@ type BlobCheckpoints = (String, Vec<(u64, State)>);
 pub struct Checkpoints {
     /// Least recently used first; each blob's checkpoints sorted by offset.
     blobs: Mutex<VecDeque<BlobCheckpoints>>,
+    /// Digests whose last checked response did not match (at most [`BLOBS`], oldest out).
+    /// containerd 1.6 to 2.1 resume a cut body at once within the same pull, corrupt prefix
+    /// included: such a resume is always re-read and checked, never served unchecked.
+    failed: Mutex<VecDeque<String>>,
 }
 
 impl Checkpoints {
@@ -230,9 +235,27 @@ impl Checkpoints {
         }
     }
 
-    /// Drops `digest`'s checkpoints (they hash bytes that turned out wrong).
-    pub fn forget(&self, digest: &str) {
+    /// Drops `digest`'s checkpoints (they hash bytes that turned out wrong) and remembers that
+    /// its upstream served bytes that do not match it.
+    pub fn mismatched(&self, digest: &str) {
         self.blobs.lock().retain(|(d, _)| d != digest);
+        let mut failed = self.failed.lock();
+        failed.retain(|d| d != digest);
+        failed.push_back(digest.to_string());
+        while failed.len() > BLOBS {
+            failed.pop_front();
+        }
+    }
+
+    /// A response of `digest` was served whole and matched: an earlier mismatch is history
+    /// (its checkpoints stay, for other streams of the blob still open).
+    pub fn verified(&self, digest: &str) {
+        self.failed.lock().retain(|d| d != digest);
+    }
+
+    /// Whether the last checked response of `digest` did not match.
+    pub fn has_mismatched(&self, digest: &str) -> bool {
+        self.failed.lock().iter().any(|d| d == digest)
     }
 
     #[cfg(test)]
@@ -389,5 +412,26 @@ mod tests {
         assert_eq!(cps.count("b0"), 0);
         assert_eq!(cps.count(&format!("b{}", BLOBS + 9)), 1);
         assert!(cps.blobs.lock().len() <= BLOBS);
+    }
+
+    #[test]
+    fn a_mismatch_is_remembered_until_the_blob_is_served_whole() {
+        let data = blob(10_000);
+        let d = sha256_digest(&data);
+        let cps = Checkpoints::default();
+        let mut bad = data.clone();
+        bad[10] ^= 1;
+        let mut v = Verifier::new(&d, 10_000, fresh(&d).unwrap(), 0, 0, 10_000);
+        assert!(run(&mut v, &bad, 0, 1000, &cps).1.is_some());
+        assert!(cps.has_mismatched(&d));
+        assert_eq!(cps.count(&d), 0, "checkpoints of wrong bytes are dropped");
+        let mut v = Verifier::new(&d, 10_000, fresh(&d).unwrap(), 0, 0, 10_000);
+        assert_eq!(run(&mut v, &data, 0, 1000, &cps).1, None);
+        assert!(!cps.has_mismatched(&d));
+        for b in 0..(BLOBS + 1) {
+            cps.mismatched(&format!("sha256:{b}"));
+        }
+        assert!(!cps.has_mismatched("sha256:0"));
+        assert!(cps.failed.lock().len() <= BLOBS);
     }
 }
