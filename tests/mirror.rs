@@ -317,8 +317,16 @@ async fn pullgate_killed_mid_pull_the_retry_resumes_what_containerd_kept() {
         "registry bytes over both attempts: {total} for a {} byte image ({ratio:.2}x)",
         img.total_size
     );
-    // containerd kept the partial layer under the pull's lease and asked for the rest.
-    assert!(ratio <= 1.05, "re-fetched: {ratio:.2}x the image");
+    // containerd kept the partial layer under the pull's lease and asked for the rest. The
+    // excess over the image is what was in flight when pullgate died (socket buffers of the
+    // killed hop, a few hundred KiB); a retry from zero would add the whole kept part again.
+    let kept: i64 = ingests.iter().map(|(_, offset, _)| *offset).sum();
+    assert!(kept >= 1 << 20, "containerd kept {kept} bytes of the layer");
+    let excess = total.saturating_sub(img.total_size);
+    assert!(
+        excess < kept as u64 / 2,
+        "re-fetched {excess} bytes of the {kept} containerd kept"
+    );
     assert_no_ingests(&node).await;
     // The restarted pullgate adopted the killed pull's lease, the retry's took in its downloads
     // (one lease per image), and the pull that succeeded deleted its own (just after replying).
