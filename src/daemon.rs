@@ -11,19 +11,22 @@ use tracing::{error, info, warn};
 
 use crate::api::{self, Api};
 use crate::config::Config;
+use crate::config::ProbeKind;
 use crate::frontdoor::{self, CriProxy, FrontDoorThread, Priority};
+use crate::health::Health;
 use crate::jobs::JobBoard;
-use crate::metrics::{self, ClassLabels, Health, Metrics};
+use crate::metrics::{self, ClassLabels, Metrics};
 use crate::mirror::hosts_dir::HostsKeeper;
 use crate::mirror::{Demand, Mirror};
-use crate::prewarm::gate::{P2pGate, ProbeKind};
+use crate::prewarm::gate::P2pGate;
 use crate::prewarm::Prewarmer;
 use crate::pull::partials::Partials;
-use crate::pull::{Class, ContainerdPuller, PullCoordinator, Puller, ScheduledPuller};
+use crate::pull::{ContainerdPuller, PullCoordinator, Puller, ScheduledPuller};
 use crate::registry::{Platform, RegistryClient, RegistryConfig};
 use crate::schedule::{Scheduler, Setup};
 use crate::upstream::disk::Watch;
 use crate::upstream::{Containerd, Leases};
+use crate::vocab::Class;
 use crate::watchdog::{self, Watchdog};
 
 /// The pull path: the scheduled puller in front of containerd, and the mirror containerd fetches
@@ -182,8 +185,8 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     };
     let scheduler = Scheduler::new(
         Setup {
-            admission: cfg.schedule.admission(),
-            limits: cfg.schedule.limits(),
+            admission: crate::schedule::Admission::from(&cfg.schedule),
+            limits: crate::schedule::Limits::from(&cfg.schedule),
             max_blob_streams: cfg.schedule.max_blob_streams,
             gate: gate.subscribe(),
         },
@@ -217,7 +220,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     ));
 
     let metrics_task = if cfg.metrics.enabled {
-        let task = metrics::serve(&cfg.metrics, health.clone(), stop.clone())
+        let task = metrics::serve(&cfg.metrics, metrics.clone(), health.clone(), stop.clone())
             .await
             .with_context(|| format!("cannot serve metrics on {}", cfg.metrics.addr))?;
         info!(addr = %cfg.metrics.addr, "metrics, /healthz and /readyz served over HTTP");
@@ -455,9 +458,11 @@ fn reload_config(
     check("api", api != running.api);
     check("p2p_gate", p2p_gate != running.p2p_gate);
 
-    scheduler.bandwidth.set_limits(schedule.limits());
+    scheduler
+        .bandwidth
+        .set_limits(crate::schedule::Limits::from(&schedule));
     scheduler.streams.set_capacity(schedule.max_blob_streams);
-    scheduler.set_admission(schedule.admission());
+    scheduler.set_admission(crate::schedule::Admission::from(&schedule));
     if schedule.lane_order != running.schedule.lane_order
         || schedule.node_name != running.schedule.node_name
     {

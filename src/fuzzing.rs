@@ -46,7 +46,10 @@ pub fn image_reference(s: &str) {
 /// The config file, as `pullgate check-config` and `pullgate serve` read it.
 pub fn config(text: &str) {
     if let Ok(cfg) = Config::parse(text) {
-        let _ = (cfg.schedule.limits(), cfg.schedule.admission());
+        let _ = (
+            crate::schedule::Limits::from(&cfg.schedule),
+            crate::schedule::Admission::from(&cfg.schedule),
+        );
         let _ = (cfg.server.socket_mode_bits(), cfg.api.socket_mode_bits());
     }
 }

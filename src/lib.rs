@@ -17,6 +17,7 @@ pub mod frontdoor;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grpc;
+pub mod health;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;
@@ -30,4 +31,5 @@ pub mod schedule;
 pub mod small_file;
 pub mod status;
 pub mod upstream;
+pub mod vocab;
 pub mod watchdog;

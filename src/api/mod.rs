@@ -14,11 +14,12 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::jobs::{JobBoard, JobRecord, Origin};
+use crate::jobs::{JobBoard, JobRecord};
 use crate::prewarm::{EntryStatus, Prewarm, Prewarmer};
 use crate::proto::pullgate::v1 as pb;
 use crate::proto::pullgate::v1::pullgate_server::{Pullgate, PullgateServer};
 use crate::pull::{CancelError, PullCoordinator};
+use crate::vocab::Origin;
 
 /// Serves the API until `shutdown` resolves.
 pub async fn serve(

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod gate;
+pub mod labels;
 mod legacy;
 mod mirror;
 mod prewarm;
@@ -18,7 +20,8 @@ pub use mirror::{MirrorConfig, Unscheduled};
 pub use prewarm::{Policy, PrewarmEntry};
 pub use units::{Bytes, Share};
 
-pub use crate::prewarm::gate::{GateConfig, ProbeKind};
+pub use gate::{GateConfig, ProbeKind};
+pub use labels::check_label_name;
 
 /// Where `pullgate serve` looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pullgate/config.toml";
@@ -124,25 +127,6 @@ impl Default for ScheduleConfig {
 }
 
 impl ScheduleConfig {
-    pub fn limits(&self) -> crate::schedule::Limits {
-        crate::schedule::Limits {
-            node: self.bandwidth.0,
-            prewarm: self.prewarm_bandwidth.of(self.bandwidth.0),
-            prewarm_floor: self.prewarm_floor.0,
-        }
-    }
-
-    pub fn admission(&self) -> crate::schedule::Admission {
-        crate::schedule::Admission {
-            max_prewarm_jobs: self.max_prewarm_jobs,
-            large_image_bytes: self.large_image_size.0,
-            lane_order: match self.lane_order {
-                LaneOrderConfig::Shared => crate::schedule::LaneOrder::Shared,
-                LaneOrderConfig::PerNode => crate::schedule::LaneOrder::per_node(&self.node_name()),
-            },
-        }
-    }
-
     /// `node_name`, else `$NODE_NAME` (the Kubernetes node name, where a unit or manifest sets
     /// it), else the kernel's hostname (kubelet's default node name).
     pub fn node_name(&self) -> String {
@@ -691,9 +675,9 @@ impl Config {
         for (i, p) in self.prewarm.iter().enumerate() {
             let line = line_of_value(text, &p.image);
             let fail = |what: String| Err(format!("{line}prewarm[{i}] ({}): {what}", p.image));
-            let reference = match crate::pull::normalize_reference(&p.image) {
-                Ok(r) => r,
-                Err(e) => return fail(e.to_string()),
+            let reference = match crate::registry::reference::parse_reference(&p.image) {
+                Ok(r) => r.whole(),
+                Err(why) => return fail(format!("invalid image reference {:?}: {why}", p.image)),
             };
             if !seen.insert(reference.clone()) {
                 return fail(format!("{reference} is listed twice"));
@@ -721,7 +705,7 @@ impl Config {
                 }
             }
             if let Some(label) = &p.label {
-                if let Err(why) = crate::prewarm::labels::check_name(label) {
+                if let Err(why) = check_label_name(label) {
                     return fail(format!("label: {why}"));
                 }
             }
@@ -974,21 +958,7 @@ format = "json"
     }
 
     #[test]
-    fn per_node_lane_order_is_seeded_by_the_node_name() {
-        let per_node = |name: &str| {
-            Config::parse(&format!(
-                "[schedule]\nlane_order = \"per-node\"\nnode_name = \"{name}\"\n"
-            ))
-            .unwrap()
-            .schedule
-            .admission()
-            .lane_order
-        };
-        assert_eq!(
-            per_node("worker-7"),
-            crate::schedule::LaneOrder::per_node("worker-7")
-        );
-        assert_ne!(per_node("worker-7"), per_node("worker-8"));
+    fn an_unset_node_name_is_never_empty() {
         // Unset: $NODE_NAME or the hostname, never an empty seed.
         let cfg = Config::parse("[schedule]\nlane_order = \"per-node\"\n").unwrap();
         assert!(!cfg.schedule.node_name().is_empty());
@@ -1016,17 +986,8 @@ image = "registry.example/ml/model:v3"
 "#,
         )
         .unwrap();
-        let l = cfg.schedule.limits();
-        assert_eq!(
-            (l.node, l.prewarm, l.prewarm_floor),
-            (100_000_000, 30_000_000, 1 << 20)
-        );
-        assert_eq!(cfg.schedule.admission().large_image_bytes, 512 << 20);
-        // One order on every node by default.
-        assert_eq!(
-            cfg.schedule.admission().lane_order,
-            crate::schedule::LaneOrder::Shared
-        );
+        assert_eq!(cfg.schedule.bandwidth.0, 100_000_000);
+        assert_eq!(cfg.schedule.large_image_size.0, 512 << 20);
         assert_eq!(cfg.prewarm.len(), 2);
         assert_eq!(cfg.prewarm[0].policy, Policy::Keep);
         assert_eq!(cfg.prewarm[1].policy, Policy::Once);

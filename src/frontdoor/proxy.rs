@@ -142,7 +142,7 @@ impl Inner {
         reply.to_response()
     }
 
-    fn record_pull(&self, class: crate::pull::Class, reply: &CapturedReply, started: Instant) {
+    fn record_pull(&self, class: crate::vocab::Class, reply: &CapturedReply, started: Instant) {
         let code = reply.status().code();
         self.metrics
             .pull_requests

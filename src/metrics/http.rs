@@ -8,12 +8,11 @@
 //! sockets, and a scraper retries on its next interval anyway.
 
 use std::convert::Infallible;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -27,60 +26,36 @@ use tracing::{debug, warn};
 
 use super::Metrics;
 use crate::config::MetricsConfig;
-use crate::mirror::hosts_dir::HostsKeeper;
-use crate::upstream::Containerd;
 
-/// What the health endpoints report on.
-pub struct Health {
-    pub metrics: Arc<Metrics>,
-    pub containerd: Containerd,
-    /// True while the CRI socket accepts calls (false before bind and while draining).
-    pub serving: AtomicBool,
-    /// pullgate's hosts.toml entries, when it keeps them (`mirror.manage_hosts`).
-    pub hosts: Option<HostsKeeper>,
-    /// containerd's config file and the directory its `config_path` must name (mirror on).
-    pub containerd_config: Option<(PathBuf, PathBuf)>,
+/// What the health endpoints ask. The health state (the `health` module, above this one)
+/// implements it, so the endpoint knows nothing of containerd or the mirror.
+pub trait Readiness: Send + Sync + 'static {
+    /// containerd's version, or why it is unreachable (and records the result in
+    /// `pullgate_upstream_up`).
+    fn probe(&self) -> BoxFuture<'_, Result<String, String>>;
+    /// False before the CRI socket is bound and while draining.
+    fn serving(&self) -> bool;
+    /// Why containerd does not fetch through pullgate's mirror, if it does not.
+    fn mirror_problem(&self) -> Option<String>;
 }
 
-impl Health {
-    /// Why containerd does not fetch through pullgate's mirror, if it does not.
-    pub fn mirror_problem(&self) -> Option<String> {
-        if let Some((file, dir)) = &self.containerd_config {
-            if let Err(e) = crate::mirror::containerd_config::check(file, dir) {
-                return Some(e);
-            }
-        }
-        let missing = self.hosts.as_ref().map(|h| h.missing()).unwrap_or_default();
-        if missing.is_empty() {
-            return None;
-        }
-        Some(format!(
-            "these hosts.toml files do not list pullgate's mirror first (see the log): {}",
-            missing
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    }
-
-    /// Probes containerd and records the result in `pullgate_upstream_up`.
-    pub async fn probe(&self) -> Result<String, tonic::Status> {
-        let res = self.containerd.version(Duration::from_secs(2)).await;
-        self.metrics.upstream_up.set(i64::from(res.is_ok()));
-        res
-    }
+/// What one endpoint serves: the registry to encode and the readiness to report.
+struct Endpoint {
+    metrics: Arc<Metrics>,
+    health: Arc<dyn Readiness>,
 }
 
 /// Binds `cfg.addr` and serves until `stop` is cancelled.
 pub async fn serve(
     cfg: &MetricsConfig,
-    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    health: Arc<dyn Readiness>,
     stop: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(cfg.addr).await?;
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let header_read_timeout = cfg.header_read_timeout;
+    let endpoint = Arc::new(Endpoint { metrics, health });
     Ok(tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -99,10 +74,10 @@ pub async fn serve(
                 drop(stream);
                 continue;
             };
-            let health = health.clone();
+            let endpoint = endpoint.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                let svc = service_fn(move |req| route(req, health.clone()));
+                let svc = service_fn(move |req| route(req, endpoint.clone()));
                 if let Err(e) = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_read_timeout)
@@ -118,8 +93,9 @@ pub async fn serve(
 
 async fn route(
     req: Request<Incoming>,
-    health: Arc<Health>,
+    endpoint: Arc<Endpoint>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let health = &endpoint.health;
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into()));
     }
@@ -127,7 +103,7 @@ async fn route(
         "/metrics" => {
             // Refresh the upstream gauge so a scrape never reports a stale "up".
             let _ = health.probe().await;
-            let mut resp = text(StatusCode::OK, health.metrics.encode());
+            let mut resp = text(StatusCode::OK, endpoint.metrics.encode());
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(
@@ -140,11 +116,11 @@ async fn route(
             Ok(v) => text(StatusCode::OK, format!("ok: containerd {v}\n")),
             Err(s) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("containerd not reachable: {}\n", s.message()),
+                format!("containerd not reachable: {s}\n"),
             ),
         },
         "/readyz" => {
-            if !health.serving.load(Ordering::SeqCst) {
+            if !health.serving() {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not serving the CRI socket\n".into(),
@@ -163,7 +139,7 @@ async fn route(
                     Ok(_) => text(StatusCode::OK, "ready\n".into()),
                     Err(s) => text(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        format!("containerd not reachable: {}\n", s.message()),
+                        format!("containerd not reachable: {s}\n"),
                     ),
                 }
             }

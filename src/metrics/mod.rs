@@ -2,7 +2,7 @@
 
 mod http;
 
-pub use self::http::{serve, Health};
+pub use self::http::{serve, Readiness};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tonic::Code;
 
-use crate::pull::Class;
+use crate::vocab::Class;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabels {
@@ -80,6 +80,10 @@ pub const FALLBACK_REASONS: [&str; 5] = [
     "registry",
     "reference",
 ];
+
+/// Why the mirror refused or closed a connection (`pullgate_mirror_refused_connections_total`'s
+/// `reason`), in the order of `mirror::access::Refusal`.
+pub const MIRROR_REFUSAL_REASONS: [&str; 4] = ["uid", "unknown_peer", "cap", "idle_evicted"];
 
 /// Every metric pullgate exports.
 pub struct Metrics {
@@ -372,7 +376,7 @@ impl Metrics {
         for reason in FALLBACK_REASONS {
             let _ = fetch_fallbacks.get_or_create(&ReasonLabels { reason });
         }
-        for reason in crate::mirror::REFUSAL_REASONS {
+        for reason in MIRROR_REFUSAL_REASONS {
             let _ = mirror_refused_connections.get_or_create(&ReasonLabels { reason });
         }
         for kind in ["manifest", "blob"] {

@@ -64,7 +64,7 @@ impl Refusal {
     }
 }
 
-pub const REASONS: [&str; 4] = ["uid", "unknown_peer", "cap", "idle_evicted"];
+use crate::metrics::MIRROR_REFUSAL_REASONS as REASONS;
 
 impl Gate {
     pub fn new(allow: Vec<u32>) -> Gate {

@@ -25,10 +25,10 @@ use super::demand::{Access, BlobSource, Key, Presented};
 use super::parts::{Part, Phase, Probe, Verdict};
 use super::Mirror;
 use crate::metrics::SourceLabels;
-use crate::pull::Class;
 use crate::registry::{Credentials, Descriptor, RegistryError, Source};
 use crate::schedule::bandwidth::RECHECK;
 use crate::schedule::UrgentStream;
+use crate::vocab::Class;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -727,8 +727,8 @@ impl Mirror {
         let media_type = oci_spec::image::MediaType::Other("application/octet-stream".into());
         let descriptor = Descriptor::new(media_type, size, digest);
         let priority = tokio::sync::watch::channel(match class {
-            Class::Urgent => crate::schedule::Priority::urgent(0),
-            Class::Prewarm => crate::schedule::Priority::prewarm(0),
+            Class::Urgent => crate::vocab::Priority::urgent(0),
+            Class::Prewarm => crate::vocab::Priority::prewarm(0),
         })
         .1;
         self.metrics.mirror_unscheduled.inc();

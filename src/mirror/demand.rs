@@ -18,9 +18,9 @@ use tokio::sync::{watch, Notify};
 
 use crate::jobs::progress::BlobProgress;
 use crate::jobs::JobRecord;
-use crate::pull::Class;
 use crate::registry::{Credentials, Descriptor, FetchedManifest, ImageRef, Resolved};
-use crate::schedule::Priority;
+use crate::vocab::Class;
+use crate::vocab::Priority;
 
 /// Where a manifest or blob lives: `ns` (the registry containerd names), repository, and a digest
 /// (or, for the manifest a pull names, its tag).
@@ -433,8 +433,9 @@ impl Drop for Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::{JobBoard, Origin};
+    use crate::jobs::JobBoard;
     use crate::registry::{FetchedManifest, Source};
+    use crate::vocab::Origin;
     use bytes::Bytes;
     use oci_spec::image::{Digest, MediaType};
     use std::str::FromStr;
@@ -479,7 +480,7 @@ mod tests {
     }
 
     fn record(board: &JobBoard, id: u64, image: &str, p: Priority) -> Arc<JobRecord> {
-        board.create(id, image, Origin::Cri, p, crate::jobs::JobState::Fetching)
+        board.create(id, image, Origin::Cri, p, crate::vocab::JobState::Fetching)
     }
 
     #[test]

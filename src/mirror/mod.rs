@@ -34,7 +34,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use access::REASONS as REFUSAL_REASONS;
 pub use demand::{Demand, Registration};
 
 use crate::config::MirrorConfig;

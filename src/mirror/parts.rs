@@ -25,8 +25,8 @@ use tracing::{debug, info};
 
 use super::demand::BlobSource;
 use super::Mirror;
-use crate::pull::Class;
 use crate::registry::RegistryError;
+use crate::vocab::Class;
 
 /// How long a stream is watched alone, then with one more connection, before deciding.
 pub const PROBE: Duration = Duration::from_secs(1);

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Prewarmer;
+use crate::config::labels::MAX_LABEL_NAME;
 use crate::config::{NodeLabelsConfig, PrewarmEntry};
 use crate::proto::runtime::v1::image_service_client::ImageServiceClient;
 use crate::proto::runtime::v1::{ImageSpec, ImageStatusRequest};
@@ -23,26 +24,6 @@ use crate::upstream::Containerd;
 
 /// NFD prefixes names without a namespace with this.
 pub const LABEL_PREFIX: &str = "feature.node.kubernetes.io/";
-/// A label name's length limit (the part after the prefix).
-const MAX_NAME: usize = 63;
-
-/// `Err` says why `name` cannot be a label name (1–63 of `A-Z a-z 0-9 - _ .`, starting and
-/// ending with a letter or digit).
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    let ends = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
-    if name.is_empty() || name.len() > MAX_NAME {
-        return Err(format!("{name:?} must be 1 to {MAX_NAME} characters"));
-    }
-    if !name.chars().all(ok_char) || !ends(name.chars().next()) || !ends(name.chars().last()) {
-        return Err(format!(
-            "{name:?} is not a label name (letters, digits, '-', '_', '.'; a letter or digit \
-             at both ends)"
-        ));
-    }
-    Ok(())
-}
-
 /// The label name of an entry: its `label`, else `pullgate-` with the reference's last path
 /// segment and tag made label-safe, and 8 hex digits of the reference's SHA-256 (two
 /// references never share a name, and the name stays within 63 characters).
@@ -64,7 +45,7 @@ pub fn name_of(entry: &PrewarmEntry) -> String {
         })
         .collect();
     // "pullgate-" + safe + "-" + 8 hex.
-    safe.truncate(MAX_NAME - "pullgate-".len() - 9);
+    safe.truncate(MAX_LABEL_NAME - "pullgate-".len() - 9);
     let safe = safe.trim_matches('-');
     if safe.is_empty() {
         format!("pullgate-{hash}")
@@ -200,6 +181,7 @@ async fn is_present(containerd: &Containerd, image: &str) -> Result<bool, tonic:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::check_label_name;
 
     fn entry(image: &str, label: Option<&str>) -> PrewarmEntry {
         let mut e: PrewarmEntry = toml::from_str(&format!("image = {image:?}")).unwrap();
@@ -211,23 +193,23 @@ mod tests {
     fn names_are_label_safe_unique_and_bounded() {
         let a = name_of(&entry("registry.example/ml/model:v3", None));
         assert!(a.starts_with("pullgate-model-v3-"), "{a}");
-        check_name(&a).unwrap();
+        check_label_name(&a).unwrap();
         let b = name_of(&entry("other.example/ml/model:v3", None));
         assert_ne!(a, b, "same last segment, other registry");
         let long = format!("r.example/{}:{}", "x".repeat(80), "y".repeat(40));
         let n = name_of(&entry(&long, None));
-        assert!(n.len() <= MAX_NAME, "{n}");
-        check_name(&n).unwrap();
+        assert!(n.len() <= MAX_LABEL_NAME, "{n}");
+        check_label_name(&n).unwrap();
         let d = name_of(&entry("r.example/app@sha256:0123abcd", None));
-        check_name(&d).unwrap();
+        check_label_name(&d).unwrap();
         assert_eq!(
             name_of(&entry("r.example/app:1", Some("llm-weights"))),
             "llm-weights"
         );
 
-        assert!(check_name("ok.name_1").is_ok());
+        assert!(check_label_name("ok.name_1").is_ok());
         for bad in ["", "-x", "x-", "a/b", "with space", &"z".repeat(64)] {
-            assert!(check_name(bad).is_err(), "{bad:?}");
+            assert!(check_label_name(bad).is_err(), "{bad:?}");
         }
     }
 

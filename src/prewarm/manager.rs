@@ -16,8 +16,8 @@ use tracing::{error, info, warn};
 
 use super::submit::Prewarm;
 use crate::config::{Policy, PrewarmEntry};
-use crate::jobs::Origin;
 use crate::pull::PullCoordinator;
+use crate::vocab::Origin;
 
 /// First backoff after a failed attempt; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(10);

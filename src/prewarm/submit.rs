@@ -9,10 +9,10 @@ use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, HeaderValue, Uri};
 use prost::Message;
 
-use crate::jobs::Origin;
 use crate::proto::runtime::v1::{AuthConfig, ImageSpec, PullImageRequest};
 use crate::pull::{ForwardRequest, Joined, PullCoordinator, PullRequestInfo, PULL_IMAGE_PATH};
 use crate::registry::{Credentials, ImageRef};
+use crate::vocab::Origin;
 
 /// A prewarm request of pullgate's own.
 #[derive(Clone, Debug)]
@@ -93,7 +93,7 @@ fn forward_request(message: &[u8]) -> ForwardRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pull::Class;
+    use crate::vocab::Class;
 
     #[test]
     fn builds_a_prewarm_pull_image_call() {

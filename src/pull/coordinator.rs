@@ -20,9 +20,10 @@ use tracing::{error, info, warn, Instrument};
 
 use super::{ForwardRequest, PullJob, PullRequestInfo, Puller};
 use crate::grpc::CapturedReply;
-use crate::jobs::{JobBoard, JobRecord, JobState};
+use crate::jobs::{JobBoard, JobRecord};
 use crate::metrics::{code_label, Metrics, ResultLabels, TaskLabels};
-use crate::schedule::Priority;
+use crate::vocab::JobState;
+use crate::vocab::Priority;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct MergeKey {
@@ -357,7 +358,7 @@ impl Drop for Waiter {
 mod tests {
     use super::*;
     use crate::grpc::CapturedReply;
-    use crate::pull::Class;
+    use crate::vocab::Class;
     use futures_util::future::BoxFuture;
     use futures_util::FutureExt;
     use std::sync::atomic::AtomicUsize;
@@ -403,7 +404,7 @@ mod tests {
             runtime_handler: String::new(),
             annotations: Default::default(),
             level: 0,
-            origin: crate::jobs::Origin::Cri,
+            origin: crate::vocab::Origin::Cri,
         }
     }
 

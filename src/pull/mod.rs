@@ -20,7 +20,7 @@ use http::{HeaderMap, Uri};
 
 pub use coordinator::{CancelError, Joined, PullCoordinator};
 pub use finish::ContainerdPuller;
-pub use request::{normalize_reference, BadRequest, Class, PullRequestInfo, PRIORITY_ANNOTATION};
+pub use request::{normalize_reference, BadRequest, PullRequestInfo, PRIORITY_ANNOTATION};
 pub use scheduled::ScheduledPuller;
 
 use std::sync::Arc;

@@ -8,9 +8,9 @@ use std::fmt;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::jobs::Origin;
 use crate::proto::runtime::v1::{AuthConfig, PullImageRequest};
-use crate::schedule::Priority;
+use crate::vocab::Origin;
+use crate::vocab::{Class, Priority};
 
 /// Sandbox annotation OpenKruise's kruise-daemon puts on the pulls it makes for ImagePullJobs.
 pub const KRUISE_PULL_ANNOTATION: &str = "apps.kruise.io/pulling-image-by";
@@ -18,30 +18,6 @@ pub const KRUISE_PULL_ANNOTATION: &str = "apps.kruise.io/pulling-image-by";
 /// Sandbox (pod) annotation that moves a pull within its class: an integer, higher first
 /// (default 0). kruise-daemon's requests carry it for prewarm priority.
 pub const PRIORITY_ANNOTATION: &str = "pullgate.io/priority";
-
-/// Who is waiting for a pull.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Class {
-    /// Nobody is blocked: pre-pulls by kruise-daemon, CRI clients without a pod, pullgate's own.
-    Prewarm,
-    /// A pod is waiting for this image (kubelet's pull with a sandbox config).
-    Urgent,
-}
-
-impl Class {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Class::Urgent => "urgent",
-            Class::Prewarm => "prewarm",
-        }
-    }
-}
-
-impl fmt::Display for Class {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A request that cannot be served, with the reason for an `INVALID_ARGUMENT` status.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -29,7 +29,7 @@ use super::partials::{Partials, PullLease};
 use super::{ContainerdPuller, PullJob, Puller};
 use crate::config::Preempt;
 use crate::grpc::CapturedReply;
-use crate::jobs::{JobRecord, JobState};
+use crate::jobs::JobRecord;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::mirror::hosts_dir::HostsKeeper;
 use crate::mirror::{Demand, Registration};
@@ -37,6 +37,7 @@ use crate::registry::{Credentials, ImageRef, Platform, RegistryClient, RegistryE
 use crate::schedule::{Scheduler, Ticket};
 use crate::upstream::content::{abort_ingest, failed_commit_ref};
 use crate::upstream::Containerd;
+use crate::vocab::JobState;
 
 /// The longest a failed pull's reply waits for its kept downloads to be settled (deleted with
 /// containerd's GC run, on a full disk): containerd freed 300 MB in well under a second here.
@@ -307,8 +308,8 @@ impl ScheduledPuller {
 /// Waits until `cond(urgent jobs, the job's priority)` holds.
 async fn until(
     urgent: &mut tokio::sync::watch::Receiver<usize>,
-    prio: &mut tokio::sync::watch::Receiver<crate::schedule::Priority>,
-    cond: impl Fn(usize, crate::schedule::Priority) -> bool,
+    prio: &mut tokio::sync::watch::Receiver<crate::vocab::Priority>,
+    cond: impl Fn(usize, crate::vocab::Priority) -> bool,
 ) {
     loop {
         if cond(*urgent.borrow_and_update(), *prio.borrow_and_update()) {

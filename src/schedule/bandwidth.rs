@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::pull::Class;
+use crate::config::ScheduleConfig;
+use crate::vocab::Class;
 
 /// Longest sleep before a waiting stream re-reads the limits.
 pub const RECHECK: Duration = Duration::from_millis(50);
@@ -48,6 +49,16 @@ pub struct Limits {
     pub prewarm: u64,
     /// Prewarm while urgent work is in flight (0: paused).
     pub prewarm_floor: u64,
+}
+
+impl From<&ScheduleConfig> for Limits {
+    fn from(cfg: &ScheduleConfig) -> Self {
+        Limits {
+            node: cfg.bandwidth.0,
+            prewarm: cfg.prewarm_bandwidth.of(cfg.bandwidth.0),
+            prewarm_floor: cfg.prewarm_floor.0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -323,6 +334,19 @@ fn class_index(c: Class) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_becomes_limits() {
+        let cfg = crate::config::Config::parse(
+            "[schedule]\nbandwidth = \"100MB/s\"\nprewarm_bandwidth = \"30%\"\nprewarm_floor = \"1MiB\"\n",
+        )
+        .unwrap();
+        let l = Limits::from(&cfg.schedule);
+        assert_eq!(
+            (l.node, l.prewarm, l.prewarm_floor),
+            (100_000_000, 30_000_000, 1 << 20)
+        );
+    }
 
     const MB: u64 = 1_000_000;
 

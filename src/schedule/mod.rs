@@ -19,7 +19,6 @@
 //! reference), which peers that share only finished blobs reward.
 
 pub mod bandwidth;
-mod priority;
 pub mod slots;
 
 use parking_lot::Mutex;
@@ -29,13 +28,15 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::watch;
 
+pub use crate::vocab::Priority;
 pub use bandwidth::{Bandwidth, Limits, UrgentStream};
-pub use priority::{ClassRank, Priority};
 pub use slots::{SlotPermit, Slots};
 
-use crate::jobs::{JobBoard, JobRecord, JobState};
+use crate::config::{LaneOrderConfig, ScheduleConfig};
+use crate::jobs::{JobBoard, JobRecord};
 use crate::metrics::{ClassLabels, Metrics};
-use crate::pull::Class;
+use crate::vocab::Class;
+use crate::vocab::JobState;
 
 /// Admission limits (reloadable).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +46,19 @@ pub struct Admission {
     /// Images at least this big go through the large-image lane (0: no lane).
     pub large_image_bytes: u64,
     pub lane_order: LaneOrder,
+}
+
+impl From<&ScheduleConfig> for Admission {
+    fn from(cfg: &ScheduleConfig) -> Self {
+        Admission {
+            max_prewarm_jobs: cfg.max_prewarm_jobs,
+            large_image_bytes: cfg.large_image_size.0,
+            lane_order: match cfg.lane_order {
+                LaneOrderConfig::Shared => LaneOrder::Shared,
+                LaneOrderConfig::PerNode => LaneOrder::per_node(&cfg.node_name()),
+            },
+        }
+    }
 }
 
 /// The sequence the large-image lane walks, among images of one priority.
@@ -452,7 +466,27 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::Origin;
+
+    fn schedule(text: &str) -> ScheduleConfig {
+        crate::config::Config::parse(text).unwrap().schedule
+    }
+
+    #[test]
+    fn the_config_becomes_admission_rules() {
+        let a = Admission::from(&schedule("[schedule]\nlarge_image_size = \"512MiB\"\n"));
+        assert_eq!(a.large_image_bytes, 512 << 20);
+        // One order on every node by default.
+        assert_eq!(a.lane_order, LaneOrder::Shared);
+        let per_node = |name: &str| {
+            Admission::from(&schedule(&format!(
+                "[schedule]\nlane_order = \"per-node\"\nnode_name = \"{name}\"\n"
+            )))
+            .lane_order
+        };
+        assert_eq!(per_node("worker-7"), LaneOrder::per_node("worker-7"));
+        assert_ne!(per_node("worker-7"), per_node("worker-8"));
+    }
+    use crate::vocab::Origin;
     use std::time::Duration;
 
     struct World {

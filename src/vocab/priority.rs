@@ -3,30 +3,18 @@
 
 use std::fmt;
 
-use crate::pull::Class;
+use super::Class;
 
 /// A job's or a requester's priority. `Ord`: greater is served first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Priority {
     /// Field order matters for `Ord`: the class before the level.
-    pub class: ClassRank,
+    pub class: Class,
     pub level: i32,
-}
-
-/// [`Class`] ranked for ordering (prewarm < urgent).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub enum ClassRank {
-    #[default]
-    Prewarm,
-    Urgent,
 }
 
 impl Priority {
     pub fn new(class: Class, level: i32) -> Self {
-        let class = match class {
-            Class::Urgent => ClassRank::Urgent,
-            Class::Prewarm => ClassRank::Prewarm,
-        };
         Priority { class, level }
     }
 
@@ -39,20 +27,17 @@ impl Priority {
     }
 
     pub fn class(&self) -> Class {
-        match self.class {
-            ClassRank::Urgent => Class::Urgent,
-            ClassRank::Prewarm => Class::Prewarm,
-        }
+        self.class
     }
 
     pub fn is_urgent(&self) -> bool {
-        self.class == ClassRank::Urgent
+        self.class == Class::Urgent
     }
 }
 
 impl fmt::Display for Priority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.class(), self.level)
+        write!(f, "{}/{}", self.class, self.level)
     }
 }
 
