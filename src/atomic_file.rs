@@ -1,6 +1,8 @@
 //! Replacing a file whole, for files other programs read while pullgate writes them
 //! (containerd's hosts.toml, node-feature-discovery's feature file): a reader sees the old text
 //! or the new one, never half of it, and a crash leaves one of the two, never an empty file.
+//!
+//! May import only `small_file`.
 
 use std::io::Write as _;
 use std::os::unix::fs::MetadataExt as _;

@@ -1,4 +1,6 @@
 //! The `pullgate` command line.
+//!
+//! The top of the crate with `daemon`: may import any module.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

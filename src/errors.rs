@@ -1,4 +1,6 @@
 //! Error formatting shared by pullgate's clients.
+//!
+//! A leaf: imports nothing of the crate.
 
 /// An error with its whole `source()` chain, "outer: inner: root cause": transport errors keep
 /// the useful part (ENOENT, connection refused) in their sources.

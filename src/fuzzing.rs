@@ -1,6 +1,7 @@
 //! Entry points for the fuzz targets in `tests/fuzz` (not an API: hidden from the docs, no
 //! stability promised). Each function runs one parser the way pullgate runs it on untrusted or
-//! configured input and touches every accessor of what comes out; none may panic.
+//! configured input and touches every accessor of what comes out; none may panic. May import
+//! any module whose parser it runs.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
 //! gRPC wire helpers for a proxy that keeps messages as bytes: framing, status responses, and
 //! captured replies that can be replayed to several callers.
+//!
+//! A leaf: imports nothing of the crate.
 
 use std::convert::Infallible;
 

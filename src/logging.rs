@@ -1,4 +1,6 @@
 //! tracing setup: text or JSON to stderr (journald picks it up under systemd).
+//!
+//! May import only `config`.
 
 use std::io::IsTerminal;
 

@@ -1,6 +1,8 @@
 //! What `check-config` and `serve` check beyond the config's own values: what the settings
 //! expose (a socket others may write, metrics off loopback) and the files they name
 //! (a hosts_dir that is no certs.d tree, a node-labels file pullgate did not write).
+//!
+//! May import `config`, `mirror` (its tree checks) and `prewarm` (the node-labels file).
 
 use crate::config::Config;
 

@@ -1,4 +1,6 @@
 //! Generated protobuf types and clients (see `proto/`).
+//!
+//! A leaf: imports nothing of the crate.
 
 #![allow(clippy::all, missing_docs)]
 

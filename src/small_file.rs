@@ -1,6 +1,8 @@
 //! Reading the files pullgate is pointed at (its config, containerd's config and drop-ins,
 //! hosts.toml, docker config.json, certificates): regular files only, of bounded size, so a path
 //! such as `/dev/zero` or a FIFO is an error instead of an unbounded read or a hang.
+//!
+//! A leaf: imports nothing of the crate.
 
 use std::io::Read;
 use std::path::Path;

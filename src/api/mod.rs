@@ -1,5 +1,7 @@
 //! pullgate's own gRPC API on its API socket: submit prewarm pulls, list, watch and cancel jobs,
 //! and report configured prewarm images (`pullgate wait --prewarmed`).
+//!
+//! May import `vocab`, `jobs`, `pull`, `prewarm`, `frontdoor` (its socket), `proto` and `errors`.
 
 pub mod client;
 pub mod codec;

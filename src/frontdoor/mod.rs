@@ -1,5 +1,8 @@
 //! The front door: a tonic server on the CRI unix socket that kubelet's `imageServiceEndpoint`
 //! points at.
+//!
+//! Owns the socket, the byte-for-byte passthrough and the `PullImage` interception. May import
+//! `vocab`, `pull`, `upstream`, `metrics` and `grpc`.
 
 pub mod activation;
 pub mod authority;

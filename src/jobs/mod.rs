@@ -1,6 +1,8 @@
 //! Every pull job pullgate knows of, live and recently ended: what the API lists and watches, and
 //! the one place a job's priority and state live. Any change bumps the board's generation, which
 //! is how the scheduler and API watchers learn that something moved.
+//!
+//! May import only `vocab`: the scheduler, the mirror, pulls and the API all read the board.
 
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};

@@ -7,6 +7,9 @@
 //! [`ScheduledPuller`] resolves the image, registers its blobs with the mirror and waits for the
 //! scheduler's admission; [`ContainerdPuller`] then forwards the original request, and
 //! containerd pulls through pullgate's mirror.
+//!
+//! May import `vocab`, `config`, `jobs`, `schedule`, `mirror`, `registry`, `upstream`, `metrics`,
+//! `grpc`, `proto` and `errors`; the front door, prewarm and the API call it.
 
 mod coordinator;
 mod finish;

@@ -17,6 +17,9 @@
 //! (priority, configured order, reference), which a shared cache rewards;
 //! [`LaneOrder::PerNode`] gives each node its own (priority, then a hash of node and
 //! reference), which peers that share only finished blobs reward.
+//!
+//! Owns admission, the lane and the byte budgets. May import `vocab`, `config`, `jobs` and
+//! `metrics`; pulls and the mirror call it, never the other way.
 
 pub mod bandwidth;
 pub mod slots;

@@ -1,4 +1,7 @@
 //! Clients of the services pullgate sits in front of.
+//!
+//! Owns the connections to containerd (CRI, content, leases) and the disk sampler of its root. May
+//! import `config`, `metrics`, `errors` and `proto`.
 
 pub mod containerd;
 pub mod content;

@@ -5,6 +5,8 @@
 //!
 //! containerd's health is no part of the check: restarting pullgate cannot help a slow or
 //! stopped containerd, and pullgate already answers `UNAVAILABLE` for it.
+//!
+//! May import `config`, `metrics`, `errors` and `proto`.
 
 pub mod fault;
 mod notify;
