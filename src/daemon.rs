@@ -1,5 +1,7 @@
 //! `pullgate serve`: wires the front door, the pull path, containerd and the metrics endpoint,
 //! and runs them until SIGTERM/SIGINT.
+//!
+//! The top with `cli`: may import any module.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

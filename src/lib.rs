@@ -5,20 +5,20 @@
 //! the rule against the code).
 //!
 //! ```text
-//! cli, daemon                     wiring and the command line
-//! status, preflight, fuzzing      reports and checks over the layers below
-//! api, health                     pullgate's own API; readiness of the node's pull path
-//! frontdoor, watchdog, prewarm    the CRI socket; systemd's watchdog; prewarm sources
-//! pull                            intercepted pulls: merge, admit, forward
-//! mirror                          the registry mirror containerd fetches through
-//! upstream                        containerd's services
-//! schedule                        admission, the lane, byte budgets
-//! jobs                            the job board
-//! metrics, logging                Prometheus and health endpoint; tracing
-//! config                          the TOML file (no domain code)
-//! registry                        the upstream OCI client (a leaf)
-//! vocab, grpc, errors, proto,     shared vocabulary and helpers
-//! small_file, atomic_file
+//! 11  cli                                 the command line
+//! 10  daemon                              wiring
+//!  9  status, preflight, fuzzing          reports and checks over the layers below
+//!  8  api                                 pullgate's own API
+//!  7  health, frontdoor, watchdog,        readiness of the pull path; the CRI socket;
+//!     prewarm                             systemd's watchdog; prewarm sources
+//!  6  pull                                intercepted pulls: merge, admit, forward
+//!  5  mirror                              the registry mirror containerd fetches through
+//!  4  schedule, upstream                  admission, the lane, byte budgets; containerd
+//!  3  metrics, logging, jobs              Prometheus and its endpoint; tracing; the job board
+//!  2  config                              the TOML file (no domain code)
+//!  1  registry, atomic_file               the upstream OCI client; whole-file replacement
+//!  0  vocab, grpc, errors, proto,         shared vocabulary and helpers
+//!     small_file
 //! ```
 
 pub mod api;

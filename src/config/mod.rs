@@ -2,6 +2,9 @@
 //!
 //! Every key is optional; unknown keys are rejected so that a typo never silently falls back to a
 //! default. Errors carry the key and the line (toml's span-aware errors).
+//!
+//! Owns the file's types and checks, no domain code: may import only `vocab`, `registry` (reference
+//! parsing) and `small_file`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

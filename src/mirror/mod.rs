@@ -15,6 +15,9 @@
 //! containerd fetch from the next host, so the pull still succeeds. The mirror relies on both:
 //! `ns` tells it where to go upstream, and the fallback keeps pulls working when pullgate is
 //! down or does not know a blob. [`hosts_file`] and [`hosts_dir`] keep pullgate's entry first.
+//!
+//! May import `vocab`, `config`, `jobs`, `metrics`, `schedule`, `upstream`, `registry`,
+//! `small_file` and `atomic_file`; never `pull`, `prewarm` or `frontdoor` (they call it).
 
 mod access;
 mod blob;

@@ -15,6 +15,8 @@
 //!
 //! Credentials go only to the image's own registry (the hosts.toml `server`), never to mirrors
 //! unless [`RegistryConfig::mirror_credentials`] is set, and never into a message or a log.
+//!
+//! A leaf of the domain: may import only `errors`, `proto` and `small_file`.
 
 pub mod auth;
 pub mod client;

@@ -2,6 +2,9 @@
 //! works: the daemon, containerd, kubelet's image endpoint, containerd's hosts.toml files, the
 //! P2P gate, the jobs and the last failures. Every check reads what the component itself reads
 //! (its socket, its config file, its process's flags); a problem makes the exit code 1.
+//!
+//! May import `api`, `config`, `mirror` (its hosts.toml checks), `upstream`, `proto` and
+//! `small_file`.
 
 pub mod kubelet;
 
