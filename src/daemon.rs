@@ -23,8 +23,8 @@ use crate::mirror::{Demand, Mirror};
 use crate::prewarm::gate::P2pGate;
 use crate::prewarm::Prewarmer;
 use crate::pull::partials::Partials;
-use crate::pull::{ContainerdPuller, PullCoordinator, Puller, ScheduledPuller};
-use crate::registry::{Platform, RegistryClient, RegistryConfig};
+use crate::pull::{PullCoordinator, Puller, ScheduledPuller};
+use crate::registry::{RegistryClient, RegistryConfig};
 use crate::schedule::{Scheduler, Setup};
 use crate::upstream::disk::Watch;
 use crate::upstream::{Containerd, Leases};
@@ -55,7 +55,7 @@ async fn pull_path(
             Mirror::new(
                 m.clone(),
                 demand.clone(),
-                registry.clone(),
+                Arc::new(registry.clone()),
                 scheduler.clone(),
                 metrics.clone(),
                 crate::mirror::containerd_config::keepalive(&cfg.containerd.config_file),
@@ -86,19 +86,18 @@ async fn pull_path(
         info!("mirror disabled: containerd fetches images itself, unpaced; pullgate still orders and admits pulls");
     }
     let partials = partials(cfg, containerd, metrics, stop);
-    let puller = Arc::new(ScheduledPuller {
-        scheduler: scheduler.clone(),
-        demand,
-        registry,
-        finish: ContainerdPuller::new(containerd.clone()),
-        metrics: metrics.clone(),
-        platform: Platform::node(),
-        hosts: hosts.clone(),
-        resume: partials.clone(),
-        preempt: cfg.containerd.preempt_prewarm,
-        containerd: containerd.clone(),
-        shared_limit: Default::default(),
-    });
+    let puller = Arc::new(
+        ScheduledPuller::new(
+            scheduler.clone(),
+            demand,
+            registry,
+            containerd.clone(),
+            metrics.clone(),
+        )
+        .with_hosts(hosts.clone())
+        .with_partials(partials.clone())
+        .with_preempt(cfg.containerd.preempt_prewarm),
+    );
     Ok((Arc::new(puller), hosts))
 }
 
@@ -168,137 +167,75 @@ where
 /// Reads the config again (file and flags) for SIGHUP.
 pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send>;
 
+/// SIGTERM, SIGINT and SIGHUP, installed before anything starts so none is lost.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
+    }
+}
+
+/// A socket pullgate serves, and whether it created the file (a socket systemd handed over
+/// stays: calls queue on it until pullgate is back).
+struct Served {
+    path: std::path::PathBuf,
+    owned: bool,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.owned {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                warn!(socket = %self.path.display(), error = %e, "could not remove socket");
+            }
+        }
+    }
+}
+
 pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let containerd = Containerd::new(&cfg.containerd);
     let stop = CancellationToken::new();
-
-    // Signals first, so that a SIGTERM during start-up is not lost.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut signals = Signals::install()?;
     let dog = Arc::new(Watchdog::from_env());
     watchdog::fault::arm_if_asked();
 
     let board = JobBoard::new();
-    let gate = match cfg.p2p_gate.probe {
-        ProbeKind::None => P2pGate::always_open(),
-        _ => P2pGate::spawn(cfg.p2p_gate.clone(), containerd.clone(), stop.clone()),
-    };
-    let scheduler = Scheduler::new(
-        Setup {
-            admission: crate::schedule::Admission::from(&cfg.schedule),
-            limits: crate::schedule::Limits::from(&cfg.schedule),
-            max_blob_streams: cfg.schedule.max_blob_streams,
-            gate: gate.subscribe(),
-        },
-        &board,
-        metrics.clone(),
-    );
+    let scheduler = scheduler(&cfg, &containerd, &board, &metrics, &stop);
     let (puller, hosts) = pull_path(&cfg, &containerd, &metrics, &scheduler, &stop).await?;
     let pulls = PullCoordinator::new(puller, metrics.clone(), board.clone());
-    let health = Arc::new(Health {
-        metrics: metrics.clone(),
-        containerd: containerd.clone(),
-        serving: false.into(),
-        hosts,
-        containerd_config: (cfg.mirror.enabled
-            && !cfg.containerd.config_file.as_os_str().is_empty())
-        .then(|| {
-            (
-                cfg.containerd.config_file.clone(),
-                cfg.mirror.hosts_dir.clone(),
-            )
-        }),
-    });
-    if let Some(problem) = health.mirror_problem() {
-        warn!(problem, "containerd does not fetch through pullgate's mirror: pulls work, unscheduled; /readyz answers 503 until this is fixed");
-    }
+    let health = health(&cfg, &containerd, &metrics, hosts);
     tokio::spawn(sample_loop(
         scheduler.clone(),
         board.clone(),
         metrics.clone(),
         stop.clone(),
     ));
-
-    let metrics_task = if cfg.metrics.enabled {
-        let task = metrics::serve(&cfg.metrics, metrics.clone(), health.clone(), stop.clone())
-            .await
-            .with_context(|| format!("cannot serve metrics on {}", cfg.metrics.addr))?;
-        info!(addr = %cfg.metrics.addr, "metrics, /healthz and /readyz served over HTTP");
-        Some(task)
-    } else {
-        None
-    };
-
-    match health.probe().await {
-        Ok(v) => {
-            info!(socket = %cfg.containerd.socket.display(), version = v, "containerd reachable")
-        }
-        Err(s) => warn!(socket = %cfg.containerd.socket.display(), error = s.message(),
-                        "containerd not reachable yet; calls fail with UNAVAILABLE until it is"),
-    }
+    let metrics_task = serve_metrics(&cfg, &metrics, &health, &stop).await?;
+    first_probe(&cfg, &health).await;
     tokio::spawn(probe_loop(
         health.clone(),
         cfg.containerd.health_interval,
         stop.clone(),
     ));
 
-    let cri = frontdoor::socket::listen(&cfg.server.socket, cfg.server.socket_mode_bits())
-        .await
-        .context("cannot serve the CRI socket")?;
-    let (listener, own_cri) = (cri.listener, cri.owned);
-    let front = front_door_thread(cfg.server.nice)?;
-    // The passthrough channel is built on the front door's runtime, which then runs its
-    // connection; pulls go back to this runtime.
-    let proxy = {
-        let main = tokio::runtime::Handle::current();
-        let _on = front.handle().enter();
-        CriProxy::new(
-            Containerd::new(&cfg.containerd),
-            pulls.clone(),
-            main,
-            metrics.clone(),
-        )
-    };
     let draining = CancellationToken::new();
     let prewarmer = Prewarmer::new(pulls.clone());
-    let api_task = if cfg.api.enabled {
-        let bound = frontdoor::socket::listen(&cfg.api.socket, cfg.api.socket_mode_bits())
-            .await
-            .context("cannot serve the API socket")?;
-        let (listener, own_api) = (bound.listener, bound.owned);
-        let api = Api {
-            coordinator: pulls.clone(),
-            board: board.clone(),
-            prewarmer: prewarmer.clone(),
-        };
-        info!(socket = %cfg.api.socket.display(), "serving pullgate's API");
-        let shutdown = draining.clone().cancelled_owned();
-        Some((
-            tokio::spawn(async move {
-                if let Err(e) = api::serve(listener, api, shutdown).await {
-                    warn!(error = %crate::errors::chain(&e), "API server failed");
-                }
-            }),
-            own_api,
-        ))
-    } else {
-        None
-    };
+    let mut cri = serve_cri(&cfg, &pulls, &metrics, &draining).await?;
+    let api_task = serve_api(&cfg, &pulls, &board, &prewarmer, &draining).await?;
     for path in frontdoor::activation::untaken() {
         warn!(socket = %path.display(),
               "systemd handed over a socket pullgate does not serve (check the unit's ListenStream= against server.socket and api.socket)");
     }
-    let listener = listener
-        .into_std()
-        .context("cannot hand the CRI socket to its thread")?;
-    let shutdown = draining.clone().cancelled_owned();
-    let mut server = front.spawn(async move {
-        let listener = tokio::net::UnixListener::from_std(listener)?;
-        frontdoor::serve(listener, proxy, shutdown).await?;
-        anyhow::Ok(())
-    });
     health.serving.store(true, Ordering::SeqCst);
     dog.notify("READY=1");
     dog.start(&cfg, metrics, draining.clone())?;
@@ -319,59 +256,223 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         labels.restart(&cfg.node_labels);
     }
     let mut running = cfg.clone();
-
-    let result = loop {
+    let name = loop {
         tokio::select! {
-            r = &mut server => break joined(r).context("CRI server failed"),
-            _ = sighup.recv() => {
+            r = &mut cri.server => break Err(joined(r).context("CRI server failed")),
+            _ = signals.hup.recv() => {
                 reload_config(&mut running, &reload, &scheduler, &prewarmer, &mut labels);
-                continue;
             }
-            name = async {
-                tokio::select! {
-                    _ = sigterm.recv() => "SIGTERM",
-                    _ = sigint.recv() => "SIGINT",
-                }
-            } => break {
+            _ = signals.term.recv() => break Ok("SIGTERM"),
+            _ = signals.int.recv() => break Ok("SIGINT"),
+        }
+    };
+    let result = match name {
+        Err(failed) => failed,
+        Ok(name) => {
             health.serving.store(false, Ordering::SeqCst);
             dog.notify("STOPPING=1");
             info!(signal = name, grace = ?cfg.server.shutdown_grace, pulls_in_flight = pulls.in_flight(),
                   "shutting down: no new calls, waiting for calls in flight");
-            draining.cancel();
-            match tokio::time::timeout(cfg.server.shutdown_grace, &mut server).await {
-                Ok(r) => joined(r).context("CRI server failed while draining"),
-                Err(_) => {
-                    warn!(pulls_in_flight = pulls.in_flight(),
-                          "grace period over: cutting the calls still in flight");
-                    Ok(())
-                }
-            }
-            },
+            drain(&cfg, &pulls, &draining, &mut cri.server).await
         }
     };
     prewarmer.stop();
-
     health.serving.store(false, Ordering::SeqCst);
     stop.cancel();
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
-    // A socket systemd handed over stays: calls queue on it until pullgate is back.
-    if let Some((t, owned)) = api_task {
+    if let Some((t, socket)) = api_task {
         t.abort();
-        if owned {
-            if let Err(e) = std::fs::remove_file(&cfg.api.socket) {
-                warn!(socket = %cfg.api.socket.display(), error = %e, "could not remove API socket");
-            }
-        }
+        drop(socket);
     }
-    if own_cri {
-        if let Err(e) = std::fs::remove_file(&cfg.server.socket) {
-            warn!(socket = %cfg.server.socket.display(), error = %e, "could not remove socket");
-        }
-    }
+    drop(cri);
     info!("stopped");
     result
+}
+
+type ServerTask = tokio_util::task::AbortOnDropHandle<anyhow::Result<()>>;
+
+/// The CRI server's task, the thread it runs on and its socket; dropped in that order.
+struct Cri {
+    server: ServerTask,
+    _thread: FrontDoorThread,
+    _socket: Served,
+}
+
+/// Waits up to `server.shutdown_grace` for the CRI calls in flight once `draining` is cancelled.
+async fn drain(
+    cfg: &Config,
+    pulls: &PullCoordinator,
+    draining: &CancellationToken,
+    server: &mut ServerTask,
+) -> anyhow::Result<()> {
+    draining.cancel();
+    match tokio::time::timeout(cfg.server.shutdown_grace, server).await {
+        Ok(r) => joined(r).context("CRI server failed while draining"),
+        Err(_) => {
+            warn!(
+                pulls_in_flight = pulls.in_flight(),
+                "grace period over: cutting the calls still in flight"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The scheduler, with the P2P gate it waits on.
+fn scheduler(
+    cfg: &Config,
+    containerd: &Containerd,
+    board: &Arc<JobBoard>,
+    metrics: &Arc<Metrics>,
+    stop: &CancellationToken,
+) -> Arc<Scheduler> {
+    let gate = match cfg.p2p_gate.probe {
+        ProbeKind::None => P2pGate::always_open(),
+        _ => P2pGate::spawn(cfg.p2p_gate.clone(), containerd.clone(), stop.clone()),
+    };
+    Scheduler::new(
+        Setup {
+            admission: crate::schedule::Admission::from(&cfg.schedule),
+            limits: crate::schedule::Limits::from(&cfg.schedule),
+            max_blob_streams: cfg.schedule.max_blob_streams,
+            gate: gate.subscribe(),
+        },
+        board,
+        metrics.clone(),
+    )
+}
+
+/// What `/readyz` checks: containerd, and that containerd fetches through the mirror.
+fn health(
+    cfg: &Config,
+    containerd: &Containerd,
+    metrics: &Arc<Metrics>,
+    hosts: Option<HostsKeeper>,
+) -> Arc<Health> {
+    let health = Arc::new(Health {
+        metrics: metrics.clone(),
+        containerd: containerd.clone(),
+        serving: false.into(),
+        hosts,
+        containerd_config: (cfg.mirror.enabled
+            && !cfg.containerd.config_file.as_os_str().is_empty())
+        .then(|| {
+            (
+                cfg.containerd.config_file.clone(),
+                cfg.mirror.hosts_dir.clone(),
+            )
+        }),
+    });
+    if let Some(problem) = health.mirror_problem() {
+        warn!(problem, "containerd does not fetch through pullgate's mirror: pulls work, unscheduled; /readyz answers 503 until this is fixed");
+    }
+    health
+}
+
+async fn serve_metrics(
+    cfg: &Config,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if !cfg.metrics.enabled {
+        return Ok(None);
+    }
+    let task = metrics::serve(&cfg.metrics, metrics.clone(), health.clone(), stop.clone())
+        .await
+        .with_context(|| format!("cannot serve metrics on {}", cfg.metrics.addr))?;
+    info!(addr = %cfg.metrics.addr, "metrics, /healthz and /readyz served over HTTP");
+    Ok(Some(task))
+}
+
+async fn first_probe(cfg: &Config, health: &Health) {
+    match health.probe().await {
+        Ok(v) => {
+            info!(socket = %cfg.containerd.socket.display(), version = v, "containerd reachable")
+        }
+        Err(s) => warn!(socket = %cfg.containerd.socket.display(), error = s.message(),
+                        "containerd not reachable yet; calls fail with UNAVAILABLE until it is"),
+    }
+}
+
+/// The CRI socket, served on the front door's own thread until `draining` is cancelled.
+async fn serve_cri(
+    cfg: &Config,
+    pulls: &Arc<PullCoordinator>,
+    metrics: &Arc<Metrics>,
+    draining: &CancellationToken,
+) -> anyhow::Result<Cri> {
+    let cri = frontdoor::socket::listen(&cfg.server.socket, cfg.server.socket_mode_bits())
+        .await
+        .context("cannot serve the CRI socket")?;
+    let served = Served {
+        path: cfg.server.socket.clone(),
+        owned: cri.owned,
+    };
+    let front = front_door_thread(cfg.server.nice)?;
+    // The passthrough channel is built on the front door's runtime, which then runs its
+    // connection; pulls go back to this runtime.
+    let proxy = {
+        let main = tokio::runtime::Handle::current();
+        let _on = front.handle().enter();
+        CriProxy::new(
+            Containerd::new(&cfg.containerd),
+            pulls.clone(),
+            main,
+            metrics.clone(),
+        )
+    };
+    let listener = cri
+        .listener
+        .into_std()
+        .context("cannot hand the CRI socket to its thread")?;
+    let shutdown = draining.clone().cancelled_owned();
+    let server = front.spawn(async move {
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        frontdoor::serve(listener, proxy, shutdown).await?;
+        anyhow::Ok(())
+    });
+    Ok(Cri {
+        server,
+        _thread: front,
+        _socket: served,
+    })
+}
+
+/// pullgate's own API socket, when enabled.
+async fn serve_api(
+    cfg: &Config,
+    pulls: &Arc<PullCoordinator>,
+    board: &Arc<JobBoard>,
+    prewarmer: &Arc<Prewarmer>,
+    draining: &CancellationToken,
+) -> anyhow::Result<Option<(tokio::task::JoinHandle<()>, Served)>> {
+    if !cfg.api.enabled {
+        return Ok(None);
+    }
+    let bound = frontdoor::socket::listen(&cfg.api.socket, cfg.api.socket_mode_bits())
+        .await
+        .context("cannot serve the API socket")?;
+    let served = Served {
+        path: cfg.api.socket.clone(),
+        owned: bound.owned,
+    };
+    let api = Api {
+        coordinator: pulls.clone(),
+        board: board.clone(),
+        prewarmer: prewarmer.clone(),
+    };
+    info!(socket = %cfg.api.socket.display(), "serving pullgate's API");
+    let shutdown = draining.clone().cancelled_owned();
+    let listener = bound.listener;
+    let task = tokio::spawn(async move {
+        if let Err(e) = api::serve(listener, api, shutdown).await {
+            warn!(error = %crate::errors::chain(&e), "API server failed");
+        }
+    });
+    Ok(Some((task, served)))
 }
 
 /// The front door's thread, with what became of its CPU priority in the log.

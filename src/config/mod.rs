@@ -17,6 +17,7 @@ pub mod labels;
 mod legacy;
 mod mirror;
 mod prewarm;
+mod spans;
 pub mod units;
 
 pub use mirror::{MirrorConfig, Unscheduled};
@@ -371,7 +372,7 @@ impl Config {
                 return Err(format!(
                     "{}{key}: no longer exists since pullgate serves containerd as its registry \
                      mirror: {instead}",
-                    line_of(text, &key)
+                    spans::Spans::new(text).line(&key)
                 ));
             }
         }
@@ -384,7 +385,20 @@ impl Config {
     /// Every value that passes here can be used as is: no duration, size or path accepted here
     /// makes an arithmetic overflow, a formatting failure or a relative-path surprise later.
     pub fn validate(&self, text: &str) -> Result<(), String> {
-        let fail = |key: &str, why: String| Err(format!("{}{key}: {why}", line_of(text, key)));
+        let spans = spans::Spans::new(text);
+        let located = |(key, why): (&str, String)| format!("{}{key}: {why}", spans.line(key));
+        self.check_server().map_err(located)?;
+        self.check_paths().map_err(located)?;
+        self.check_mirror().map_err(located)?;
+        self.check_ranges(&spans).map_err(located)?;
+        self.check_api().map_err(located)?;
+        self.check_schedule().map_err(located)?;
+        self.validate_prewarm(&spans)?;
+        self.check_log().map_err(located)
+    }
+
+    /// The CRI socket's mode, nice value and path.
+    fn check_server(&self) -> Checked {
         if parse_mode(&self.server.socket_mode).is_none() {
             return fail(
                 "server.socket_mode",
@@ -394,6 +408,26 @@ impl Config {
                 ),
             );
         }
+        if !(-20..=19).contains(&self.server.nice) {
+            return fail(
+                "server.nice",
+                format!(
+                    "{} is out of range: expected a nice value from -20 to 19",
+                    self.server.nice
+                ),
+            );
+        }
+        if self.server.socket == self.containerd.socket {
+            return fail(
+                "server.socket",
+                "must differ from containerd.socket (pullgate would forward to itself)".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Paths are absolute.
+    fn check_paths(&self) -> Checked {
         let mut paths = vec![
             (
                 "server.socket",
@@ -440,21 +474,11 @@ impl Config {
                 return fail(key, why);
             }
         }
-        if !(-20..=19).contains(&self.server.nice) {
-            return fail(
-                "server.nice",
-                format!(
-                    "{} is out of range: expected a nice value from -20 to 19",
-                    self.server.nice
-                ),
-            );
-        }
-        if self.server.socket == self.containerd.socket {
-            return fail(
-                "server.socket",
-                "must differ from containerd.socket (pullgate would forward to itself)".into(),
-            );
-        }
+        Ok(())
+    }
+
+    /// The mirror listens on loopback for known uids.
+    fn check_mirror(&self) -> Checked {
         if !self.mirror.addr.ip().is_loopback() {
             return fail(
                 "mirror.addr",
@@ -485,16 +509,26 @@ impl Config {
         if self.containerd.namespace.is_empty() {
             return fail("containerd.namespace", "must not be empty".into());
         }
+        Ok(())
+    }
+
+    /// Durations and sizes within their ranges.
+    fn check_ranges(&self, spans: &spans::Spans) -> Checked {
         for (key, d, range) in self.durations() {
-            if let Err(why) = range.check(d, written(text, key)) {
+            if let Err(why) = range.check(d, spans.written(key)) {
                 return fail(key, why);
             }
         }
         for (key, b, range) in self.sizes() {
-            if let Err(why) = range.check(b, written(text, key)) {
+            if let Err(why) = range.check(b, spans.written(key)) {
                 return fail(key, why);
             }
         }
+        Ok(())
+    }
+
+    /// The API socket is not open to every user.
+    fn check_api(&self) -> Checked {
         if parse_mode(&self.api.socket_mode).is_none() {
             return fail(
                 "api.socket_mode",
@@ -520,6 +554,11 @@ impl Config {
                 "must differ from server.socket and containerd.socket".into(),
             );
         }
+        Ok(())
+    }
+
+    /// Bandwidth shares and the P2P gate.
+    fn check_schedule(&self) -> Checked {
         let s = &self.schedule;
         if let Share::Percent(_) = s.prewarm_bandwidth {
             if s.bandwidth.0 == 0 {
@@ -538,7 +577,11 @@ impl Config {
         if let Err(e) = self.p2p_gate.validate() {
             return fail("p2p_gate", e);
         }
-        self.validate_prewarm(text)?;
+        Ok(())
+    }
+
+    /// The log filter parses.
+    fn check_log(&self) -> Checked {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return fail(
                 "log.level",
@@ -671,12 +714,12 @@ impl Config {
         ]
     }
 
-    fn validate_prewarm(&self, text: &str) -> Result<(), String> {
+    fn validate_prewarm(&self, spans: &spans::Spans) -> Result<(), String> {
         let s = Duration::from_secs;
         let day = s(86_400);
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.prewarm.iter().enumerate() {
-            let line = line_of_value(text, &p.image);
+            let line = spans.line(&format!("prewarm.{i}.image"));
             let fail = |what: String| Err(format!("{line}prewarm[{i}] ({}): {what}", p.image));
             let reference = match crate::registry::reference::parse_reference(&p.image) {
                 Ok(r) => r.whole(),
@@ -797,63 +840,17 @@ fn absolute(path: &Path, like: &str) -> Result<(), String> {
     Err(format!("{shown}: expected an absolute path, like {like:?}"))
 }
 
-/// The value of `section.key` as the file writes it (quotes and trailing comment dropped).
-fn written(text: &str, dotted: &str) -> Option<String> {
-    let (i, _) = find_key(text, dotted)?;
-    let (_, value) = text.lines().nth(i)?.split_once('=')?;
-    let value = match value.trim().split_once(" #") {
-        Some((v, _)) => v,
-        None => value.trim(),
-    };
-    Some(value.trim().trim_matches('"').to_string())
-}
+/// A failed check: the key and why.
+type Checked = Result<(), (&'static str, String)>;
 
-/// "line N: " for the first line holding the string `value`.
-fn line_of_value(text: &str, value: &str) -> String {
-    let quoted = format!("{value:?}");
-    text.lines()
-        .position(|l| l.contains(&quoted))
-        .map(|i| format!("line {}: ", i + 1))
-        .unwrap_or_default()
+fn fail(key: &'static str, why: String) -> Checked {
+    Err((key, why))
 }
 
 /// Parses an octal mode such as "0660" or "660".
 fn parse_mode(s: &str) -> Option<u32> {
     let m = u32::from_str_radix(s, 8).ok()?;
     (m <= 0o777).then_some(m)
-}
-
-/// "line N: " for the line that sets `section.key`, or "" when it is not set in the file.
-fn line_of(text: &str, dotted: &str) -> String {
-    find_key(text, dotted)
-        .map(|(i, _)| format!("line {}: ", i + 1))
-        .unwrap_or_default()
-}
-
-/// The index of the line that sets `section.key`, and that line.
-fn find_key<'t>(text: &'t str, dotted: &str) -> Option<(usize, &'t str)> {
-    let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
-    let mut current = String::new();
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-            current = name.trim().to_string();
-            continue;
-        }
-        let Some((k, _)) = t.split_once('=') else {
-            continue;
-        };
-        let k = k.trim();
-        let full = if current.is_empty() {
-            k.to_string()
-        } else {
-            format!("{current}.{k}")
-        };
-        if full == dotted || (current == section && k == key) {
-            return Some((i, line));
-        }
-    }
-    None
 }
 
 #[cfg(test)]

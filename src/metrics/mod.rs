@@ -142,286 +142,236 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("pullgate");
-        let pull_requests = Family::<ClassResultLabels, Counter>::default();
-        registry.register(
+        let mut m = Metrics {
+            registry: Registry::with_prefix("pullgate"),
+            pull_requests: Default::default(),
+            // Pulls range from a cached hit (ms) to a multi-GiB image on a slow link (many minutes).
+            pull_duration: Family::<ClassLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new([
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                    1800.0,
+                ])
+            }),
+            pulls_in_flight: Default::default(),
+            pull_requests_merged: Default::default(),
+            upstream_pulls: Default::default(),
+            cri_requests: Default::default(),
+            upstream_up: Default::default(),
+            fetched_bytes: Default::default(),
+            mirror_requests: Default::default(),
+            mirror_unscheduled: Default::default(),
+            mirror_refused_connections: Default::default(),
+            blob_retries: Default::default(),
+            digest_mismatches: Default::default(),
+            rehashed_bytes: Default::default(),
+            parked_streams: Default::default(),
+            range_parts: Default::default(),
+            preemptions: Default::default(),
+            fetch_fallbacks: Default::default(),
+            queue_length: Default::default(),
+            queue_wait: Family::<ClassLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new([
+                    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0,
+                ])
+            }),
+            class_bytes: Default::default(),
+            class_rate: Default::default(),
+            promotions: Default::default(),
+            prewarm_jobs: Default::default(),
+            p2p_gate_open: Default::default(),
+            lane_running: Default::default(),
+            lane_waiting: Default::default(),
+            panics: Default::default(),
+            disk_free: Default::default(),
+            disk_size: Default::default(),
+            disk_pressure: Default::default(),
+            kept_partials: Default::default(),
+            partials_dropped: Default::default(),
+            watchdog_checks: Default::default(),
+        };
+        m.register_pulls();
+        m.register_mirror();
+        m.register_schedule();
+        m.register_node();
+        m.create_series();
+        m
+    }
+
+    /// PullImage requests and the pulls behind them.
+    fn register_pulls(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "pull_requests",
             "PullImage requests answered, by class and gRPC result",
-            pull_requests.clone(),
+            self.pull_requests.clone(),
         );
-        // Pulls range from a cached hit (ms) to a multi-GiB image on a slow link (many minutes).
-        let pull_duration = Family::<ClassLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
-            ])
-        });
-        registry.register(
+        r.register(
             "pull_duration_seconds",
             "Time from a PullImage request to its answer, by class",
-            pull_duration.clone(),
+            self.pull_duration.clone(),
         );
-        let pulls_in_flight = Gauge::default();
-        registry.register(
+        r.register(
             "pulls_in_flight",
             "Upstream pulls currently running (merged requests count once)",
-            pulls_in_flight.clone(),
+            self.pulls_in_flight.clone(),
         );
-        let pull_requests_merged = Counter::default();
-        registry.register(
+        r.register(
             "pull_requests_merged",
             "PullImage requests that joined a pull already in flight",
-            pull_requests_merged.clone(),
+            self.pull_requests_merged.clone(),
         );
-        let upstream_pulls = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "upstream_pulls",
-            "Pulls pullgate ran against containerd, by gRPC result (cancelled: every requester left)",
-            upstream_pulls.clone(),
-        );
-        let cri_requests = Family::<CallLabels, Counter>::default();
-        registry.register(
+        r.register("upstream_pulls", "Pulls pullgate ran against containerd, by gRPC result (cancelled: every requester left)", self.upstream_pulls.clone());
+        r.register(
             "cri_requests",
             "gRPC calls received on the CRI socket, by method and gRPC code",
-            cri_requests.clone(),
+            self.cri_requests.clone(),
         );
-        let upstream_up = Gauge::default();
-        registry.register(
-            "upstream_up",
-            "1 when containerd answered the last health probe",
-            upstream_up.clone(),
-        );
-        let fetched_bytes = Family::<SourceLabels, Counter>::default();
-        registry.register(
-            "fetched_bytes",
-            "Blob bytes the mirror served to containerd, by where they came from (registry, mirror: an administrator's host)",
-            fetched_bytes.clone(),
-        );
-        let mirror_requests = Family::<MirrorLabels, Counter>::default();
-        registry.register(
-            "mirror_requests",
-            "Requests containerd made to pullgate's mirror, by kind and status class (a 404 sends containerd to its next host)",
-            mirror_requests.clone(),
-        );
-        let mirror_unscheduled = Counter::default();
-        registry.register(
-            "mirror_unscheduled_blobs",
-            "Blob requests served for pulls that did not come through pullgate's CRI socket (mirror.unscheduled)",
-            mirror_unscheduled.clone(),
-        );
-        let mirror_refused_connections = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "mirror_refused_connections",
-            "Mirror connections closed before a request was read: a uid not in mirror.allow_uids, a peer whose uid was not found, a full table of connections mid-request, or the longest-idle one closed to make room",
-            mirror_refused_connections.clone(),
-        );
-        let blob_retries = Counter::default();
-        registry.register(
+        r.register("fetch_fallbacks", "Pulls forwarded to containerd unresolved (containerd fetches them itself, not through the mirror's schedule), by reason", self.fetch_fallbacks.clone());
+        r.register("prewarm_preemptions", "Prewarm pulls handed back from containerd while a pod's pull ran (containerd 2.x shares one download limit), forwarded again after", self.preemptions.clone());
+        r.register("panics", "Tasks that panicked (a bug in pullgate): a pull job's requesters got an internal error", self.panics.clone());
+    }
+
+    /// The mirror's requests, connections and bytes.
+    fn register_mirror(&mut self) {
+        let r = &mut self.registry;
+        r.register("fetched_bytes", "Blob bytes the mirror served to containerd, by where they came from (registry, mirror: an administrator's host)", self.fetched_bytes.clone());
+        r.register("mirror_requests", "Requests containerd made to pullgate's mirror, by kind and status class (a 404 sends containerd to its next host)", self.mirror_requests.clone());
+        r.register("mirror_unscheduled_blobs", "Blob requests served for pulls that did not come through pullgate's CRI socket (mirror.unscheduled)", self.mirror_unscheduled.clone());
+        r.register("mirror_refused_connections", "Mirror connections closed before a request was read: a uid not in mirror.allow_uids, a peer whose uid was not found, a full table of connections mid-request, or the longest-idle one closed to make room", self.mirror_refused_connections.clone());
+        r.register(
             "blob_retries",
             "Blob streams the mirror resumed upstream with a Range after a cut or stall",
-            blob_retries.clone(),
+            self.blob_retries.clone(),
         );
-        let digest_mismatches = Counter::default();
-        registry.register(
-            "mirror_digest_mismatches",
-            "Blob responses the mirror cut before their last byte because upstream's bytes did not hash to the digest",
-            digest_mismatches.clone(),
-        );
-        let rehashed_bytes = Counter::default();
-        registry.register(
-            "mirror_rehashed_bytes",
-            "Bytes read upstream only to hash them, for containerd's Range requests past the mirror's last checkpoint of the blob",
-            rehashed_bytes.clone(),
-        );
-        let parked_streams = Counter::default();
-        registry.register(
-            "mirror_parked_streams",
-            "Prewarm blob streams whose upstream connection was closed while prewarm paused for a pod (reopened with a Range afterwards)",
-            parked_streams.clone(),
-        );
-        let range_parts = Counter::default();
-        registry.register(
-            "mirror_range_parts",
-            "Ranged parts the mirror fetched over extra connections, for hosts measured to cap each connection",
-            range_parts.clone(),
-        );
-        let preemptions = Counter::default();
-        registry.register(
-            "prewarm_preemptions",
-            "Prewarm pulls handed back from containerd while a pod's pull ran (containerd 2.x shares one download limit), forwarded again after",
-            preemptions.clone(),
-        );
-        let fetch_fallbacks = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "fetch_fallbacks",
-            "Pulls forwarded to containerd unresolved (containerd fetches them itself, not through the mirror's schedule), by reason",
-            fetch_fallbacks.clone(),
-        );
-        let queue_length = Family::<ClassLabels, Gauge>::default();
-        registry.register(
+        r.register("mirror_digest_mismatches", "Blob responses the mirror cut before their last byte because upstream's bytes did not hash to the digest", self.digest_mismatches.clone());
+        r.register("mirror_rehashed_bytes", "Bytes read upstream only to hash them, for containerd's Range requests past the mirror's last checkpoint of the blob", self.rehashed_bytes.clone());
+        r.register("mirror_parked_streams", "Prewarm blob streams whose upstream connection was closed while prewarm paused for a pod (reopened with a Range afterwards)", self.parked_streams.clone());
+        r.register("mirror_range_parts", "Ranged parts the mirror fetched over extra connections, for hosts measured to cap each connection", self.range_parts.clone());
+    }
+
+    /// The scheduler's queues, classes and lane.
+    fn register_schedule(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "queue_length",
             "Jobs not yet fetching (waiting for the P2P gate, resolving, queued), by class",
-            queue_length.clone(),
+            self.queue_length.clone(),
         );
-        let queue_wait = Family::<ClassLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0,
-            ])
-        });
-        registry.register(
+        r.register(
             "queue_wait_seconds",
             "Time a job waited for its turn to fetch once resolved, by class at admission",
-            queue_wait.clone(),
+            self.queue_wait.clone(),
         );
-        let class_bytes = Family::<ClassLabels, Counter>::default();
-        registry.register(
+        r.register(
             "class_bytes",
             "Blob bytes received from registries and mirrors, by class of the job",
-            class_bytes.clone(),
+            self.class_bytes.clone(),
         );
-        let class_rate = Family::<ClassLabels, Gauge>::default();
-        registry.register(
+        r.register(
             "class_rate_bytes_per_second",
             "Receive rate over the last second, by class",
-            class_rate.clone(),
+            self.class_rate.clone(),
         );
-        let promotions = Counter::default();
-        registry.register(
+        r.register(
             "promotions",
             "Prewarm jobs promoted to urgent because a pod started waiting for them",
-            promotions.clone(),
+            self.promotions.clone(),
         );
-        let prewarm_jobs = Family::<StateLabels, Gauge>::default();
-        registry.register(
+        r.register(
             "prewarm_jobs",
             "Live prewarm jobs by state",
-            prewarm_jobs.clone(),
+            self.prewarm_jobs.clone(),
         );
-        let p2p_gate_open = Gauge::default();
-        registry.register(
+        r.register(
             "p2p_gate_open",
             "1 when the P2P gate lets prewarm start",
-            p2p_gate_open.clone(),
+            self.p2p_gate_open.clone(),
         );
-        let lane_running = Gauge::default();
-        registry.register(
+        r.register(
             "lane_running",
             "Images fetching in the large-image lane (0 or 1)",
-            lane_running.clone(),
+            self.lane_running.clone(),
         );
-        let lane_waiting = Gauge::default();
-        registry.register(
+        r.register(
             "lane_waiting",
             "Large images waiting for the lane",
-            lane_waiting.clone(),
+            self.lane_waiting.clone(),
         );
-        let panics = Family::<TaskLabels, Counter>::default();
-        registry.register(
-            "panics",
-            "Tasks that panicked (a bug in pullgate): a pull job's requesters got an internal error",
-            panics.clone(),
+    }
+
+    /// containerd's health and disk, the watchdog and kept partial downloads.
+    fn register_node(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "upstream_up",
+            "1 when containerd answered the last health probe",
+            self.upstream_up.clone(),
         );
-        let disk_free = Gauge::default();
-        registry.register(
+        r.register("watchdog_checks", "systemd watchdog self-checks of the CRI socket and the mirror, by result (failed: no ping sent)", self.watchdog_checks.clone());
+        r.register(
             "containerd_disk_free_bytes",
             "Bytes available on the filesystem of containerd's root",
-            disk_free.clone(),
+            self.disk_free.clone(),
         );
-        let disk_size = Gauge::default();
-        registry.register(
+        r.register(
             "containerd_disk_size_bytes",
             "Size of the filesystem of containerd's root",
-            disk_size.clone(),
+            self.disk_size.clone(),
         );
-        let disk_pressure = Gauge::default();
-        registry.register(
+        r.register(
             "disk_pressure",
             "1 when containerd's root has less free space than mirror.keep_partial_min_free \
              (failed pulls' downloads are not kept)",
-            disk_pressure.clone(),
+            self.disk_pressure.clone(),
         );
-        let kept_partials = Gauge::default();
-        registry.register(
+        r.register(
             "partial_leases",
             "Leases holding the downloads of failed or interrupted pulls for their next attempt",
-            kept_partials.clone(),
+            self.kept_partials.clone(),
         );
-        let partials_dropped = Family::<ReasonLabels, Counter>::default();
-        registry.register(
+        r.register(
             "partial_leases_dropped",
             "Leases of failed pulls deleted to free disk: disk_full (a pull hit ENOSPC), \
              low_disk (below mirror.keep_partial_min_free), stale (older attempts found at start)",
-            partials_dropped.clone(),
+            self.partials_dropped.clone(),
         );
+    }
+
+    /// Series that exist from the start, zeros rather than gaps.
+    fn create_series(&self) {
         for reason in DROP_REASONS {
-            let _ = partials_dropped.get_or_create(&ReasonLabels { reason });
+            let _ = self
+                .partials_dropped
+                .get_or_create(&ReasonLabels { reason });
         }
         for task in ["pull", "prewarm"] {
-            let _ = panics.get_or_create(&TaskLabels { task });
+            let _ = self.panics.get_or_create(&TaskLabels { task });
         }
-        let watchdog_checks = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "watchdog_checks",
-            "systemd watchdog self-checks of the CRI socket and the mirror, by result (failed: no ping sent)",
-            watchdog_checks.clone(),
-        );
         // Export both classes from the start, so dashboards and alerts see zeros, not gaps.
         for class in [Class::Urgent, Class::Prewarm] {
             let l = ClassLabels::new(class);
-            let _ = pull_duration.get_or_create(&l);
-            let _ = queue_length.get_or_create(&l);
-            let _ = queue_wait.get_or_create(&l);
-            let _ = class_bytes.get_or_create(&l);
-            let _ = class_rate.get_or_create(&l);
+            let _ = self.pull_duration.get_or_create(&l);
+            let _ = self.queue_length.get_or_create(&l);
+            let _ = self.queue_wait.get_or_create(&l);
+            let _ = self.class_bytes.get_or_create(&l);
+            let _ = self.class_rate.get_or_create(&l);
         }
         // Series alerts compare with `increase(...) == 0` exist from the start: a series never
         // created would make such a rule empty, not zero.
         for reason in FALLBACK_REASONS {
-            let _ = fetch_fallbacks.get_or_create(&ReasonLabels { reason });
+            let _ = self.fetch_fallbacks.get_or_create(&ReasonLabels { reason });
         }
         for reason in MIRROR_REFUSAL_REASONS {
-            let _ = mirror_refused_connections.get_or_create(&ReasonLabels { reason });
+            let _ = self
+                .mirror_refused_connections
+                .get_or_create(&ReasonLabels { reason });
         }
         for kind in ["manifest", "blob"] {
             for status in ["2xx", "404", "5xx"] {
-                let _ = mirror_requests.get_or_create(&MirrorLabels { kind, status });
+                let _ = self
+                    .mirror_requests
+                    .get_or_create(&MirrorLabels { kind, status });
             }
-        }
-        Metrics {
-            registry,
-            pull_requests,
-            pull_duration,
-            pulls_in_flight,
-            pull_requests_merged,
-            upstream_pulls,
-            cri_requests,
-            upstream_up,
-            fetched_bytes,
-            mirror_requests,
-            mirror_unscheduled,
-            mirror_refused_connections,
-            blob_retries,
-            digest_mismatches,
-            rehashed_bytes,
-            parked_streams,
-            range_parts,
-            fetch_fallbacks,
-            queue_length,
-            queue_wait,
-            class_bytes,
-            class_rate,
-            promotions,
-            preemptions,
-            prewarm_jobs,
-            p2p_gate_open,
-            lane_running,
-            lane_waiting,
-            panics,
-            watchdog_checks,
-            disk_free,
-            disk_size,
-            disk_pressure,
-            kept_partials,
-            partials_dropped,
         }
     }
 
@@ -468,14 +418,15 @@ pub fn code_label(code: Code) -> &'static str {
 
 /// Methods of the CRI `ImageService` and `RuntimeService` (k8s.io/cri-api v1, also served as
 /// `v1alpha2` by containerd 1.6), the only paths that get their own metric label.
-const CRI_METHODS: &[&str] = &[
-    // ImageService
+const IMAGE_METHODS: &[&str] = &[
     "ListImages",
     "ImageStatus",
     "PullImage",
     "RemoveImage",
     "ImageFsInfo",
-    // RuntimeService
+];
+
+const RUNTIME_METHODS: &[&str] = &[
     "Version",
     "RunPodSandbox",
     "StopPodSandbox",
@@ -518,8 +469,8 @@ fn method_label(path: &str) -> &str {
         .filter(|(version, _)| matches!(*version, "v1" | "v1alpha2"))
         .and_then(|(_, rest)| rest.split_once('/'))
         .is_some_and(|(service, method)| match service {
-            "ImageService" => CRI_METHODS[..5].contains(&method),
-            "RuntimeService" => CRI_METHODS[5..].contains(&method),
+            "ImageService" => IMAGE_METHODS.contains(&method),
+            "RuntimeService" => RUNTIME_METHODS.contains(&method),
             _ => false,
         });
     if known {

@@ -22,12 +22,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::demand::{Access, BlobSource, Key, Presented};
+use super::pacing::Held;
 use super::parts::{Part, Phase, Probe, Verdict};
 use super::Mirror;
-use crate::metrics::SourceLabels;
 use crate::registry::{Credentials, Descriptor, RegistryError, Source};
 use crate::schedule::bandwidth::RECHECK;
-use crate::schedule::UrgentStream;
 use crate::vocab::Class;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -123,19 +122,15 @@ pub async fn serve(
     let range = hash_from..range.end;
     // Upstream headers come before containerd's: a refusal here (404, 401, 5xx) lets
     // containerd try its next host instead of failing mid-body.
-    let _slot = mirror
-        .scheduler
-        .streams
-        .acquire(source.priority.clone())
-        .await;
+    let _slot = mirror.pacing.stream_slot(source.priority.clone()).await;
     // Prewarm yields from the first urgent request on, before its first byte arrives.
     let urgent = (class.unwrap_or_else(|| mirror.demand.class(&source.key, Class::Urgent))
         == Class::Urgent)
-        .then(|| mirror.scheduler.bandwidth.urgent_stream());
+        .then(|| mirror.pacing.urgent_stream());
     debug!(blob = %key.name, repository = %key.repository, job = source.job,
            from = requested, to = range.end, urgent = urgent.is_some(), verified = verifier.checks(),
            "serving blob");
-    let first = match fetch(mirror, &source, range.clone()).await {
+    let first = match mirror.upstream.fetch(&source, range.clone()).await {
         Ok(b) => b,
         Err(e) => return upstream_error(&key, &e),
     };
@@ -204,9 +199,9 @@ struct Pump {
     class: Option<Class>,
     at: u64,
     end: u64,
-    _slot: crate::schedule::SlotPermit,
+    _slot: Held,
     /// Held while the stream is urgent: prewarm yields to it.
-    urgent: Option<UrgentStream>,
+    urgent: Option<Held>,
     /// Where the one upstream body stops being read: ranged parts follow from there.
     head_end: u64,
     /// Parts fetched ahead, in order from `head_end` (see [`super::parts`]).
@@ -329,9 +324,7 @@ impl Pump {
             // bandwidth wait re-reads it while it waits.
             let now = self.class();
             match (now, self.urgent.is_some()) {
-                (Class::Urgent, false) => {
-                    self.urgent = Some(self.mirror.scheduler.bandwidth.urgent_stream())
-                }
+                (Class::Urgent, false) => self.urgent = Some(self.mirror.pacing.urgent_stream()),
                 (Class::Prewarm, true) => self.urgent = None,
                 _ => {}
             }
@@ -349,7 +342,7 @@ impl Pump {
             let body_at = self.at + n;
             self.pay(&mut chunk, tx).await?;
             self.probe.waited(paying.elapsed());
-            self.mirror.count_bytes(&self.from, now, n);
+            super::fetch::count(&self.mirror.metrics, &self.from, now, n);
             if !chunk.is_empty() {
                 self.send(chunk, tx).await?;
             }
@@ -426,7 +419,7 @@ impl Pump {
     /// to cap connections, after the probe for one not measured yet.
     fn consider_split(&mut self, host: &str) {
         let k = self.mirror.cfg.parallel_ranges;
-        if self.ahead + 1 >= k || self.mirror.registry.ranges_work(host) == Some(false) {
+        if self.ahead + 1 >= k || self.mirror.upstream.ranges_work(host) == Some(false) {
             return;
         }
         let want = match self.mirror.pace.capped(host) {
@@ -496,8 +489,7 @@ impl Pump {
     /// Whether to close the upstream connection of this prewarm stream: prewarm is paused, and
     /// the host honours `Range` (else reopening would read the blob again from its start).
     fn should_park(&self, host: &str) -> bool {
-        self.mirror.scheduler.bandwidth.prewarm_paused()
-            && self.mirror.registry.ranges_work(host) != Some(false)
+        self.mirror.pacing.prewarm_paused() && self.mirror.upstream.ranges_work(host) != Some(false)
     }
 
     /// Sends blob bytes `at..at + chunk.len()`, all hashed first; those before the requested
@@ -551,8 +543,8 @@ impl Pump {
     async fn pay(&mut self, chunk: &mut Bytes, tx: &Tx) -> Result<(), Stop> {
         let (mirror, key, fixed) = (self.mirror.clone(), self.key.clone(), self.class);
         let class = move || fixed.unwrap_or_else(|| mirror.demand.class(&key, Class::Urgent));
-        let bw = self.mirror.scheduler.bandwidth.clone();
-        let paid = bw.received_bytes(class, chunk.len() as u64);
+        let pacing = self.mirror.pacing.clone();
+        let paid = pacing.received(&class, chunk.len() as u64);
         tokio::pin!(paid);
         loop {
             tokio::select! {
@@ -575,8 +567,7 @@ impl Pump {
         self.mirror.metrics.parked_streams.inc();
         debug!(blob = %self.source.key.name, at = self.at,
                "prewarm paused: upstream connection closed, reopened with a Range afterwards");
-        let bw = self.mirror.scheduler.bandwidth.clone();
-        while self.class() == Class::Prewarm && bw.prewarm_paused() {
+        while self.class() == Class::Prewarm && self.mirror.pacing.prewarm_paused() {
             if tx.is_closed() {
                 return Err(Stop::Gone);
             }
@@ -605,8 +596,7 @@ impl Pump {
         limit: u64,
         tx: &Tx,
     ) -> Result<(), Stop> {
-        let bw = self.mirror.scheduler.bandwidth.clone();
-        if self.class() != Class::Prewarm || !bw.prewarm_paused() {
+        if self.class() != Class::Prewarm || !self.mirror.pacing.prewarm_paused() {
             self.keepalive_due = tokio::time::Instant::now() + RECHECK;
             return Ok(());
         }
@@ -617,7 +607,7 @@ impl Pump {
                 self.keepalive_due = tokio::time::Instant::now() + RECHECK;
                 return Ok(());
             }
-            match fetch(&self.mirror, &self.source, want).await {
+            match self.mirror.upstream.fetch(&self.source, want).await {
                 Ok(b) => {
                     self.from = b.source;
                     let got: Vec<Bytes> = b.stream.filter_map(|r| async { r.ok() }).collect().await;
@@ -638,8 +628,8 @@ impl Pump {
         }
         if !charged {
             let n = piece.len() as u64;
-            bw.received_unpaced(Class::Prewarm, n);
-            self.mirror.count_bytes(&self.from, Class::Prewarm, n);
+            self.mirror.pacing.received_unpaced(Class::Prewarm, n);
+            super::fetch::count(&self.mirror.metrics, &self.from, Class::Prewarm, n);
         }
         self.send(piece, tx).await
     }
@@ -663,7 +653,12 @@ impl Pump {
                   "blob stream cut upstream: resuming with a Range");
         }
         loop {
-            match fetch(&self.mirror, &self.source, self.at..self.end).await {
+            match self
+                .mirror
+                .upstream
+                .fetch(&self.source, self.at..self.end)
+                .await
+            {
                 Ok(b) => return Ok(b),
                 Err(e) if *retries > 0 && matches!(e, RegistryError::Transport(_)) => {
                     *retries -= 1;
@@ -679,17 +674,6 @@ impl Pump {
             }
         }
     }
-}
-
-pub(super) async fn fetch(
-    mirror: &Mirror,
-    source: &BlobSource,
-    range: Range<u64>,
-) -> Result<crate::registry::BlobBody, RegistryError> {
-    mirror
-        .registry
-        .fetch_blob(&source.image, &source.creds, &source.descriptor, range)
-        .await
 }
 
 impl Mirror {
@@ -713,7 +697,7 @@ impl Mirror {
             digest: Some(key.name.clone()),
         };
         let creds = Credentials::Anonymous;
-        let size = match self.registry.blob_size(&image, &creds, &key.name).await {
+        let size = match self.upstream.blob_size(&image, &creds, &key.name).await {
             Ok(s) => s,
             Err(RegistryError::Unauthorized(_)) | Err(RegistryError::NotFound(_)) => {
                 return Ok(None)
@@ -749,21 +733,6 @@ impl Mirror {
     fn splits(&self, len: u64) -> bool {
         let part = self.cfg.range_part.0;
         self.cfg.parallel_ranges > 1 && part > 0 && self.cfg.buffer_budget.0 > 0 && len >= 4 * part
-    }
-
-    pub(super) fn count_bytes(&self, source: &Source, class: Class, n: u64) {
-        let source = match source {
-            Source::Registry => "registry",
-            Source::Mirror(_) => "mirror",
-        };
-        self.metrics
-            .fetched_bytes
-            .get_or_create(&SourceLabels { source })
-            .inc_by(n);
-        self.metrics
-            .class_bytes
-            .get_or_create(&crate::metrics::ClassLabels::new(class))
-            .inc_by(n);
     }
 }
 

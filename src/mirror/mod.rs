@@ -24,13 +24,18 @@ mod blob;
 mod conns;
 pub mod containerd_config;
 pub mod demand;
+mod fetch;
 pub mod hosts_dir;
 pub mod hosts_file;
+mod pacing;
 mod parts;
 mod peer;
 pub mod route;
 mod serve;
 mod verify;
+
+#[cfg(test)]
+mod blob_tests;
 
 use std::sync::Arc;
 
@@ -38,18 +43,20 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use demand::{Demand, Registration};
+pub use fetch::Fetch;
+pub use pacing::Pacing;
 
 use crate::config::MirrorConfig;
 use crate::metrics::Metrics;
-use crate::registry::RegistryClient;
-use crate::schedule::Scheduler;
 
 /// What serving needs; shared by every connection.
 pub struct Mirror {
     pub cfg: MirrorConfig,
     pub demand: Arc<Demand>,
-    pub registry: RegistryClient,
-    pub scheduler: Arc<Scheduler>,
+    /// Where blob bytes come from ([`fetch`]).
+    upstream: Arc<dyn Fetch>,
+    /// The scheduler's side of each stream ([`pacing`]).
+    pacing: Arc<dyn Pacing>,
     pub metrics: Arc<Metrics>,
     /// How often a paused prewarm stream sends containerd a few bytes
     /// ([`containerd_config::keepalive`]).
@@ -74,8 +81,8 @@ impl Mirror {
     pub fn new(
         cfg: MirrorConfig,
         demand: Arc<Demand>,
-        registry: RegistryClient,
-        scheduler: Arc<Scheduler>,
+        upstream: Arc<dyn Fetch>,
+        pacing: Arc<dyn Pacing>,
         metrics: Arc<Metrics>,
         keepalive: std::time::Duration,
     ) -> Mirror {
@@ -88,8 +95,8 @@ impl Mirror {
             ingests: None,
             cfg,
             demand,
-            registry,
-            scheduler,
+            upstream,
+            pacing,
             metrics,
             keepalive,
         }

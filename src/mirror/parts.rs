@@ -152,16 +152,20 @@ impl Worker {
 
     async fn run(mut self, tx: mpsc::UnboundedSender<Result<Bytes, RegistryError>>) {
         let mut retries = self.mirror.cfg.retries;
-        let bw = self.mirror.scheduler.bandwidth.clone();
+        let pacing = self.mirror.pacing.clone();
         'open: while !self.range.is_empty() {
-            let body =
-                match super::blob::fetch(&self.mirror, &self.source, self.range.clone()).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
+            let body = match self
+                .mirror
+                .upstream
+                .fetch(&self.source, self.range.clone())
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
             let from = body.source.clone();
             let mut body = Some(body);
             while let Some(open) = body.as_mut() {
@@ -169,20 +173,22 @@ impl Worker {
                     Some(Ok(chunk)) => {
                         self.read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                         let now = self.class();
-                        let paused = now == Class::Prewarm && bw.prewarm_paused();
+                        let paused = now == Class::Prewarm && pacing.prewarm_paused();
                         if paused {
                             // As a whole stream does: close the connection, reopen after. The
                             // blob's head keeps containerd's stream alive meanwhile.
                             body = None;
                             self.mirror.metrics.parked_streams.inc();
-                            bw.yield_to_urgent(|| self.class() == Class::Urgent).await;
+                            pacing
+                                .yield_to_urgent(&|| self.class() == Class::Urgent)
+                                .await;
                         }
                         let n = chunk.len() as u64;
                         let (mirror, key, fixed) = (&self.mirror, &self.source.key, self.class);
                         let class =
                             || fixed.unwrap_or_else(|| mirror.demand.class(key, Class::Urgent));
-                        bw.received_bytes(class, n).await;
-                        mirror.count_bytes(&from, now, n);
+                        pacing.received(&class, n).await;
+                        super::fetch::count(&mirror.metrics, &from, now, n);
                         self.range.start += n;
                         if tx.send(Ok(chunk)).is_err() {
                             return;

@@ -45,21 +45,65 @@ const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 /// A [`Puller`] that admits each job before containerd pulls it through the mirror.
 pub struct ScheduledPuller {
-    pub scheduler: Arc<Scheduler>,
-    pub demand: Arc<Demand>,
-    pub registry: RegistryClient,
-    pub finish: ContainerdPuller,
-    pub metrics: Arc<Metrics>,
-    pub platform: Platform,
+    scheduler: Arc<Scheduler>,
+    demand: Arc<Demand>,
+    registry: RegistryClient,
+    finish: ContainerdPuller,
+    metrics: Arc<Metrics>,
+    platform: Platform,
     /// Re-checks pullgate's hosts.toml entry for the image's registry before each pull.
-    pub hosts: Option<HostsKeeper>,
+    hosts: Option<HostsKeeper>,
     /// The leases that keep a failed pull's downloads for its next attempt.
-    pub resume: Option<Arc<Partials>>,
+    resume: Option<Arc<Partials>>,
     /// Hand prewarm pulls back from containerd while a pod's pull runs.
-    pub preempt: Preempt,
+    preempt: Preempt,
     /// For `Preempt::Auto`: containerd's version decides, asked once.
-    pub containerd: Containerd,
-    pub shared_limit: tokio::sync::OnceCell<bool>,
+    containerd: Containerd,
+    shared_limit: tokio::sync::OnceCell<bool>,
+}
+
+impl ScheduledPuller {
+    /// Pulls for this node's platform through `containerd`, with no hosts.toml keeper, no kept
+    /// partial downloads and `Preempt::Auto`; the `with_` methods set those.
+    pub fn new(
+        scheduler: Arc<Scheduler>,
+        demand: Arc<Demand>,
+        registry: RegistryClient,
+        containerd: Containerd,
+        metrics: Arc<Metrics>,
+    ) -> ScheduledPuller {
+        ScheduledPuller {
+            scheduler,
+            demand,
+            registry,
+            finish: ContainerdPuller::new(containerd.clone()),
+            metrics,
+            platform: Platform::node(),
+            hosts: None,
+            resume: None,
+            preempt: Preempt::Auto,
+            containerd,
+            shared_limit: Default::default(),
+        }
+    }
+
+    /// Re-checks pullgate's hosts.toml entry for each pull's registry.
+    pub fn with_hosts(mut self, hosts: Option<HostsKeeper>) -> Self {
+        self.hosts = hosts;
+        self
+    }
+
+    /// Keeps a failed pull's downloads under a lease for its next attempt.
+    pub fn with_partials(mut self, partials: Option<Arc<Partials>>) -> Self {
+        self.resume = partials;
+        self
+    }
+
+    /// When prewarm pulls are handed back from containerd for a pod's pull.
+    pub fn with_preempt(mut self, preempt: Preempt) -> Self {
+        self.preempt = preempt;
+        self
+    }
 }
 
 impl Puller for Arc<ScheduledPuller> {

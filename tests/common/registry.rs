@@ -454,9 +454,11 @@ impl TestImage {
 
 /// An uncompressed tar holding one regular file of `size` random bytes.
 pub fn random_layer_tar(index: usize, size: usize) -> Vec<u8> {
-    use rand::RngCore;
+    use ring::rand::SecureRandom;
     let mut data = vec![0u8; size];
-    rand::rng().fill_bytes(&mut data);
+    ring::rand::SystemRandom::new()
+        .fill(&mut data)
+        .expect("the OS's random source");
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Regular);
     header.set_size(size as u64);

@@ -53,6 +53,14 @@ impl Signer {
         }
     }
 
+    /// A token id no other token shares.
+    fn jti(&self) -> u64 {
+        let bytes: [u8; 8] = ring::rand::generate(&self.rng)
+            .expect("the OS's random source")
+            .expose();
+        u64::from_le_bytes(bytes)
+    }
+
     /// A registry JWT granting `actions` on each repository of `scopes`
     /// (`repository:<name>:<actions>`), expiring `exp_in` seconds from now (may be < 0).
     pub fn token(&self, subject: &str, scopes: &[String], exp_in: i64) -> String {
@@ -86,7 +94,7 @@ impl Signer {
             "exp": now + exp_in,
             "nbf": now - 10,
             "iat": now - 10,
-            "jti": format!("{now}-{}", rand::random::<u64>()),
+            "jti": format!("{now}-{}", self.jti()),
             "access": access,
         });
         let input = format!(
