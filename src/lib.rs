@@ -17,8 +17,8 @@
 //!  3  metrics, logging, jobs              Prometheus and its endpoint; tracing; the job board
 //!  2  config                              the TOML file (no domain code)
 //!  1  registry, atomic_file               the upstream OCI client; whole-file replacement
-//!  0  vocab, grpc, errors, proto,         shared vocabulary and helpers
-//!     small_file
+//!  0  vocab, grpc, errors, proto,         shared vocabulary and helpers; the HTTP accept loop
+//!     small_file, http_server
 //! ```
 
 pub mod api;
@@ -32,6 +32,7 @@ pub mod frontdoor;
 pub mod fuzzing;
 pub mod grpc;
 pub mod health;
+pub mod http_server;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;

@@ -12,6 +12,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("errors", 0),
     ("proto", 0),
     ("small_file", 0),
+    ("http_server", 0),
     ("atomic_file", 1),
     ("registry", 1),
     ("config", 2),

@@ -45,9 +45,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a byte quantity such as \"64MiB\" or \"100MB\""))?;
+    let bad = || format!("{s:?} is not a byte quantity such as \"64MiB\" or \"100MB\"");
     if unit.trim() == "%" {
         return Err(format!(
             "{s:?}: a percentage is accepted only by schedule.prewarm_bandwidth; \
@@ -70,15 +68,44 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    let bytes = (n * mult as f64).round();
-    // `as` saturates: without this check "99999999T" would silently become u64::MAX.
-    if bytes >= u64::MAX as f64 {
-        return Err(format!(
+    let too_large = || {
+        format!(
             "{s:?} is too large: byte quantities go up to {} (16EiB)",
             u64::MAX
-        ));
+        )
+    };
+    scaled(num, mult).ok_or_else(bad)?.ok_or_else(too_large)
+}
+
+/// `num` (decimal digits with at most one point) times `mult`, rounded half up, in exact integer
+/// arithmetic (through `f64`, quantities past 2^53 bytes lost their last digits). `None`: not a
+/// number; `Some(None)`: past `u64::MAX`. Fraction digits past the 24th are dropped: with units
+/// up to 2^40 they are worth less than a millionth of a byte.
+fn scaled(num: &str, mult: u64) -> Option<Option<u64>> {
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && frac.is_empty()) || !digits(whole) || !digits(frac) {
+        return None;
     }
-    Ok(bytes as u64)
+    let frac = &frac[..frac.len().min(24)];
+    let Ok(whole) = (if whole.is_empty() {
+        Ok(0)
+    } else {
+        whole.parse::<u128>()
+    }) else {
+        return Some(None); // more digits than u128 holds
+    };
+    let mult = u128::from(mult);
+    let scale = 10u128.pow(frac.len() as u32);
+    let part = if frac.is_empty() {
+        0
+    } else {
+        frac.parse::<u128>().ok()?
+    };
+    let bytes = whole
+        .checked_mul(mult)
+        .and_then(|b| b.checked_add((part * mult + scale / 2) / scale));
+    Some(bytes.and_then(|b| u64::try_from(b).ok()))
 }
 
 fn too_large_bytes(v: impl fmt::Display) -> String {
@@ -352,6 +379,27 @@ mod tests {
         assert_eq!(parse_bytes("1.5G").unwrap(), 1_500_000_000);
         assert!(parse_bytes("fast").is_err());
         assert!(parse_bytes("10 parsecs").is_err());
+        for bad in ["", ".", "1.2.3", "MiB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?}");
+        }
+        // Exact past 2^53, where f64 loses the last digits.
+        assert_eq!(
+            parse_bytes("9007199254740993").unwrap(),
+            9_007_199_254_740_993
+        );
+        assert_eq!(parse_bytes(&u64::MAX.to_string()).unwrap(), u64::MAX);
+        assert!(parse_bytes("18446744073709551616").is_err());
+        assert!(parse_bytes("16EiB").is_err(), "no such unit");
+        assert!(parse_bytes("19000000T").is_err());
+        assert_eq!(
+            parse_bytes("16777215.999999Ti").unwrap(),
+            18_446_744_073_708_452_104
+        );
+        assert_eq!(parse_bytes("0.5").unwrap(), 1, "half up");
+        assert_eq!(parse_bytes("0.4999").unwrap(), 0);
+        assert_eq!(parse_bytes(".5KiB").unwrap(), 512);
+        assert_eq!(parse_bytes("2.").unwrap(), 2);
+        assert_eq!(parse_bytes("0.1MB").unwrap(), 100_000);
         assert_eq!(Share::Percent(30).of(1000), 300);
         assert_eq!(Share::Percent(30).of(0), 0);
         assert_eq!(Share::Percent(50).of(u64::MAX), u64::MAX / 2);

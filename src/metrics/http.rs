@@ -9,23 +9,21 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::Metrics;
 use crate::config::MetricsConfig;
+use crate::http_server::Listener;
 
 /// What the health endpoints ask. The health state (the `health` module, above this one)
 /// implements it, so the endpoint knows nothing of containerd or the mirror.
@@ -52,43 +50,28 @@ pub async fn serve(
     health: Arc<dyn Readiness>,
     stop: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(cfg.addr).await?;
+    let listener = Listener {
+        name: "metrics endpoint",
+        listener: TcpListener::bind(cfg.addr).await?,
+        stop,
+    };
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let header_read_timeout = cfg.header_read_timeout;
     let endpoint = Arc::new(Endpoint { metrics, health });
-    Ok(tokio::spawn(async move {
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "metrics endpoint: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+    Ok(tokio::spawn(listener.run(move |stream, peer| {
+        let slot = slots.clone().try_acquire_owned();
+        let endpoint = endpoint.clone();
+        async move {
+            let Ok(_slot) = slot else {
                 debug!(%peer, "metrics endpoint: connection cap reached, closing");
-                drop(stream);
-                continue;
+                return;
             };
-            let endpoint = endpoint.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                let svc = service_fn(move |req| route(req, endpoint.clone()));
-                if let Err(e) = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_read_timeout)
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    debug!(%peer, error = %e, "metrics connection ended with an error");
-                }
-            });
+            let svc = service_fn(move |req| route(req, endpoint.clone()));
+            if let Err(e) = crate::http_server::http1(stream, svc, header_read_timeout).await {
+                debug!(%peer, error = %e, "metrics connection ended with an error");
+            }
         }
-    }))
+    })))
 }
 
 async fn route(

@@ -1,6 +1,6 @@
 //! Prometheus metrics and the HTTP endpoint that serves them with health and readiness.
 //!
-//! May import only `config` and `vocab`: readiness comes in through [`Readiness`].
+//! May import only `config`, `vocab` and `http_server`: readiness comes in through [`Readiness`].
 
 mod http;
 

@@ -39,30 +39,14 @@ pub async fn serve(
     range: Option<&str>,
     head: bool,
 ) -> Response<Body> {
-    let access = mirror
-        .demand
-        .after_resolution(&key, || mirror.demand.blob(&key, presented))
-        .await;
-    let (source, class) = match access {
-        Access::Granted(s) => (s, None),
-        Access::Challenge => return challenge(),
-        Access::Unknown => match mirror.unscheduled_source(&key).await {
-            Ok(Some(s)) => s,
-            Ok(None) => return status(StatusCode::NOT_FOUND, "blob not scheduled by pullgate"),
-            Err(e) => return upstream_error(&key, &e),
-        },
+    let (source, class) = match source_of(mirror, &key, presented).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
     let size = source.descriptor.size();
     let range = match super::route::parse_range(range, size) {
         Ok(r) => r,
-        Err(super::route::Unsatisfiable) => {
-            let mut r = status(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
-            r.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
-            );
-            return r;
-        }
+        Err(super::route::Unsatisfiable) => return unsatisfiable(size),
     };
     // Only what can be checked is served: containerd fetches the rest from its next host.
     let Some(fresh) = super::verify::fresh(&key.name) else {
@@ -84,8 +68,67 @@ pub async fn serve(
     if head || range.is_empty() {
         return resp.body(empty()).expect("valid response");
     }
-    // A resumed request: the hash of the bytes before it comes from a checkpoint, and the bytes
-    // between the checkpoint and the range are read again, hash-only.
+    let (hash_from, verifier) = verifier_for(mirror, &key, size, range.clone(), fresh, class);
+    match start(
+        mirror,
+        source,
+        class,
+        hash_from..range.end,
+        range.start,
+        verifier,
+    )
+    .await
+    {
+        Ok(body) => resp.body(body).expect("valid response"),
+        Err(e) => upstream_error(&key, &e),
+    }
+}
+
+/// Where to fetch blob `key` from and its fixed class (`None`: the demand table decides), or
+/// the answer that refuses it.
+async fn source_of(
+    mirror: &Mirror,
+    key: &Key,
+    presented: Option<&Presented>,
+) -> Result<(BlobSource, Option<Class>), Response<Body>> {
+    let access = mirror
+        .demand
+        .after_resolution(key, || mirror.demand.blob(key, presented))
+        .await;
+    match access {
+        Access::Granted(s) => Ok((s, None)),
+        Access::Challenge => Err(challenge()),
+        Access::Unknown => match mirror.unscheduled_source(key).await {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Err(status(
+                StatusCode::NOT_FOUND,
+                "blob not scheduled by pullgate",
+            )),
+            Err(e) => Err(upstream_error(key, &e)),
+        },
+    }
+}
+
+fn unsatisfiable(size: u64) -> Response<Body> {
+    let mut r = status(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
+    r.headers_mut().insert(
+        header::CONTENT_RANGE,
+        HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+    );
+    r
+}
+
+/// The verifier of `range` and where upstream reading starts for it. A resumed request: the
+/// hash of the bytes before it comes from a checkpoint, and the bytes between the checkpoint and
+/// the range are read again, hash-only.
+fn verifier_for(
+    mirror: &Mirror,
+    key: &Key,
+    size: u64,
+    range: Range<u64>,
+    fresh: super::verify::State,
+    class: Option<Class>,
+) -> (u64, super::verify::Verifier) {
     let (hash_from, state) = if range.end == size {
         mirror
             .checkpoints
@@ -99,17 +142,15 @@ pub async fn serve(
     // its partial ranges are (containerd verifies the whole blob at commit); re-reading the
     // prefix would cost up to the whole blob again. Anything else is re-read, hash-only, and so
     // is a blob whose upstream just served a mismatch (containerd resumes the cut body at once).
-    let (hash_from, verifier) = if hash_from == 0
+    if hash_from == 0
         && range.start > 0
         && class.is_none()
         && !mirror.checkpoints.has_mismatched(&key.name)
     {
         debug!(blob = %key.name, from = range.start,
                "resumed request with no checkpoint: served unchecked for the job's pull");
-        (range.start, verifier.unchecked())
-    } else {
-        (hash_from, verifier)
-    };
+        return (range.start, verifier.unchecked());
+    }
     if hash_from < range.start {
         mirror
             .metrics
@@ -118,22 +159,31 @@ pub async fn serve(
         debug!(blob = %key.name, from = hash_from, to = range.start,
                "resumed request: re-reading upstream from the last checkpoint, hash-only");
     }
-    let requested = range.start;
-    let range = hash_from..range.end;
+    (hash_from, verifier)
+}
+
+/// Takes a stream slot, opens `range` upstream and starts the pump feeding the body
+/// (`requested` on is sent; before it, hashed only).
+async fn start(
+    mirror: &Arc<Mirror>,
+    source: BlobSource,
+    class: Option<Class>,
+    range: Range<u64>,
+    requested: u64,
+    verifier: super::verify::Verifier,
+) -> Result<Body, RegistryError> {
+    let key = &source.key;
     // Upstream headers come before containerd's: a refusal here (404, 401, 5xx) lets
     // containerd try its next host instead of failing mid-body.
     let _slot = mirror.pacing.stream_slot(source.priority.clone()).await;
     // Prewarm yields from the first urgent request on, before its first byte arrives.
-    let urgent = (class.unwrap_or_else(|| mirror.demand.class(&source.key, Class::Urgent))
+    let urgent = (class.unwrap_or_else(|| mirror.demand.class(key, Class::Urgent))
         == Class::Urgent)
         .then(|| mirror.pacing.urgent_stream());
     debug!(blob = %key.name, repository = %key.repository, job = source.job,
            from = requested, to = range.end, urgent = urgent.is_some(), verified = verifier.checks(),
            "serving blob");
-    let first = match mirror.upstream.fetch(&source, range.clone()).await {
-        Ok(b) => b,
-        Err(e) => return upstream_error(&key, &e),
-    };
+    let first = mirror.upstream.fetch(&source, range.clone()).await?;
     let (tx, rx) = mpsc::channel(1);
     let probe = match mirror.pace.capped(&first.host) {
         None if mirror.splits(range.end - range.start) => Probe::new(0),
@@ -162,7 +212,7 @@ pub async fn serve(
     };
     tokio::spawn(pump.run(first, tx));
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    resp.body(BodyExt::boxed(body)).expect("valid response")
+    Ok(BodyExt::boxed(body))
 }
 
 /// The status and headers of a blob response: 200 for the whole blob, 206 for a range.

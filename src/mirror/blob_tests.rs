@@ -393,10 +393,7 @@ async fn a_promotion_mid_stream_resumes_a_paused_stream_and_marks_it_urgent() {
         urgent_paid >= 2 << 20,
         "the rest is paid at urgent: {urgent_paid}"
     );
-    assert!(
-        (1 << 20..2 << 20).contains(&prewarm_paid),
-        "{prewarm_paid}"
-    );
+    assert!((1 << 20..2 << 20).contains(&prewarm_paid), "{prewarm_paid}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -16,7 +16,7 @@
 //! `ns` tells it where to go upstream, and the fallback keeps pulls working when pullgate is
 //! down or does not know a blob. [`hosts_file`] and [`hosts_dir`] keep pullgate's entry first.
 //!
-//! May import `vocab`, `config`, `jobs`, `metrics`, `schedule`, `upstream`, `registry`,
+//! May import `vocab`, `config`, `jobs`, `metrics`, `schedule`, `upstream`, `registry`, `http_server`,
 //! `small_file` and `atomic_file`; never `pull`, `prewarm` or `frontdoor` (they call it).
 
 mod access;

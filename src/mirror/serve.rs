@@ -10,16 +10,13 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::access::{Refusal, HOP_HEADER};
 use super::blob::{self, status, Body};
@@ -27,6 +24,7 @@ use super::conns::{Admit, Busy, Slot, Table};
 use super::demand::{Access, Key, Presented};
 use super::route::{self, Route};
 use super::Mirror;
+use crate::http_server::Listener;
 use crate::metrics::MirrorLabels;
 
 /// Serves `listener` until `stop` is cancelled.
@@ -35,48 +33,18 @@ pub fn spawn(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    let conns = Table::new(mirror.cfg.max_connections);
     let listener = Listener {
-        conns: Table::new(mirror.cfg.max_connections),
-        mirror,
+        name: "mirror",
         listener,
-        stop,
+        stop: stop.clone(),
     };
-    tokio::spawn(listener.run())
-}
-
-/// The accept loop: each connection is checked (peer uid), given a place in the table, then
-/// served on its own task.
-struct Listener {
-    mirror: Arc<Mirror>,
-    listener: TcpListener,
-    conns: Arc<Table>,
-    stop: CancellationToken,
-}
-
-impl Listener {
-    async fn run(self) {
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = self.stop.cancelled() => return,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and the like: wait for connections to end rather than spin.
-                        warn!(error = %e, "mirror: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            tokio::spawn(admit(
-                self.mirror.clone(),
-                self.conns.clone(),
-                stream,
-                peer,
-                self.stop.clone(),
-            ));
-        }
-    }
+    // Each connection is checked (peer uid), given a place in the table, then served.
+    tokio::spawn(
+        listener.run(move |stream, peer| {
+            admit(mirror.clone(), conns.clone(), stream, peer, stop.clone())
+        }),
+    )
 }
 
 /// Checks the peer, gives it a place in the table, and serves it; a refused connection is
@@ -132,10 +100,7 @@ async fn serve_connection(
             Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _busy: busy }))
         }
     });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
-        .serve_connection(TokioIo::new(stream), svc);
+    let conn = crate::http_server::http1(stream, svc, timeout);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r {

@@ -342,141 +342,138 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String>
     Ok((code, body))
 }
 
-/// The screen.
+/// The screen: one line per part of the node, then the last errors and the problems.
 pub fn render(r: &Report) -> String {
-    use std::fmt::Write;
-    let mut o = String::new();
     let verdict = if r.ok {
         "OK".to_string()
     } else {
         format!("{} PROBLEM(S)", r.problems.len())
     };
-    let _ = writeln!(o, "pullgate {}: {verdict}", r.version);
-    let ready = match r.daemon.ready {
-        Some(true) => "ready".to_string(),
-        Some(false) => format!("NOT READY: {}", r.daemon.ready_detail),
-        None => format!("readiness unknown ({})", r.daemon.ready_detail),
-    };
-    let api = if r.daemon.api_reachable {
-        "API answers"
-    } else {
-        "API unreachable"
-    };
-    let _ = writeln!(o, "  daemon      {}, {ready}, {api}", r.daemon.cri_socket);
-    let c = &r.containerd;
-    let snap = c
-        .snapshotter
-        .as_deref()
-        .unwrap_or("unknown (config unreadable)");
-    match &c.version {
-        Some(v) => {
-            let _ = writeln!(o, "  containerd  {v} at {}, snapshotter {snap}", c.socket);
-        }
-        None => {
-            let err = c.error.as_deref().unwrap_or("");
-            let _ = writeln!(o, "  containerd  UNREACHABLE at {}: {err}", c.socket);
-        }
-    }
-    match &r.kubelet {
-        Some(k) => {
-            let ep = k
-                .image_endpoint
-                .as_deref()
-                .unwrap_or("not set (uses containerd)");
-            let verdict = if k.uses_pullgate {
-                "pullgate"
-            } else {
-                "NOT pullgate"
-            };
-            let _ = writeln!(
-                o,
-                "  kubelet     image endpoint {ep} ({}): {verdict}",
-                k.source
-            );
-        }
-        None => {
-            let _ = writeln!(
-                o,
-                "  kubelet     not found on this node (no process, no config file)"
-            );
-        }
-    }
-    let d = &r.disk;
-    match (d.free_bytes, d.size_bytes) {
-        (Some(free), Some(size)) => {
-            let h = crate::upstream::disk::human;
-            let verdict = if d.pressure {
-                "LOW: failed pulls' downloads are not kept"
-            } else {
-                "room for partial downloads"
-            };
-            let _ = writeln!(
-                o,
-                "  disk        {} free of {} at {} (keeps partials above {}): {verdict}",
-                h(free),
-                h(size),
-                d.root,
-                h(d.min_free_bytes.unwrap_or(0))
-            );
-        }
-        _ => {
-            let err = d.error.as_deref().unwrap_or("");
-            let _ = writeln!(o, "  disk        unreadable at {}: {err}", d.root);
-        }
-    }
-    let m = &r.mirror;
-    if !m.enabled {
-        let _ = writeln!(
-            o,
-            "  mirror      off: containerd fetches by itself, unpaced"
-        );
-    } else {
-        let files = if m.files_not_first.is_empty() {
-            "every hosts.toml lists it first".to_string()
-        } else {
-            format!(
-                "{} hosts.toml file(s) do NOT list it first",
-                m.files_not_first.len()
-            )
-        };
-        let config = match &m.config_problem {
-            None => format!("containerd reads {}", m.hosts_dir),
-            Some(_) => format!("containerd does NOT read {}", m.hosts_dir),
-        };
-        let _ = writeln!(o, "  mirror      {}: {config}, {files}", m.url);
-    }
     let gate = match r.p2p_gate_open {
         Some(true) => "open",
         Some(false) => "closed (prewarm waits; pods do not)",
         None => "unknown",
     };
-    let _ = writeln!(o, "  p2p gate    {gate}");
-    let jobs = if r.jobs.is_empty() {
-        "none running".to_string()
-    } else {
-        r.jobs
-            .iter()
-            .map(|(class, states)| {
-                let s: Vec<String> = states.iter().map(|(st, n)| format!("{n} {st}")).collect();
-                format!("{class}: {}", s.join(", "))
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    let _ = writeln!(o, "  jobs        {jobs}");
+    let mut lines = vec![
+        format!("pullgate {}: {verdict}", r.version),
+        daemon_line(&r.daemon),
+        containerd_line(&r.containerd),
+        kubelet_line(r.kubelet.as_ref()),
+        disk_line(&r.disk),
+        mirror_line(&r.mirror),
+        format!("  p2p gate    {gate}"),
+        format!("  jobs        {}", jobs_text(&r.jobs)),
+    ];
     for (i, e) in r.last_errors.iter().enumerate() {
         let label = if i == 0 { "last errors" } else { "" };
-        let _ = writeln!(
-            o,
+        lines.push(format!(
             "  {label:<11} #{} {} ({}): {}",
             e.id, e.image, e.class, e.message
-        );
+        ));
     }
     if !r.problems.is_empty() {
-        let _ = writeln!(o, "problems:");
-        for p in &r.problems {
-            let _ = writeln!(o, "  - {p}");
+        lines.push("problems:".into());
+        lines.extend(r.problems.iter().map(|p| format!("  - {p}")));
+    }
+    lines.join("\n") + "\n"
+}
+
+/// Live jobs as `class: n state, ...; class: ...`.
+fn jobs_text(jobs: &BTreeMap<String, BTreeMap<String, usize>>) -> String {
+    if jobs.is_empty() {
+        return "none running".into();
+    }
+    jobs.iter()
+        .map(|(class, states)| {
+            let s: Vec<String> = states.iter().map(|(st, n)| format!("{n} {st}")).collect();
+            format!("{class}: {}", s.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn daemon_line(d: &Daemon) -> String {
+    let ready = match d.ready {
+        Some(true) => "ready".to_string(),
+        Some(false) => format!("NOT READY: {}", d.ready_detail),
+        None => format!("readiness unknown ({})", d.ready_detail),
+    };
+    let api = if d.api_reachable {
+        "API answers"
+    } else {
+        "API unreachable"
+    };
+    format!("  daemon      {}, {ready}, {api}", d.cri_socket)
+}
+
+fn containerd_line(c: &ContainerdState) -> String {
+    let snap = c
+        .snapshotter
+        .as_deref()
+        .unwrap_or("unknown (config unreadable)");
+    match &c.version {
+        Some(v) => format!("  containerd  {v} at {}, snapshotter {snap}", c.socket),
+        None => {
+            let err = c.error.as_deref().unwrap_or("");
+            format!("  containerd  UNREACHABLE at {}: {err}", c.socket)
         }
     }
-    o
+}
+
+fn kubelet_line(k: Option<&KubeletState>) -> String {
+    let Some(k) = k else {
+        return "  kubelet     not found on this node (no process, no config file)".into();
+    };
+    let ep = k
+        .image_endpoint
+        .as_deref()
+        .unwrap_or("not set (uses containerd)");
+    let verdict = if k.uses_pullgate {
+        "pullgate"
+    } else {
+        "NOT pullgate"
+    };
+    format!(
+        "  kubelet     image endpoint {ep} ({}): {verdict}",
+        k.source
+    )
+}
+
+fn disk_line(d: &DiskState) -> String {
+    let (Some(free), Some(size)) = (d.free_bytes, d.size_bytes) else {
+        let err = d.error.as_deref().unwrap_or("");
+        return format!("  disk        unreadable at {}: {err}", d.root);
+    };
+    let h = crate::upstream::disk::human;
+    let verdict = if d.pressure {
+        "LOW: failed pulls' downloads are not kept"
+    } else {
+        "room for partial downloads"
+    };
+    format!(
+        "  disk        {} free of {} at {} (keeps partials above {}): {verdict}",
+        h(free),
+        h(size),
+        d.root,
+        h(d.min_free_bytes.unwrap_or(0))
+    )
+}
+
+fn mirror_line(m: &MirrorState) -> String {
+    if !m.enabled {
+        return "  mirror      off: containerd fetches by itself, unpaced".into();
+    }
+    let files = if m.files_not_first.is_empty() {
+        "every hosts.toml lists it first".to_string()
+    } else {
+        format!(
+            "{} hosts.toml file(s) do NOT list it first",
+            m.files_not_first.len()
+        )
+    };
+    let config = match &m.config_problem {
+        None => format!("containerd reads {}", m.hosts_dir),
+        Some(_) => format!("containerd does NOT read {}", m.hosts_dir),
+    };
+    format!("  mirror      {}: {config}, {files}", m.url)
 }
