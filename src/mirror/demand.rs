@@ -70,20 +70,12 @@ pub struct Presented {
 impl Presented {
     /// Parses an `Authorization` header value; `None` for anything but valid Basic.
     pub fn from_header(value: &str) -> Option<Presented> {
-        use base64::Engine;
         let (scheme, b64) = value.trim().split_once(' ')?;
         if !scheme.eq_ignore_ascii_case("basic") {
             return None;
         }
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .ok()?;
-        let text = String::from_utf8(raw).ok()?;
-        let (username, password) = text.split_once(':')?;
-        Some(Presented {
-            username: username.to_string(),
-            password: password.to_string(),
-        })
+        let (username, password) = crate::registry::auth::decode_basic(b64)?;
+        Some(Presented { username, password })
     }
 }
 

@@ -88,7 +88,7 @@ impl Credentials {
             });
         }
         if !auth.auth.is_empty() {
-            return decode_auth(&auth.auth)
+            return decode_basic(&auth.auth)
                 .ok_or_else(|| {
                     RegistryError::Unauthorized(
                         "AuthConfig.auth is not base64 of \"username:password\"".to_string(),
@@ -179,7 +179,7 @@ impl Credentials {
         let (mut username, mut password) = (field("username"), field("password"));
         if username.is_none() {
             if let Some(auth) = field("auth") {
-                let (u, p) = decode_auth(&auth).ok_or_else(bad)?;
+                let (u, p) = decode_basic(&auth).ok_or_else(bad)?;
                 username = Some(u).filter(|u| !u.is_empty());
                 password = Some(p);
             }
@@ -236,10 +236,18 @@ fn key_host(key: &str) -> &str {
     rest.split('/').next().unwrap_or(rest)
 }
 
-/// base64 "user:password" → (user, password).
-fn decode_auth(auth: &str) -> Option<(String, String)> {
+/// HTTP Basic's credentials part: base64 of `user:password` (RFC 7617). The one encoder for
+/// the registry client's requests.
+pub fn encode_basic(username: &str, password: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+}
+
+/// The reverse of [`encode_basic`], also for a Docker config's `auth` field and a mirror
+/// request's `Authorization`: `None` unless it is base64 of UTF-8 with a `:` (the password may
+/// hold more).
+pub fn decode_basic(b64: &str) -> Option<(String, String)> {
     let bytes = base64::engine::general_purpose::STANDARD
-        .decode(auth.trim())
+        .decode(b64.trim())
         .ok()?;
     let text = String::from_utf8(bytes).ok()?;
     let (u, p) = text.split_once(':')?;
@@ -786,6 +794,29 @@ mod tests {
         assert!(e.is_fallback());
         assert_eq!(Credentials::from_auth_config(&a), Credentials::Anonymous);
         assert!(!e.to_string().contains("bm90"));
+    }
+
+    #[test]
+    fn basic_credentials_round_trip_and_bad_ones_are_none() {
+        for (u, p) in [
+            ("u", "p"),
+            ("alice", "pa:ss:word"),
+            ("", "token"),
+            ("ü", ""),
+        ] {
+            assert_eq!(
+                decode_basic(&encode_basic(u, p)),
+                Some((u.to_string(), p.to_string()))
+            );
+        }
+        assert_eq!(encode_basic("u", "p"), "dTpw");
+        assert_eq!(
+            decode_basic(" dTpw\n"),
+            Some(("u".to_string(), "p".to_string()))
+        );
+        assert_eq!(decode_basic("!!!"), None, "not base64");
+        assert_eq!(decode_basic("dXNlcg=="), None, "no colon");
+        assert_eq!(decode_basic("/w=="), None, "not UTF-8");
     }
 
     #[test]

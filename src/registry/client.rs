@@ -95,6 +95,17 @@ pub struct Resolved {
     pub source: Source,
 }
 
+/// The body of an empty range: no request is made.
+fn empty_body(hosts: &[RegistryHost]) -> BlobBody {
+    let first = hosts.iter().find(|h| h.pull);
+    BlobBody {
+        source: first.map(Source::of).unwrap_or(Source::Registry),
+        host: first.map(|h| h.authority().to_string()).unwrap_or_default(),
+        len: 0,
+        stream: stream::empty().boxed(),
+    }
+}
+
 /// A blob body being streamed.
 pub struct BlobBody {
     pub source: Source,
@@ -304,22 +315,7 @@ impl RegistryClient {
         }
         let hosts = self.hosts(image)?;
         if range.start == range.end {
-            let source = hosts
-                .iter()
-                .find(|h| h.pull)
-                .map(Source::of)
-                .unwrap_or(Source::Registry);
-            let host = hosts
-                .iter()
-                .find(|h| h.pull)
-                .map(|h| h.authority().to_string())
-                .unwrap_or_default();
-            return Ok(BlobBody {
-                source,
-                host,
-                len: 0,
-                stream: stream::empty().boxed(),
-            });
+            return Ok(empty_body(&hosts));
         }
         let whole = range.start == 0 && range.end == size;
         let what = format!("blob {digest} of {}", image.name());
@@ -341,45 +337,7 @@ impl RegistryClient {
                     }
                     let resp = self.get(host, image, creds, &path, extra, &what).await?;
                     let status = resp.status();
-                    let content_length = resp.content_length();
-                    let skip = match status {
-                        StatusCode::OK => {
-                            if let Some(len) = content_length.filter(|l| *l != size) {
-                                return Err(RegistryError::Protocol(format!(
-                                    "{} sent {len} bytes for {what}, whose size is {size}",
-                                    host.authority()
-                                )));
-                            }
-                            if !whole {
-                                self.note_ranges(host, false);
-                                tracing::debug!(
-                                    host = host.authority(),
-                                    %what,
-                                    skip = range.start,
-                                    "registry ignored Range (200): dropping the prefix"
-                                );
-                            }
-                            range.start
-                        }
-                        StatusCode::PARTIAL_CONTENT => {
-                            let start = content_range_start(&resp).ok_or_else(|| {
-                                RegistryError::Protocol(format!(
-                                    "{} answered 206 for {what} without a valid Content-Range",
-                                    host.authority()
-                                ))
-                            })?;
-                            if start != range.start {
-                                return Err(RegistryError::Protocol(format!(
-                                    "{} answered bytes from {start} for {what}, asked from {}",
-                                    host.authority(),
-                                    range.start
-                                )));
-                            }
-                            self.note_ranges(host, true);
-                            0
-                        }
-                        s => return Err(status_error(s, host, image, &what)),
-                    };
+                    let skip = self.skip_of(&resp, host, image, &range, size, &what)?;
                     let want = range.end - range.start;
                     Ok(BlobBody {
                         source: Source::of(host),
@@ -398,6 +356,59 @@ impl RegistryClient {
             },
         )
         .await
+    }
+
+    /// How many bytes of `resp`'s body come before `range.start`: 0 for a 206 from there, the
+    /// prefix for a 200 (a host that ignores `Range`); else the error the answer is.
+    fn skip_of(
+        &self,
+        resp: &reqwest::Response,
+        host: &RegistryHost,
+        image: &ImageRef,
+        range: &Range<u64>,
+        size: u64,
+        what: &str,
+    ) -> Result<u64, RegistryError> {
+        let whole = range.start == 0 && range.end == size;
+        let skip = match resp.status() {
+            StatusCode::OK => {
+                if let Some(len) = resp.content_length().filter(|l| *l != size) {
+                    return Err(RegistryError::Protocol(format!(
+                        "{} sent {len} bytes for {what}, whose size is {size}",
+                        host.authority()
+                    )));
+                }
+                if !whole {
+                    self.note_ranges(host, false);
+                    tracing::debug!(
+                        host = host.authority(),
+                        %what,
+                        skip = range.start,
+                        "registry ignored Range (200): dropping the prefix"
+                    );
+                }
+                range.start
+            }
+            StatusCode::PARTIAL_CONTENT => {
+                let start = content_range_start(resp).ok_or_else(|| {
+                    RegistryError::Protocol(format!(
+                        "{} answered 206 for {what} without a valid Content-Range",
+                        host.authority()
+                    ))
+                })?;
+                if start != range.start {
+                    return Err(RegistryError::Protocol(format!(
+                        "{} answered bytes from {start} for {what}, asked from {}",
+                        host.authority(),
+                        range.start
+                    )));
+                }
+                self.note_ranges(host, true);
+                0
+            }
+            s => return Err(status_error(s, host, image, what)),
+        };
+        Ok(skip)
     }
 
     /// GETs one manifest (by tag or digest) from the first host that has it.
@@ -902,8 +913,7 @@ fn bearer(token: &str) -> HeaderValue {
 }
 
 fn basic(username: &str, password: &str) -> HeaderValue {
-    use base64::Engine;
-    let enc = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    let enc = super::auth::encode_basic(username, password);
     let mut v = HeaderValue::from_str(&format!("Basic {enc}")).expect("base64 is ascii");
     v.set_sensitive(true);
     v
