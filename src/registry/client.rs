@@ -18,9 +18,11 @@ use http::StatusCode;
 use oci_spec::image::{Descriptor, Digest, MediaType};
 
 use super::auth::{fetch_token, parse_www_authenticate, pick_challenge, Challenge, TokenCache};
+use super::body::{body_stream, content_range_start, read_body};
 use super::digest::sha256_digest;
 use super::error::chain;
 use super::hosts::{load_hosts, RegistryHost, DEFAULT_CONFIG_PATH};
+use super::http_client::{build_http_client, TlsKey};
 use super::manifest::{self, Parsed, Platform, MANIFEST_ACCEPT, MAX_MANIFEST_SIZE};
 use super::{Credentials, ImageRef, RegistryError};
 
@@ -124,14 +126,6 @@ impl fmt::Debug for BlobBody {
             .field("len", &self.len)
             .finish_non_exhaustive()
     }
-}
-
-/// TLS settings of a host: one HTTP client per distinct value.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-struct TlsKey {
-    skip_verify: bool,
-    ca: Vec<PathBuf>,
-    client: Vec<(PathBuf, Option<PathBuf>)>,
 }
 
 struct Inner {
@@ -581,7 +575,9 @@ impl RegistryClient {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
-        let client = build_http_client(&self.inner.config, &key)?;
+        let c = &self.inner.config;
+        let client =
+            build_http_client(&c.user_agent, c.request_timeout, c.skip_hosts.clone(), &key)?;
         clients.insert(key, client.clone());
         Ok(client)
     }
@@ -847,64 +843,6 @@ impl RegistryClient {
     }
 }
 
-fn build_http_client(
-    config: &RegistryConfig,
-    key: &TlsKey,
-) -> Result<reqwest::Client, RegistryError> {
-    let read = |p: &PathBuf| {
-        crate::small_file::read(p)
-            .map_err(|e| RegistryError::Config(format!("cannot read {}: {e}", p.display())))
-    };
-    let mut b = reqwest::Client::builder()
-        .user_agent(config.user_agent.clone())
-        .connect_timeout(config.request_timeout)
-        .redirect(super::egress::redirect_policy(config.skip_hosts.clone()))
-        .dns_resolver(super::egress::resolver())
-        .default_headers(http::HeaderMap::from_iter([(
-            HeaderName::from_static(super::HOP_HEADER),
-            HeaderValue::from_static("1"),
-        )]));
-    if key.skip_verify {
-        b = b.danger_accept_invalid_certs(true);
-    }
-    for ca in &key.ca {
-        let pem = read(ca)?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            RegistryError::Config(format!(
-                "{}: not a PEM certificate bundle: {}",
-                ca.display(),
-                chain(&e)
-            ))
-        })?;
-        if certs.is_empty() {
-            return Err(RegistryError::Config(format!(
-                "{}: no certificate found",
-                ca.display()
-            )));
-        }
-        for cert in certs {
-            b = b.add_root_certificate(cert);
-        }
-    }
-    if let Some((cert, key_file)) = key.client.first() {
-        let mut pem = read(cert)?;
-        if let Some(k) = key_file {
-            pem.push(b'\n');
-            pem.extend_from_slice(&read(k)?);
-        }
-        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-            RegistryError::Config(format!(
-                "client certificate {}: {}",
-                cert.display(),
-                chain(&e)
-            ))
-        })?;
-        b = b.identity(identity);
-    }
-    b.build()
-        .map_err(|e| RegistryError::Config(format!("cannot build an HTTP client: {}", chain(&e))))
-}
-
 fn bearer(token: &str) -> HeaderValue {
     let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
         .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid-token"));
@@ -965,147 +903,6 @@ fn status_error(
         }
         _ => RegistryError::Protocol(format!("{h} answered {status} for {what}")),
     }
-}
-
-/// The first byte position of a `Content-Range: bytes a-b/n`.
-fn content_range_start(resp: &reqwest::Response) -> Option<u64> {
-    let v = resp
-        .headers()
-        .get(http::header::CONTENT_RANGE)?
-        .to_str()
-        .ok()?;
-    let rest = v.trim().strip_prefix("bytes")?.trim_start();
-    let (start, _) = rest.split_once('-')?;
-    start.trim().parse().ok()
-}
-
-/// Reads a whole small body (at most `limit` bytes).
-async fn read_body(
-    mut resp: reqwest::Response,
-    limit: usize,
-    idle: Duration,
-    location: &str,
-) -> Result<Bytes, RegistryError> {
-    if resp.content_length().is_some_and(|l| l > limit as u64) {
-        return Err(RegistryError::Protocol(format!(
-            "{location}: larger than {limit} bytes"
-        )));
-    }
-    let mut out = Vec::new();
-    loop {
-        let chunk = match tokio::time::timeout(idle, resp.chunk()).await {
-            Err(_) => {
-                return Err(RegistryError::Timeout(format!(
-                    "{location}: no data for {idle:?}"
-                )))
-            }
-            Ok(Err(e)) => {
-                return Err(RegistryError::Transport(format!(
-                    "{location}: {}",
-                    chain(&e)
-                )))
-            }
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(c))) => c,
-        };
-        if out.len() + chunk.len() > limit {
-            return Err(RegistryError::Protocol(format!(
-                "{location}: larger than {limit} bytes"
-            )));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(out))
-}
-
-struct BodyState {
-    resp: Option<reqwest::Response>,
-    skip: u64,
-    remaining: u64,
-    want: u64,
-    /// The body may run past `want` (a 200 to a ranged request): stop there.
-    truncate: bool,
-    idle: Duration,
-    location: String,
-}
-
-/// The body as a stream of exactly `want` bytes after dropping `skip` bytes.
-fn body_stream(
-    resp: reqwest::Response,
-    skip: u64,
-    want: u64,
-    truncate: bool,
-    idle: Duration,
-    location: String,
-) -> BoxStream<'static, Result<Bytes, RegistryError>> {
-    let state = BodyState {
-        resp: Some(resp),
-        skip,
-        remaining: want,
-        want,
-        truncate,
-        idle,
-        location,
-    };
-    stream::unfold(state, |mut st| async move {
-        loop {
-            let resp = st.resp.as_mut()?;
-            let next = tokio::time::timeout(st.idle, resp.chunk()).await;
-            let mut chunk = match next {
-                Err(_) => {
-                    st.resp = None;
-                    let e = RegistryError::Timeout(format!(
-                        "{}: no data for {:?}",
-                        st.location, st.idle
-                    ));
-                    return Some((Err(e), st));
-                }
-                Ok(Err(e)) => {
-                    st.resp = None;
-                    let e = RegistryError::Transport(format!("{}: {}", st.location, chain(&e)));
-                    return Some((Err(e), st));
-                }
-                Ok(Ok(None)) => {
-                    st.resp = None;
-                    if st.remaining > 0 || st.skip > 0 {
-                        let got = st.want - st.remaining;
-                        let e = RegistryError::Protocol(format!(
-                            "{}: body ended after {got} of {} bytes",
-                            st.location, st.want
-                        ));
-                        return Some((Err(e), st));
-                    }
-                    return None;
-                }
-                Ok(Ok(Some(c))) => c,
-            };
-            if st.skip > 0 {
-                let n = st.skip.min(chunk.len() as u64);
-                chunk = chunk.slice(n as usize..);
-                st.skip -= n;
-            }
-            if chunk.is_empty() {
-                continue;
-            }
-            if chunk.len() as u64 > st.remaining {
-                if !st.truncate {
-                    st.resp = None;
-                    let e = RegistryError::Protocol(format!(
-                        "{}: body longer than the expected {} bytes",
-                        st.location, st.want
-                    ));
-                    return Some((Err(e), st));
-                }
-                chunk = chunk.slice(..st.remaining as usize);
-            }
-            st.remaining -= chunk.len() as u64;
-            if st.remaining == 0 && st.truncate {
-                st.resp = None; // stop reading the rest of a whole-blob answer
-            }
-            return Some((Ok(chunk), st));
-        }
-    })
-    .boxed()
 }
 
 #[cfg(test)]

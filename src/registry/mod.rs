@@ -19,11 +19,13 @@
 //! A leaf of the domain: may import only `errors`, `proto` and `small_file`.
 
 pub mod auth;
+mod body;
 pub mod client;
 pub mod digest;
 pub mod egress;
 pub mod error;
 pub mod hosts;
+mod http_client;
 pub mod manifest;
 pub mod reference;
 
