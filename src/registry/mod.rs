@@ -28,6 +28,7 @@ pub mod hosts;
 mod http_client;
 pub mod manifest;
 pub mod reference;
+mod session;
 
 pub use auth::{Challenge, Credentials};
 pub use client::{BlobBody, FetchedManifest, RegistryClient, RegistryConfig, Resolved, Source};
