@@ -1,8 +1,8 @@
 //! The pull side of an OCI distribution client: resolve an image to its manifest for a platform,
 //! and stream blobs (whole or a byte range), trying containerd's configured mirrors first, and
 //! remember which hosts honour `Range`. Each GET goes through the auth session
-//! ([`super::session`]); bodies are read by [`super::body`], over the HTTP clients of
-//! [`super::http_client`].
+//! (`session.rs`); bodies are read by `body.rs`, over the HTTP clients of
+//! `http_client.rs`.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
