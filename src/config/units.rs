@@ -74,18 +74,28 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
             u64::MAX
         )
     };
-    scaled(num, mult).ok_or_else(bad)?.ok_or_else(too_large)
+    match scaled(num, mult) {
+        Scaled::Bytes(b) => Ok(b),
+        Scaled::NotANumber => Err(bad()),
+        Scaled::TooLarge => Err(too_large()),
+    }
+}
+
+enum Scaled {
+    Bytes(u64),
+    NotANumber,
+    /// Past `u64::MAX`.
+    TooLarge,
 }
 
 /// `num` (decimal digits with at most one point) times `mult`, rounded half up, in exact integer
-/// arithmetic (through `f64`, quantities past 2^53 bytes lost their last digits). `None`: not a
-/// number; `Some(None)`: past `u64::MAX`. Fraction digits past the 24th are dropped: with units
+/// arithmetic (through `f64`, quantities past 2^53 bytes lost their last digits). Fraction digits past the 24th are dropped: with units
 /// up to 2^40 they are worth less than a millionth of a byte.
-fn scaled(num: &str, mult: u64) -> Option<Option<u64>> {
+fn scaled(num: &str, mult: u64) -> Scaled {
     let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
     let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
     if (whole.is_empty() && frac.is_empty()) || !digits(whole) || !digits(frac) {
-        return None;
+        return Scaled::NotANumber;
     }
     let frac = &frac[..frac.len().min(24)];
     let Ok(whole) = (if whole.is_empty() {
@@ -93,19 +103,24 @@ fn scaled(num: &str, mult: u64) -> Option<Option<u64>> {
     } else {
         whole.parse::<u128>()
     }) else {
-        return Some(None); // more digits than u128 holds
+        return Scaled::TooLarge; // more digits than u128 holds
     };
     let mult = u128::from(mult);
     let scale = 10u128.pow(frac.len() as u32);
-    let part = if frac.is_empty() {
-        0
+    let Ok(part) = (if frac.is_empty() {
+        Ok(0)
     } else {
-        frac.parse::<u128>().ok()?
+        frac.parse::<u128>()
+    }) else {
+        return Scaled::NotANumber;
     };
     let bytes = whole
         .checked_mul(mult)
         .and_then(|b| b.checked_add((part * mult + scale / 2) / scale));
-    Some(bytes.and_then(|b| u64::try_from(b).ok()))
+    match bytes.and_then(|b| u64::try_from(b).ok()) {
+        Some(b) => Scaled::Bytes(b),
+        None => Scaled::TooLarge,
+    }
 }
 
 fn too_large_bytes(v: impl fmt::Display) -> String {
