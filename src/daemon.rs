@@ -139,6 +139,7 @@ fn partials(
     let (p, stop) = (partials.clone(), stop.clone());
     tokio::spawn(async move {
         p.adopt_stale().await;
+        p.refill_spare();
         every_tick(every, stop, move || {
             let p = p.clone();
             async move { p.sweep().await }

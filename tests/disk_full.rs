@@ -81,7 +81,8 @@ impl SmallDisk {
         self.containerd
             .ctr(&["leases", "ls", "-q"])
             .lines()
-            .filter(|l| l.starts_with("pullgate-"))
+            // Spare leases (made ahead for the next pod's pull) hold nothing of a pull.
+            .filter(|l| l.starts_with("pullgate-") && !l.starts_with("pullgate-spare-"))
             .map(str::to_string)
             .collect()
     }

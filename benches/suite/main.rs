@@ -6,10 +6,11 @@
 //! `tests/bench.sh` installs what it needs, builds in release and runs this inside
 //! `unshare --net`. Arguments: `--quick` (small sizes, one round: CI's smoke test, numbers mean
 //! nothing), `--out DIR` (default `target/bench`), and scenario names to run only those:
-//! urgent, cold, capped, p2p, seed, peers, dedupe, passthrough, memory, cap.
+//! urgent, fast, cold, capped, p2p, seed, peers, dedupe, passthrough, memory, cap.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod fastlink;
 mod passthrough;
 mod peers;
 mod scenarios;
@@ -62,6 +63,7 @@ async fn main() {
         .unwrap_or_else(|| PathBuf::from("target/bench"));
     let names = [
         "urgent",
+        "fast",
         "cold",
         "capped",
         "p2p",
@@ -105,6 +107,9 @@ async fn main() {
     };
     if run("urgent") {
         add(scenarios::urgent_under_prewarm(&opts).await);
+    }
+    if run("fast") {
+        add(fastlink::fast_link(&opts).await);
     }
     if run("cold") {
         add(scenarios::cold_pull(&opts).await);

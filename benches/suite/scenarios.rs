@@ -17,17 +17,17 @@ use crate::peers::{self, Peers};
 use crate::timeline::{self, Sampler};
 use crate::{median, secs, world, Opts, Row};
 
-const MB: usize = 1_000_000;
-const MIB: usize = 1 << 20;
+pub const MB: usize = 1_000_000;
+pub const MIB: usize = 1 << 20;
 
 /// One simulated node: containerd, and pullgate in front of it for the pullgate arm.
-struct Site {
-    pullgate: Option<Pullgate>,
-    containerd: Containerd,
+pub struct Site {
+    pub pullgate: Option<Pullgate>,
+    pub containerd: Containerd,
 }
 
 impl Site {
-    async fn start(dir: &Path, hosts: &[String], pullgate: Option<&str>) -> Site {
+    pub async fn start(dir: &Path, hosts: &[String], pullgate: Option<&str>) -> Site {
         let _ = std::fs::remove_dir_all(dir);
         let containerd =
             Containerd::start_on(&dir.join("ctd"), hosts, "", world::snapshotter()).await;
@@ -56,7 +56,7 @@ impl Site {
 
     /// A node on another containerd binary, with `tuning` in its CRI image and transfer
     /// settings.
-    async fn start_on(
+    pub async fn start_on(
         bin: &Path,
         tuning: &str,
         dir: &Path,
@@ -89,7 +89,7 @@ impl Site {
     }
 
     /// The CRI socket the arm pulls through: pullgate's, or containerd's for direct.
-    fn client(&self) -> Cri {
+    pub fn client(&self) -> Cri {
         let socket = self
             .pullgate
             .as_ref()
@@ -126,7 +126,7 @@ impl Drop for Site {
 /// Pulls go through the Go CRI client (grpc-go, as kubelet's), one process per pull: the same
 /// small start-up cost in both arms.
 #[derive(Clone)]
-struct Cri {
+pub struct Cri {
     socket: PathBuf,
 }
 
@@ -159,10 +159,10 @@ fn cpu_secs(pid: u32) -> f64 {
     }
 }
 
-const ARMS: [&str; 2] = ["containerd direct", "pullgate"];
+pub const ARMS: [&str; 2] = ["containerd direct", "pullgate"];
 
 /// Arm order for a round: alternate who goes first.
-fn order(round: usize) -> [usize; 2] {
+pub fn order(round: usize) -> [usize; 2] {
     if round % 2 == 0 {
         [0, 1]
     } else {
@@ -170,11 +170,11 @@ fn order(round: usize) -> [usize; 2] {
     }
 }
 
-fn pg_toml(arm: usize, toml: &str) -> Option<&str> {
+pub fn pg_toml(arm: usize, toml: &str) -> Option<&str> {
     (arm == 1).then_some(toml)
 }
 
-async fn pull(client: &Cri, reference: &str, urgent: bool) -> Duration {
+pub async fn pull(client: &Cri, reference: &str, urgent: bool) -> Duration {
     // As kubelet does, a failed pull is pulled again; the time counts every attempt, since the
     // pod waits through them (failures are reported: containerd's own fetch on the shaped link
     // now and then loses a connection to the registry).
@@ -192,7 +192,7 @@ async fn pull(client: &Cri, reference: &str, urgent: bool) -> Duration {
 /// A prewarm pull as kruise-daemon makes it: a failed pull is retried (up to three times), and
 /// each failure is reported. On the shaped link containerd's own fetch now and then loses a
 /// connection to the registry ("connection reset by peer") when many streams share it.
-async fn prewarm_pull(client: &Cri, reference: &str) {
+pub async fn prewarm_pull(client: &Cri, reference: &str) {
     for attempt in 1..=3 {
         match clients::go_pull(&client.socket, reference, false).await {
             Ok(()) => return,
@@ -224,7 +224,7 @@ fn blob_bytes(registry: &Registry, repo_prefix: &str) -> u64 {
 }
 
 /// Lone pod pulls per arm and round.
-const LONE_SAMPLES: usize = 3;
+pub const LONE_SAMPLES: usize = 3;
 
 /// A pod's pull while four big prewarm pulls run on a shaped link, against the same pull alone,
 /// behind a link queue of 20 ms and of 100 ms.
@@ -1164,7 +1164,7 @@ fn last_at(log: &str, word: &str, but_not: &str) -> Option<f64> {
 /// Where a lone pull's time goes, from the logs (the pulls here finish within the hour):
 /// containerd's own `PullImage` span and, through pullgate, the time from pullgate's start of
 /// the job to containerd's start of the pull, and from containerd's reply to pullgate's end.
-fn pull_split(containerd_log: &str, pullgate_log: Option<&str>) -> String {
+pub fn pull_split(containerd_log: &str, pullgate_log: Option<&str>) -> String {
     let since = |a: f64, b: f64| (b - a).rem_euclid(3600.0) * 1e3;
     let (Some(start), Some(end)) = (
         last_at(containerd_log, "msg=\"PullImage \\\"", "returns"),

@@ -334,7 +334,8 @@ impl ScheduledPuller {
 
     /// The pull's lease (see [`Partials::begin`]); `None`: containerd uses its own.
     async fn resume_lease(&self, job: &mut PullJob) -> Option<PullLease> {
-        self.resume.as_ref()?.begin(job).await
+        let urgent = job.record.priority().is_urgent();
+        self.resume.as_ref()?.begin(job, urgent).await
     }
 
     fn unresolved(&self, reason: &'static str, detail: &str) {

@@ -29,6 +29,25 @@ const MAX_LABEL: usize = 4000;
 /// RFC 3339 ends at year 9999; config bounds keep expiries far below this.
 const MAX_EXPIRY: Duration = Duration::from_secs(10 * 365 * 86400);
 
+/// A lease made ahead of need (see `pull::partials`): a pod's pull takes it without waiting on
+/// containerd's metadata store.
+pub const SPARE_LABEL: &str = "pullgate.io/spare";
+/// On the image's lease made beside a spare a pod's pull runs under: that spare's id. The spare
+/// is moved into this lease when the pull fails, or when a restarted pullgate adopts it.
+pub const PAIR_LABEL: &str = "pullgate.io/spare-of-pull";
+
+/// What a lease is for, in its labels.
+#[derive(Clone, Copy, Debug)]
+pub enum Mark<'a> {
+    /// One pull's lease for `image`; `pair`: the spare that pull runs under.
+    Image {
+        image: &'a str,
+        pair: Option<&'a str>,
+    },
+    /// Made ahead of need, for no image yet.
+    Spare,
+}
+
 /// The gRPC header that names the lease of a request.
 pub const LEASE_HEADER: &str = "containerd-lease";
 
@@ -59,6 +78,18 @@ impl Leases {
         image: &str,
         expire: Duration,
     ) -> Result<(), Status> {
+        self.create_labelled(id, job, Mark::Image { image, pair: None }, expire)
+            .await
+    }
+
+    /// Like [`Leases::create`], with `mark` saying what the lease is for.
+    pub async fn create_labelled(
+        &self,
+        id: &str,
+        job: &str,
+        mark: Mark<'_>,
+        expire: Duration,
+    ) -> Result<(), Status> {
         let now = SystemTime::now();
         let until = now.checked_add(expire.min(MAX_EXPIRY)).unwrap_or(now);
         let labels = HashMap::from([
@@ -69,8 +100,18 @@ impl Leases {
             (OWNER_LABEL.to_string(), job.to_string()),
         ]);
         let mut labels = labels;
-        if image.len() <= MAX_LABEL {
-            labels.insert(IMAGE_LABEL.to_string(), image.to_string());
+        match mark {
+            Mark::Image { image, pair } => {
+                if image.len() <= MAX_LABEL {
+                    labels.insert(IMAGE_LABEL.to_string(), image.to_string());
+                }
+                if let Some(spare) = pair {
+                    labels.insert(PAIR_LABEL.to_string(), spare.to_string());
+                }
+            }
+            Mark::Spare => {
+                labels.insert(SPARE_LABEL.to_string(), "true".to_string());
+            }
         }
         let req = super::namespaced(
             leases::CreateRequest {
@@ -107,8 +148,12 @@ impl Leases {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ours {
     pub id: String,
-    /// `None`: made by a pullgate that did not label the image.
+    /// `None`: made by a pullgate that did not label the image, or a spare.
     pub image: Option<String>,
+    /// The spare lease the pull of `image` ran under (see [`PAIR_LABEL`]).
+    pub pair: Option<String>,
+    /// Made ahead of need ([`SPARE_LABEL`]).
+    pub spare: bool,
     /// Unix seconds.
     pub created: i64,
 }
@@ -130,10 +175,24 @@ impl Leases {
             .filter(|l| l.labels.contains_key(OWNER_LABEL))
             .map(|l| Ours {
                 image: l.labels.get(IMAGE_LABEL).cloned(),
+                pair: l.labels.get(PAIR_LABEL).cloned(),
+                spare: l.labels.contains_key(SPARE_LABEL),
                 created: l.created_at.map(|t| t.seconds).unwrap_or_default(),
                 id: l.id,
             })
             .collect())
+    }
+
+    /// How many resources (ingests, content, snapshots) lease `id` holds.
+    pub async fn resource_count(&self, id: &str) -> Result<usize, Status> {
+        let req = super::namespaced(
+            leases::ListResourcesRequest { id: id.to_string() },
+            &self.namespace,
+        );
+        let listed = LeasesClient::new(self.channel.clone())
+            .list_resources(req)
+            .await?;
+        Ok(listed.into_inner().resources.len())
     }
 
     /// Adds everything lease `from` holds (ingests, content, snapshots) to lease `into`, so that

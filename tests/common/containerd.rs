@@ -490,7 +490,7 @@ disabled_plugins = [
 
 [debug]
   address = ""
-  level = "info"
+  level = {level}
 
 [metrics]
   address = ""
@@ -504,6 +504,10 @@ disabled_plugins = [
         grpc = toml_str(&sock),
         ttrpc = toml_str(&format!("{sock}.ttrpc")),
         opt = p("opt"),
+        // `$PULLGATE_TEST_CONTAINERD_LOG` (e.g. "debug") to see containerd's own spans.
+        level = toml_str(
+            &std::env::var("PULLGATE_TEST_CONTAINERD_LOG").unwrap_or_else(|_| "info".into())
+        ),
     )
 }
 

@@ -1,0 +1,212 @@
+//! A pod's pull on a fast link while a big prewarm runs: the prewarm's bytes are in before the
+//! pod arrives, so what the pod waits on is the node (containerd verifying, writing and
+//! unpacking the prewarm's layers on the same CPUs and disk), not the link. Unshaped loopback,
+//! the Go CRI client, on containerd 1.6 (the system's) and 2.x when the test cache has it.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::common::containerd::{version_of, DEFAULT_CONTAINERD_BIN};
+use crate::common::*;
+use crate::scenarios::{
+    order, pg_toml, prewarm_pull, pull, pull_split, Site, ARMS, LONE_SAMPLES, MB, MIB,
+};
+use crate::{median, secs, world, Opts, Row};
+
+/// The prewarm starts this long before the pod's pull (the issue's setting).
+const HEAD_START: Duration = Duration::from_secs(2);
+
+/// Stall time so far (µs) in `/proc/pressure/{what}`'s "some" line: time in which at least one
+/// task waited for the resource. System-wide; the bench is the only load here.
+fn stalled_us(what: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/pressure/{what}"))
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("some"))?;
+            line.split_once("total=")?.1.trim().parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+struct Pressure {
+    cpu: u64,
+    io: u64,
+    at: Instant,
+}
+
+impl Pressure {
+    fn now() -> Pressure {
+        Pressure {
+            cpu: stalled_us("cpu"),
+            io: stalled_us("io"),
+            at: Instant::now(),
+        }
+    }
+
+    /// "cpu N %, io M %": the share of the time since `self` in which some task stalled.
+    fn since(&self) -> String {
+        let us = self.at.elapsed().as_micros().max(1) as f64;
+        format!(
+            "PSI some: cpu {:.0} %, io {:.0} %",
+            (stalled_us("cpu") - self.cpu) as f64 * 100.0 / us,
+            (stalled_us("io") - self.io) as f64 * 100.0 / us
+        )
+    }
+}
+
+pub async fn fast_link(o: &Opts) -> Vec<Row> {
+    let (pod_layers, pre_layers) = if o.quick {
+        (vec![2 * MB; 2], vec![16 * MIB; 4])
+    } else {
+        (vec![25 * MB; 2], vec![256 * MIB; 4])
+    };
+    eprintln!("== fast link: pod pull under a big prewarm, unshaped loopback");
+    let dir = tempdir();
+    let registry = Registry::start(&dir.path().join("registry"), None).await;
+    let pod = push_image(&registry, "fast/pod", "v1", &pod_layers, None).await;
+    let pre = push_image(&registry, "fast/pre", "v1", &pre_layers, None).await;
+    let _lo = world::Noqueue::lo();
+    let hosts = vec![registry.addr()];
+    let mut bins = vec![Path::new(DEFAULT_CONTAINERD_BIN).to_path_buf()];
+    bins.extend(world::containerd2());
+    let mut rows = Vec::new();
+    for bin in bins {
+        let version = version_of(&bin).text;
+        let name = format!(
+            "fast link, containerd {version}: {} MB pod pull, {} MiB prewarm ({} layers) started \
+             {} s before, unshaped loopback",
+            pod_layers.iter().sum::<usize>() / MB,
+            pre_layers.iter().sum::<usize>() / MIB,
+            pre_layers.len(),
+            HEAD_START.as_secs()
+        );
+        eprintln!("== {name}");
+        let m = measure(o, &bin, &dir.path().join("node"), &hosts, &pod, &pre).await;
+        rows.push(m.row(name));
+    }
+    rows
+}
+
+#[derive(Default)]
+struct Measured {
+    alone: [Vec<Duration>; 2],
+    loaded: [Vec<Duration>; 2],
+    /// From the prewarm's start to its end, in the loaded runs.
+    prewarm: [Vec<Duration>; 2],
+}
+
+impl Measured {
+    fn ratio(&self, arm: usize) -> f64 {
+        median(&self.loaded[arm]).as_secs_f64() / median(&self.alone[arm]).as_secs_f64()
+    }
+
+    fn row(&self, name: String) -> Row {
+        let cell = |arm: usize| {
+            format!(
+                "alone {}, under prewarm {} ({:.2}×); prewarm done in {}",
+                secs(median(&self.alone[arm])),
+                secs(median(&self.loaded[arm])),
+                self.ratio(arm),
+                secs(median(&self.prewarm[arm])),
+            )
+        };
+        let later = median(&self.prewarm[1]).as_secs_f64() / median(&self.prewarm[0]).as_secs_f64();
+        Row {
+            scenario: name,
+            direct: cell(0),
+            pullgate: cell(1),
+            result: format!(
+                "pullgate {:.2}× vs direct {:.2}×; prewarm ends {later:.2}× direct's time",
+                self.ratio(1),
+                self.ratio(0)
+            ),
+            target: "pullgate ≤ 1.10×".into(),
+            met: Some(self.ratio(1) <= 1.10),
+        }
+    }
+}
+
+/// With `$PULLGATE_BENCH_LOGS` set, the logs of every run go to `out/fast-logs/` (where the
+/// README's account of the pod's time comes from).
+fn keep_logs(o: &Opts, s: &Site, run: &str) {
+    if std::env::var_os("PULLGATE_BENCH_LOGS").is_none() {
+        return;
+    }
+    let dir = o.out.join("fast-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{run}-containerd.log")),
+        s.containerd.log(),
+    )
+    .unwrap();
+    if let Some(p) = &s.pullgate {
+        std::fs::write(dir.join(format!("{run}-pullgate.log")), p.log()).unwrap();
+    }
+}
+
+fn tag(bin: &Path) -> String {
+    version_of(bin)
+        .text
+        .split('~')
+        .next()
+        .unwrap_or("")
+        .replace(['+', ' '], "")
+}
+
+async fn site(bin: &Path, dir: &Path, hosts: &[String], arm: usize) -> Site {
+    Site::start_on(bin, "", dir, hosts, pg_toml(arm, "")).await
+}
+
+async fn measure(
+    o: &Opts,
+    bin: &Path,
+    node: &Path,
+    hosts: &[String],
+    pod: &TestImage,
+    pre: &TestImage,
+) -> Measured {
+    let mut m = Measured::default();
+    for round in 0..o.rounds {
+        for i in 0..LONE_SAMPLES {
+            for arm in order(round + i) {
+                let s = site(bin, node, hosts, arm).await;
+                let t = pull(&s.client(), &pod.reference(), true).await;
+                let pg_log = s.pullgate.as_ref().map(|p| p.log());
+                let split = pull_split(&s.containerd.log(), pg_log.as_deref());
+                eprintln!(
+                    "  round {} {:<18} alone  {:>6.2}s ({split})",
+                    round + 1,
+                    ARMS[arm],
+                    t.as_secs_f64()
+                );
+                keep_logs(o, &s, &format!("{}-alone-{arm}-{round}-{i}", tag(bin)));
+                m.alone[arm].push(t);
+            }
+        }
+        for arm in order(round) {
+            let s = site(bin, node, hosts, arm).await;
+            let t0 = Instant::now();
+            let (c, r) = (s.client(), pre.reference());
+            let prewarm = tokio::spawn(async move {
+                prewarm_pull(&c, &r).await;
+                t0.elapsed()
+            });
+            tokio::time::sleep(HEAD_START).await;
+            let psi = Pressure::now();
+            let t = pull(&s.client(), &pod.reference(), true).await;
+            let during = psi.since();
+            let done = prewarm.await.unwrap();
+            eprintln!(
+                "  round {} {:<18} loaded {:>6.2}s ({during}); prewarm done after {:.2}s",
+                round + 1,
+                ARMS[arm],
+                t.as_secs_f64(),
+                done.as_secs_f64()
+            );
+            keep_logs(o, &s, &format!("{}-loaded-{arm}-{round}", tag(bin)));
+            m.loaded[arm].push(t);
+            m.prewarm[arm].push(done);
+        }
+    }
+    m
+}
