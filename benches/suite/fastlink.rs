@@ -144,15 +144,6 @@ fn keep_logs(o: &Opts, s: &Site, run: &str) {
     }
 }
 
-fn tag(bin: &Path) -> String {
-    version_of(bin)
-        .text
-        .split('~')
-        .next()
-        .unwrap_or("")
-        .replace(['+', ' '], "")
-}
-
 async fn site(bin: &Path, dir: &Path, hosts: &[String], arm: usize) -> Site {
     Site::start_on(bin, "", dir, hosts, pg_toml(arm, "")).await
 }
@@ -166,6 +157,13 @@ async fn measure(
     pre: &TestImage,
 ) -> Measured {
     let mut m = Measured::default();
+    // The version as a file name: "1.6.20", "2.1.9unknown".
+    let tag = version_of(bin)
+        .text
+        .split('~')
+        .next()
+        .unwrap_or("")
+        .replace(['+', ' '], "");
     for round in 0..o.rounds {
         for i in 0..LONE_SAMPLES {
             for arm in order(round + i) {
@@ -179,7 +177,7 @@ async fn measure(
                     ARMS[arm],
                     t.as_secs_f64()
                 );
-                keep_logs(o, &s, &format!("{}-alone-{arm}-{round}-{i}", tag(bin)));
+                keep_logs(o, &s, &format!("{tag}-alone-{arm}-{round}-{i}"));
                 m.alone[arm].push(t);
             }
         }
@@ -203,7 +201,7 @@ async fn measure(
                 t.as_secs_f64(),
                 done.as_secs_f64()
             );
-            keep_logs(o, &s, &format!("{}-loaded-{arm}-{round}", tag(bin)));
+            keep_logs(o, &s, &format!("{tag}-loaded-{arm}-{round}"));
             m.loaded[arm].push(t);
             m.prewarm[arm].push(done);
         }

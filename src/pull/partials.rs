@@ -158,6 +158,13 @@ struct Spare {
     made: std::time::Instant,
 }
 
+impl Spare {
+    /// Young enough to serve a pull: the pull must have at least half the expiry left.
+    fn fresh(&self, expire: Duration) -> bool {
+        self.made.elapsed() < expire / 2
+    }
+}
+
 pub struct Partials {
     leases: Leases,
     /// How long a kept lease lives (`mirror.keep_partial`).
@@ -196,9 +203,12 @@ impl Partials {
     /// Makes a spare lease in the background unless one is there (and fresh) or being made.
     /// A spare older than half the expiry is replaced: the pull it serves must have the rest.
     pub fn refill_spare(self: &Arc<Self>) {
-        let fresh = |s: &Spare| s.made.elapsed() < self.expire / 2;
-        if self.spare.lock().as_ref().is_some_and(fresh) || self.making.swap(true, Ordering::SeqCst)
-        {
+        let fresh = self
+            .spare
+            .lock()
+            .as_ref()
+            .is_some_and(|s| s.fresh(self.expire));
+        if fresh || self.making.swap(true, Ordering::SeqCst) {
             return;
         }
         let me = self.clone();
@@ -228,13 +238,26 @@ impl Partials {
         });
     }
 
-    /// The spare, if one is ready and fresh; another is made for the pull after.
+    /// The spare, if one is ready and fresh (a stale one is deleted); another is made for the
+    /// pull after.
     fn take_spare(self: &Arc<Self>) -> Option<String> {
         let spare = self.spare.lock().take();
         self.refill_spare();
-        spare
-            .filter(|s| s.made.elapsed() < self.expire / 2)
-            .map(|s| s.id)
+        match spare {
+            Some(s) if s.fresh(self.expire) => Some(s.id),
+            Some(stale) => {
+                let leases = self.leases.clone();
+                tokio::spawn(async move { leases.delete(&stale.id, false).await });
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The lease id and job label of `job`'s own lease (unique across restarts).
+    fn names(&self, job: &PullJob) -> (String, String) {
+        let label = format!("{}-{}", self.instance, job.id);
+        (format!("pullgate-{label}"), label)
     }
 
     /// A pod's pull under the spare `spare`: the image's own lease is made beside it, and the
@@ -242,11 +265,7 @@ impl Partials {
     fn begin_on_spare(self: &Arc<Self>, job: &mut PullJob, spare: String) -> Option<PullLease> {
         let value = http::HeaderValue::from_str(&spare).ok()?;
         let image = job.info.reference.clone();
-        let (me, id) = (
-            self.clone(),
-            format!("pullgate-{}-{}", self.instance, job.id),
-        );
-        let label = format!("{}-{}", self.instance, job.id);
+        let (me, (id, label)) = (self.clone(), self.names(job));
         let (for_image, of_spare) = (image.clone(), spare.clone());
         let pair = tokio::spawn(async move {
             let mark = Mark::Image {
@@ -300,9 +319,8 @@ impl Partials {
             return self.begin_on_spare(job, spare);
         }
         let image = job.info.reference.clone();
-        let id = format!("pullgate-{}-{}", self.instance, job.id);
+        let (id, label) = self.names(job);
         let value = http::HeaderValue::from_str(&id).ok()?;
-        let label = format!("{}-{}", self.instance, job.id);
         let asked = std::time::Instant::now();
         let created = self.leases.create(&id, &label, &image, self.expire).await;
         debug!(lease = id, took = ?asked.elapsed(), "pull's lease created");

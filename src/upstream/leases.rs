@@ -185,6 +185,10 @@ impl Leases {
 
     /// How many resources (ingests, content, snapshots) lease `id` holds.
     pub async fn resource_count(&self, id: &str) -> Result<usize, Status> {
+        Ok(self.resources(id).await?.len())
+    }
+
+    async fn resources(&self, id: &str) -> Result<Vec<leases::Resource>, Status> {
         let req = super::namespaced(
             leases::ListResourcesRequest { id: id.to_string() },
             &self.namespace,
@@ -192,20 +196,14 @@ impl Leases {
         let listed = LeasesClient::new(self.channel.clone())
             .list_resources(req)
             .await?;
-        Ok(listed.into_inner().resources.len())
+        Ok(listed.into_inner().resources)
     }
 
     /// Adds everything lease `from` holds (ingests, content, snapshots) to lease `into`, so that
     /// `from` can go without freeing any of it.
     pub async fn absorb(&self, into: &str, from: &str) -> Result<usize, Status> {
         let mut client = LeasesClient::new(self.channel.clone());
-        let req = super::namespaced(
-            leases::ListResourcesRequest {
-                id: from.to_string(),
-            },
-            &self.namespace,
-        );
-        let resources = client.list_resources(req).await?.into_inner().resources;
+        let resources = self.resources(from).await?;
         let n = resources.len();
         for r in resources {
             let req = super::namespaced(
