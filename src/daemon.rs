@@ -96,7 +96,7 @@ async fn pull_path(
         )
         .with_hosts(hosts.clone())
         .with_partials(partials.clone())
-        .with_preempt(cfg.containerd.preempt_prewarm),
+        .with_preempt(cfg.containerd.preempt_prewarm, &cfg.containerd.config_file),
     );
     Ok((Arc::new(puller), hosts))
 }

@@ -141,6 +141,75 @@ async fn urgent_pull_during_four_big_prewarms_finishes_first_and_prewarms_comple
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_room_in_containerds_download_slots_prewarm_is_paused_not_handed_back() {
+    // containerd 2.x with the transfer service's limit raised (as the packaging snippet
+    // recommends): a prewarm of 3 blobs leaves a pod its slots, so pullgate pauses it at the
+    // mirror instead of handing it back (which costs the pod containerd's cleanup of the
+    // cancelled pull). containerd 1.x limits each pull by itself: never handed back there.
+    let dir = tempdir();
+    let registry = Registry::start(&dir.path().join("registry"), None).await;
+    let containerd = Containerd::start_binary(
+        &common::containerd::containerd_bin(),
+        &dir.path().join("ctd"),
+        &[registry.addr()],
+        "",
+        "native",
+        "",
+        "max_concurrent_downloads = 16",
+    )
+    .await;
+    let pullgate = common::daemon::Pullgate::start(
+        &dir.path().join("pg"),
+        &containerd,
+        "[schedule]\nbandwidth = \"20MB\"\n",
+    )
+    .await;
+    let node = Node {
+        pullgate,
+        containerd,
+        registry,
+        dir,
+    };
+    let pre = push_image(&node.registry, "roomy/pre", "v1", &[12 * MB, 12 * MB], None).await;
+    let pod = push_image(&node.registry, "roomy/pod", "v1", &[2 * MB], None).await;
+    submit(&node, &pre.reference(), 0).await;
+    wait_for("prewarm bytes flowing", Duration::from_secs(20), || async {
+        node.pullgate
+            .metric("pullgate_class_bytes_total{class=\"prewarm\"}")
+            .await
+            > 2.0 * MB as f64
+    })
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        node.via().pull_image(pull_request(&pod.reference())),
+    )
+    .await
+    .expect("the pod's pull never waits forever behind paused prewarm")
+    .expect("urgent pull");
+    assert!(
+        !present(&node, &pre.reference()).await,
+        "the prewarm finished before the pod's pull: nothing was paused"
+    );
+    let m = node.pullgate.metrics().await;
+    assert_eq!(
+        common::daemon::metric_value(&m, "pullgate_prewarm_preemptions_total"),
+        0.0,
+        "handed back although containerd's 16 slots leave the pod room"
+    );
+    let r = pre.reference();
+    wait_for("prewarm completes", Duration::from_secs(60), || async {
+        present(&node, &r).await
+    })
+    .await;
+    assert!(
+        node.pullgate.log().contains("shared_slots=16")
+            || common::containerd::containerd_version().major < 2,
+        "the limit was not read from containerd's config"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_shared_with_a_paused_prewarm_streams_at_the_pods_class() {
     // A 20 MB/s link; prewarm pauses while a pod's bytes flow.
     let node = Node::start_with(None, "[schedule]\nbandwidth = \"20MB\"\n").await;

@@ -63,6 +63,19 @@ impl Site {
         hosts: &[String],
         pullgate: Option<&str>,
     ) -> Site {
+        Site::start_tuned(bin, tuning, tuning, dir, hosts, pullgate).await
+    }
+
+    /// As [`Site::start_on`], with `cri` lines for the CRI plugin's image settings and
+    /// `transfer` lines for the transfer service's (containerd 2.x).
+    pub async fn start_tuned(
+        bin: &Path,
+        cri: &str,
+        transfer: &str,
+        dir: &Path,
+        hosts: &[String],
+        pullgate: Option<&str>,
+    ) -> Site {
         let _ = std::fs::remove_dir_all(dir);
         let containerd = Containerd::start_binary(
             bin,
@@ -70,8 +83,8 @@ impl Site {
             hosts,
             "",
             world::snapshotter(),
-            tuning,
-            tuning,
+            cri,
+            transfer,
         )
         .await;
         Site::with(dir, containerd, pullgate).await

@@ -236,7 +236,8 @@ pub struct ContainerdConfig {
     /// Hand prewarm pulls back from containerd while a pod's pull runs (what they downloaded is
     /// kept, see `mirror.keep_partial`), and forward them again after: `auto` on containerd 2.x,
     /// whose transfer service limits the downloads of every pull on the node with one semaphore
-    /// (`max_concurrent_downloads`, default 3) that paused prewarm streams would hold; `always`;
+    /// (`max_concurrent_downloads`, default 3, read from `config_file`) that paused prewarm
+    /// streams would hold, when the prewarm pulls forwarded could hold all but 3 of it; `always`;
     /// `never` (prewarm streams are paused at the mirror instead).
     pub preempt_prewarm: Preempt,
 }

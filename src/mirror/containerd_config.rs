@@ -150,6 +150,31 @@ fn go_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(total))
 }
 
+/// containerd 2.x's download slots shared by every pull on the node: the transfer service's
+/// `max_concurrent_downloads` (containerd's default, 3, when the file does not set it or cannot
+/// be read: the side that hands prewarm back). `None` when the CRI plugin pulls on its own
+/// (`use_local_image_pull = true`), which limits each pull by itself as containerd 1.x does.
+pub fn shared_download_slots(file: &Path) -> Option<usize> {
+    const CONTAINERD_DEFAULT: usize = 3;
+    let Ok(table) = load(file) else {
+        return Some(CONTAINERD_DEFAULT);
+    };
+    let plugin = |name: &str| table.get("plugins")?.get(name);
+    let local = plugin("io.containerd.cri.v1.images")
+        .and_then(|t| t.get("use_local_image_pull"))
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    if local {
+        return None;
+    }
+    let set = plugin("io.containerd.transfer.v1.local")
+        .and_then(|t| t.get("max_concurrent_downloads"))
+        .and_then(|v| v.as_integer())
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| *n > 0);
+    Some(set.unwrap_or(CONTAINERD_DEFAULT))
+}
+
 /// How often a paused prewarm stream sends containerd a few bytes: a third of containerd's
 /// progress timeout (it checks every 10 s at most), at most a minute.
 pub fn keepalive(file: &Path) -> Duration {
@@ -256,6 +281,29 @@ mod tests {
             keepalive(&dir.path().join("missing")),
             Duration::from_secs(60)
         );
+    }
+
+    #[test]
+    fn shared_download_slots_are_the_transfer_services_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("config.toml");
+        let transfer = "[plugins.\"io.containerd.transfer.v1.local\"]\n";
+        for (text, want) in [
+            ("version = 3\n".to_string(), Some(3)),
+            (format!("version = 3\n{transfer}max_concurrent_downloads = 16\n"), Some(16)),
+            // 0 is not a limit containerd would start with: its default is assumed.
+            (format!("version = 3\n{transfer}max_concurrent_downloads = 0\n"), Some(3)),
+            (
+                "version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\nuse_local_image_pull = true\n"
+                    .to_string(),
+                None,
+            ),
+            ("not [toml".to_string(), Some(3)),
+        ] {
+            std::fs::write(&f, &text).unwrap();
+            assert_eq!(shared_download_slots(&f), want, "{text}");
+        }
+        assert_eq!(shared_download_slots(&dir.path().join("absent")), Some(3));
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod finish;
 pub mod partials;
 pub mod request;
 mod scheduled;
+mod slots;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;

@@ -18,6 +18,7 @@
 //! ([`super::partials`]).
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use futures_util::FutureExt;
 use tracing::{debug, info, warn};
 
 use super::partials::{Partials, PullLease};
+use super::slots::{crowded, SlotBook};
 use super::{ContainerdPuller, PullJob, Puller};
 use crate::config::Preempt;
 use crate::grpc::CapturedReply;
@@ -43,6 +45,10 @@ use crate::vocab::JobState;
 /// containerd's GC run, on a full disk): containerd freed 300 MB in well under a second here.
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
+/// Below this shared limit a 4-layer prewarm crowds a pod out (config and layers, plus the
+/// pod's 3): pullgate says so at the first pull.
+const ROOMY_SLOTS: usize = 8;
+
 /// A [`Puller`] that admits each job before containerd pulls it through the mirror.
 pub struct ScheduledPuller {
     scheduler: Arc<Scheduler>,
@@ -57,9 +63,12 @@ pub struct ScheduledPuller {
     resume: Option<Arc<Partials>>,
     /// Hand prewarm pulls back from containerd while a pod's pull runs.
     preempt: Preempt,
-    /// For `Preempt::Auto`: containerd's version decides, asked once.
+    /// For `Preempt::Auto`: containerd's version and its config file decide, read once.
     containerd: Containerd,
-    shared_limit: tokio::sync::OnceCell<bool>,
+    containerd_config: PathBuf,
+    shared_slots: tokio::sync::OnceCell<Option<usize>>,
+    /// containerd's shared download slots that forwarded prewarm pulls may hold.
+    slots: SlotBook,
 }
 
 impl ScheduledPuller {
@@ -83,7 +92,9 @@ impl ScheduledPuller {
             resume: None,
             preempt: Preempt::Auto,
             containerd,
-            shared_limit: Default::default(),
+            containerd_config: PathBuf::new(),
+            shared_slots: Default::default(),
+            slots: SlotBook::default(),
         }
     }
 
@@ -99,9 +110,11 @@ impl ScheduledPuller {
         self
     }
 
-    /// When prewarm pulls are handed back from containerd for a pod's pull.
-    pub fn with_preempt(mut self, preempt: Preempt) -> Self {
+    /// When prewarm pulls are handed back from containerd for a pod's pull; `auto` reads
+    /// containerd's download limit from `containerd_config`.
+    pub fn with_preempt(mut self, preempt: Preempt, containerd_config: &Path) -> Self {
         self.preempt = preempt;
+        self.containerd_config = containerd_config.to_path_buf();
         self
     }
 }
@@ -132,11 +145,11 @@ impl Puller for Arc<ScheduledPuller> {
                 info!("urgent: forwarded at once, containerd pulls through the mirror");
                 let forward = async {
                     let lease = me.resume_lease(&mut job).await;
-                    (me.forward(job).await, lease)
+                    (me.forward(job, None).await, lease)
                 };
                 let resolve = async {
                     let r = me.resolve(&record, &creds, image).await;
-                    if let Some((_, size)) = &r {
+                    if let Some((_, size, _)) = &r {
                         record.set_size(*size);
                     }
                     drop(resolving);
@@ -145,7 +158,8 @@ impl Puller for Arc<ScheduledPuller> {
                 tokio::join!(resolve, forward)
             } else {
                 let registration = me.resolve(&record, &creds, image).await;
-                let size = registration.as_ref().map(|(_, s)| *s);
+                let size = registration.as_ref().map(|(_, s, _)| *s);
+                let blobs = registration.as_ref().map(|(_, _, b)| *b);
                 // containerd's own fetch of an unresolved image cannot be paced, but it still
                 // takes its turn.
                 ticket.admit(size).await;
@@ -156,9 +170,9 @@ impl Puller for Arc<ScheduledPuller> {
                 );
                 let lease = me.resume_lease(&mut job).await;
                 let reply = if ticket.in_lane() {
-                    forward_in_lane(&ticket, &record, me.forward(job)).await
+                    forward_in_lane(&ticket, &record, me.forward(job, blobs)).await
                 } else {
-                    me.forward(job).await
+                    me.forward(job, blobs).await
                 };
                 (registration, (reply, lease))
             };
@@ -233,13 +247,14 @@ impl ScheduledPuller {
     }
 
     /// Resolves `image` with the requester's credentials and registers its manifests and blobs
-    /// with the mirror; with the image's size. `None`: containerd pulls it unscheduled.
+    /// with the mirror; with the image's size and its count of blobs (config and layers).
+    /// `None`: containerd pulls it unscheduled.
     async fn resolve(
         &self,
         record: &Arc<JobRecord>,
         creds: &Credentials,
         image: Option<ImageRef>,
-    ) -> Option<(Registration, u64)> {
+    ) -> Option<(Registration, u64, usize)> {
         let image = image?;
         match self.registry.resolve(&image, creds, &self.platform).await {
             Ok(resolved) => {
@@ -250,7 +265,7 @@ impl ScheduledPuller {
                 debug!(manifest = %resolved.manifest.descriptor.digest(),
                        layers = resolved.layers.len(), bytes = size, "resolved");
                 let reg = self.demand.register(record, &image, creds, &resolved);
-                Some((reg, size))
+                Some((reg, size, resolved.layers.len() + 1))
             }
             Err(e) => {
                 self.unresolved(reason(&e), &e.to_string());
@@ -282,52 +297,89 @@ impl ScheduledPuller {
     /// Forwards the pull to containerd. A prewarm pull is handed back (the call dropped, which
     /// cancels containerd's pull; its downloads stay under the lease) while a pod's pull runs,
     /// and forwarded again once none does, when containerd shares one download limit between
-    /// all pulls.
-    async fn forward(&self, job: PullJob) -> CapturedReply {
-        // A pod's pull is never handed back (and does not wait on asking containerd's version).
-        let preempt = !job.record.priority().is_urgent()
-            && match self.preempt {
-                Preempt::Never => false,
-                Preempt::Always => true,
-                Preempt::Auto => self.containerd_shares_download_slots().await,
-            };
-        if !preempt {
+    /// all pulls and the prewarm pulls forwarded could crowd a pod out of it ([`super::slots`]).
+    /// `blobs`: the prewarm image's config and layers (`None`: unknown, taken as the whole
+    /// limit).
+    async fn forward(&self, job: PullJob, blobs: Option<usize>) -> CapturedReply {
+        // A pod's pull is never handed back (and does not wait on reading containerd's limit).
+        if job.record.priority().is_urgent() {
             return self.finish.pull(job).await;
         }
+        let Some(limit) = (match self.preempt {
+            Preempt::Never => None,
+            Preempt::Always => Some(0),
+            Preempt::Auto => self.shared_download_slots().await,
+        }) else {
+            return self.finish.pull(job).await;
+        };
+        let holds = blobs.unwrap_or(limit);
         let mut urgent = self.scheduler.urgent_jobs();
         let mut prio = job.record.watch_priority();
+        let mut held = self.slots.watch();
         loop {
+            let slots = self.slots.hold(holds);
             let fwd = self.finish.pull(job.clone());
-            let yield_now = until(&mut urgent, &mut prio, |u, p| u > 0 && !p.is_urgent());
+            let yield_now = until(&mut urgent, &mut prio, &mut held, |u, p, h| {
+                u > 0 && !p.is_urgent() && crowded(limit, h)
+            });
             tokio::select! {
                 reply = fwd => return reply,
                 () = yield_now => {}
             }
+            drop(slots);
             info!(
-                "a pod's pull is waiting: prewarm pull handed back by containerd until it is done \
-                   (its downloads are kept)"
+                limit,
+                "a pod's pull is waiting and containerd's shared download slots are crowded: \
+                 prewarm pull handed back by containerd until it is done (its downloads are kept)"
             );
             self.metrics.preemptions.inc();
             job.record.set_state(JobState::Queued);
-            until(&mut urgent, &mut prio, |u, p| u == 0 || p.is_urgent()).await;
+            until(&mut urgent, &mut prio, &mut held, |u, p, _| {
+                u == 0 || p.is_urgent()
+            })
+            .await;
             job.record.set_state(JobState::Fetching);
             info!("forwarding the prewarm pull again");
         }
     }
 
     /// containerd 2.x: its transfer service limits the downloads of every pull with one
-    /// semaphore. Unknown (containerd down at the first pull): assumed, the safe side.
-    async fn containerd_shares_download_slots(&self) -> bool {
+    /// semaphore, of the size its config file sets. `None`: each pull has its own (containerd
+    /// 1.x, or 2.x pulling without the transfer service). containerd down at the first pull:
+    /// 2.x and its default limit are assumed, the safe side.
+    async fn shared_download_slots(&self) -> Option<usize> {
         *self
-            .shared_limit
+            .shared_slots
             .get_or_init(|| async {
                 let v = self.containerd.version(Duration::from_secs(5)).await;
                 let major = v.as_deref().ok().and_then(|v| {
-                    v.trim_start_matches('v').split('.').next()?.parse::<u32>().ok()
+                    v.trim_start_matches('v')
+                        .split('.')
+                        .next()?
+                        .parse::<u32>()
+                        .ok()
                 });
-                info!(version = v.as_deref().unwrap_or("unknown"), shared = major.is_none_or(|m| m >= 2),
-                      "containerd download limit: shared by all pulls when 2.x (prewarm is preempted for pods)");
-                major.is_none_or(|m| m >= 2)
+                let slots = if major.is_none_or(|m| m >= 2) {
+                    crate::mirror::containerd_config::shared_download_slots(&self.containerd_config)
+                } else {
+                    None
+                };
+                info!(
+                    version = v.as_deref().unwrap_or("unknown"),
+                    shared_slots = slots,
+                    "containerd's download limit: prewarm pulls are handed back for a pod's \
+                       pull when they could hold all but 3 of the shared slots (2.x), else paused \
+                       at the mirror"
+                );
+                if slots.is_some_and(|n| n < ROOMY_SLOTS) {
+                    warn!(shared_slots = slots, config = %self.containerd_config.display(),
+                          "containerd 2.x shares few download slots between all pulls: prewarm \
+                           pulls are handed back while a pod's pull runs, and containerd's cleanup \
+                           of the cancelled pull costs the pod time; raise \
+                           [plugins.\"io.containerd.transfer.v1.local\"] max_concurrent_downloads \
+                           (16 suggested, see packaging/containerd/config.toml.snippet)");
+                }
+                slots
             })
             .await
     }
@@ -350,19 +402,26 @@ impl ScheduledPuller {
     }
 }
 
-/// Waits until `cond(urgent jobs, the job's priority)` holds.
+/// Waits until `cond(urgent jobs, the job's priority, prewarm's held slots)` holds.
 async fn until(
     urgent: &mut tokio::sync::watch::Receiver<usize>,
     prio: &mut tokio::sync::watch::Receiver<crate::vocab::Priority>,
-    cond: impl Fn(usize, crate::vocab::Priority) -> bool,
+    held: &mut tokio::sync::watch::Receiver<usize>,
+    cond: impl Fn(usize, crate::vocab::Priority, usize) -> bool,
 ) {
     loop {
-        if cond(*urgent.borrow_and_update(), *prio.borrow_and_update()) {
+        let now = (
+            *urgent.borrow_and_update(),
+            *prio.borrow_and_update(),
+            *held.borrow_and_update(),
+        );
+        if cond(now.0, now.1, now.2) {
             return;
         }
         tokio::select! {
             r = urgent.changed() => if r.is_err() { std::future::pending::<()>().await },
             r = prio.changed() => if r.is_err() { std::future::pending::<()>().await },
+            r = held.changed() => if r.is_err() { std::future::pending::<()>().await },
         }
     }
 }
