@@ -16,9 +16,12 @@
 //! - A pod's pull does not wait for its lease: creating one is a write to containerd's metadata
 //!   store, which waits on the disk (measured: 1.5 ms on an idle node, 14–384 ms while a 1 GiB
 //!   prewarm was being written and unpacked, all of it before containerd began the pod's pull).
-//!   It takes a *spare* lease made ahead of need, and the image's own lease (labelled with the
-//!   image and the spare's id) is made beside it, off the pod's path. The spare's content moves
-//!   into the image's lease when the pull fails, or when a restarted pullgate adopts them.
+//!   It takes a *spare* lease made ahead of need. The image's own lease (labelled with the
+//!   image and the spare's id) and the next spare are made only once the pull ends or has run
+//!   for [`PAIR_DELAY`]: pullgate's writes would make the pod's own metadata writes queue. The
+//!   spare's content moves into the image's lease when the pull fails, or when a restarted
+//!   pullgate adopts them (a spare killed before its pair was made is kept by its own id until
+//!   it expires).
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -117,9 +120,34 @@ pub fn spare_plan(
     plan
 }
 
-/// The image's own lease, being made beside the spare a pod's pull runs under; `None` once
-/// done: containerd refused it.
-type Pair = JoinHandle<Option<String>>;
+/// A pod's pull gives containerd's metadata store this long before pullgate writes to it for
+/// that pull (the image's own lease beside the spare, the next spare): under a big prewarm each
+/// write waits on the disk (92 ms measured), and the pod's own writes queue behind it. Most pod
+/// pulls on a fast link end sooner, and then the image's lease is never needed.
+const PAIR_DELAY: Duration = Duration::from_secs(1);
+
+/// The image's own lease beside the spare a pod's pull runs under: made after [`PAIR_DELAY`],
+/// at once when the pull fails, not at all when it succeeds sooner.
+struct Pair {
+    /// `None` once done: not made, or containerd refused it.
+    made: JoinHandle<Option<String>>,
+    /// `true`: make it now; `false`: not at all.
+    go: tokio::sync::oneshot::Sender<bool>,
+}
+
+impl Pair {
+    /// The image's lease, made now if it was not yet.
+    async fn now(self) -> Option<String> {
+        let _ = self.go.send(true);
+        self.made.await.ok().flatten()
+    }
+
+    /// The image's lease if it was made already (for the caller to delete); else never made.
+    async fn cancel(self) -> Option<String> {
+        let _ = self.go.send(false);
+        self.made.await.ok().flatten()
+    }
+}
 
 /// The lease of one forwarded pull. Dropped unsettled (every requester gone): kept.
 pub struct PullLease {
@@ -238,11 +266,10 @@ impl Partials {
         });
     }
 
-    /// The spare, if one is ready and fresh (a stale one is deleted); another is made for the
-    /// pull after.
+    /// The spare, if one is ready and fresh (a stale one is deleted). The next is made once the
+    /// pull has ended or had [`PAIR_DELAY`], off its metadata writes.
     fn take_spare(self: &Arc<Self>) -> Option<String> {
         let spare = self.spare.lock().take();
-        self.refill_spare();
         match spare {
             Some(s) if s.fresh(self.expire) => Some(s.id),
             Some(stale) => {
@@ -267,7 +294,17 @@ impl Partials {
         let image = job.info.reference.clone();
         let (me, (id, label)) = (self.clone(), self.names(job));
         let (for_image, of_spare) = (image.clone(), spare.clone());
-        let pair = tokio::spawn(async move {
+        let (go, decided) = tokio::sync::oneshot::channel();
+        let made = tokio::spawn(async move {
+            let make = tokio::select! {
+                () = tokio::time::sleep(PAIR_DELAY) => true,
+                // The lease dropped unsettled: kept, so made.
+                r = decided => r.unwrap_or(true),
+            };
+            if !make {
+                return None;
+            }
+            me.refill_spare();
             let mark = Mark::Image {
                 image: &for_image,
                 pair: Some(&of_spare),
@@ -295,7 +332,7 @@ impl Partials {
             image,
             partials: self.clone(),
             settled: false,
-            pair: Some(pair),
+            pair: Some(Pair { made, go }),
         })
     }
 
@@ -347,9 +384,14 @@ impl Partials {
     }
 
     /// The pull succeeded: the image holds its content and the lease goes (with its pair).
-    pub async fn succeeded(&self, mut lease: PullLease) {
+    pub async fn succeeded(self: &Arc<Self>, mut lease: PullLease) {
         let (_, id, pair) = lease.settle();
-        for id in std::iter::once(id).chain(paired(pair).await) {
+        let pair = match pair {
+            Some(p) => p.cancel().await,
+            None => None,
+        };
+        self.refill_spare();
+        for id in std::iter::once(id).chain(pair) {
             if let Err(e) = self.leases.delete(&id, false).await {
                 debug!(
                     lease = id,
@@ -363,6 +405,7 @@ impl Partials {
     /// The pull failed with containerd's `message`: its lease is kept, dropped, or dropped with
     /// every kept one.
     pub async fn failed(self: &Arc<Self>, lease: Option<PullLease>, message: &str) {
+        self.refill_spare();
         let room = self.disk.sample();
         let verdict = after_failure(message, room, self.disk.min_free());
         let mine = lease.map(|mut l| l.settle());
@@ -375,7 +418,9 @@ impl Partials {
         let mut ids = Vec::new();
         if let Some((_, id, pair)) = mine {
             ids.push(id);
-            ids.extend(paired(pair).await);
+            if let Some(p) = pair {
+                ids.extend(p.cancel().await);
+            }
         }
         match verdict {
             Verdict::Keep => {}
@@ -476,7 +521,7 @@ impl Partials {
         };
         let me = self.clone();
         tokio::spawn(async move {
-            match pair.await.ok().flatten() {
+            match pair.now().await {
                 Some(own) => {
                     replace_with(&me.leases, &own, &id).await;
                     me.keep_id(image, own);
@@ -528,11 +573,6 @@ impl Partials {
         let n = self.kept.lock().len();
         self.metrics.kept_partials.set(n as i64);
     }
-}
-
-/// The image's own lease of a pull that ran under a spare, once made.
-async fn paired(pair: Option<Pair>) -> Option<String> {
-    pair?.await.ok().flatten()
 }
 
 /// `new` takes in what `old` holds, then `old` goes (nothing is freed). If containerd cannot
