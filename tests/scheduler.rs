@@ -91,6 +91,21 @@ async fn urgent_pull_during_four_big_prewarms_finishes_first_and_prewarms_comple
             > 4.0 * MB as f64
     })
     .await;
+    // What each prewarm had when the pod came: on containerd 1.7 one of them now and then has
+    // its whole image in by then (not investigated yet: 1 run in 4 to 8), and that one may
+    // finish before the pod's.
+    let states = |all: Vec<api::Job>| {
+        all.iter()
+            .filter(|j| j.class == "prewarm")
+            .map(|j| format!("{} {} {} B", j.image, j.state, j.bytes_done))
+            .collect::<Vec<_>>()
+    };
+    let before = states(jobs(&node, true).await);
+    let nearly_done = jobs(&node, true)
+        .await
+        .iter()
+        .filter(|j| j.class == "prewarm" && j.bytes_done + MB as u64 >= j.bytes_total)
+        .count();
     let started = std::time::Instant::now();
     tokio::time::timeout(
         Duration::from_secs(60),
@@ -109,9 +124,11 @@ async fn urgent_pull_during_four_big_prewarms_finishes_first_and_prewarms_comple
     );
     // containerd 2.x (its default limit: 3 downloads shared by every pull on the node): the
     // prewarm pulls were handed back from containerd, so the pod's pull got the slots.
-    assert_eq!(
-        unfinished, 4,
-        "the pod's pull finished while all four prewarms were still running"
+    assert!(
+        unfinished + nearly_done >= 4 && nearly_done <= 1,
+        "the pod's pull finished while all four prewarms were still running; before it: \
+         {before:?}, after: {:?}",
+        states(jobs(&node, true).await)
     );
     if common::containerd::containerd_version().major >= 2 {
         let m = node.pullgate.metrics().await;
