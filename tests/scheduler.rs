@@ -100,12 +100,12 @@ async fn urgent_pull_during_four_big_prewarms_finishes_first_and_prewarms_comple
             .map(|j| format!("{} {} {} B", j.image, j.state, j.bytes_done))
             .collect::<Vec<_>>()
     };
-    let before = states(jobs(&node, true).await);
-    let nearly_done = jobs(&node, true)
-        .await
+    let at_start = jobs(&node, true).await;
+    let nearly_done = at_start
         .iter()
         .filter(|j| j.class == "prewarm" && j.bytes_done + MB as u64 >= j.bytes_total)
         .count();
+    let before = states(at_start);
     let started = std::time::Instant::now();
     tokio::time::timeout(
         Duration::from_secs(60),

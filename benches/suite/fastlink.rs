@@ -77,8 +77,9 @@ pub async fn fast_link(o: &Opts) -> Vec<Row> {
     }
     let mut rows = Vec::new();
     for (bin, transfer) in runs {
-        let version = version_of(&bin).text;
-        let limit = if version_of(&bin).major < 2 {
+        let v = version_of(&bin);
+        let version = v.text;
+        let limit = if v.major < 2 {
             String::new()
         } else if transfer.is_empty() {
             ", download limit 3 (default)".to_string()

@@ -385,13 +385,9 @@ impl Partials {
 
     /// The pull succeeded: the image holds its content and the lease goes (with its pair).
     pub async fn succeeded(self: &Arc<Self>, mut lease: PullLease) {
-        let (_, id, pair) = lease.settle();
-        let pair = match pair {
-            Some(p) => p.cancel().await,
-            None => None,
-        };
+        let ids = lease_ids(Some(lease.settle())).await;
         self.refill_spare();
-        for id in std::iter::once(id).chain(pair) {
+        for id in ids {
             if let Err(e) = self.leases.delete(&id, false).await {
                 debug!(
                     lease = id,
@@ -405,26 +401,17 @@ impl Partials {
     /// The pull failed with containerd's `message`: its lease is kept, dropped, or dropped with
     /// every kept one.
     pub async fn failed(self: &Arc<Self>, lease: Option<PullLease>, message: &str) {
-        self.refill_spare();
         let room = self.disk.sample();
         let verdict = after_failure(message, room, self.disk.min_free());
         let mine = lease.map(|mut l| l.settle());
-        if verdict == Verdict::Keep {
-            if let Some((image, id, pair)) = mine {
-                self.keep(image, id, pair);
-            }
-            return;
-        }
-        let mut ids = Vec::new();
-        if let Some((_, id, pair)) = mine {
-            ids.push(id);
-            if let Some(p) = pair {
-                ids.extend(p.cancel().await);
-            }
-        }
         match verdict {
-            Verdict::Keep => {}
+            Verdict::Keep => {
+                if let Some((image, id, pair)) = mine {
+                    self.keep(image, id, pair);
+                }
+            }
             Verdict::Drop => {
+                let ids = lease_ids(mine).await;
                 if !ids.is_empty() {
                     self.delete_now(&ids, "low_disk").await;
                     let free = self.disk.sample().map(|r| disk::human(r.free));
@@ -436,6 +423,7 @@ impl Partials {
                 }
             }
             Verdict::DropAll => {
+                let mut ids = lease_ids(mine).await;
                 ids.extend(self.take_kept());
                 let started = std::time::Instant::now();
                 let freed = self.delete_now(&ids, "disk_full").await;
@@ -446,6 +434,8 @@ impl Partials {
                        deleted so that the node can pull again");
             }
         }
+        // After the deletions: on a full disk they come first.
+        self.refill_spare();
     }
 
     /// Samples the disk (metrics) and, below the threshold, drops every kept lease. Keeps a
@@ -573,6 +563,19 @@ impl Partials {
         let n = self.kept.lock().len();
         self.metrics.kept_partials.set(n as i64);
     }
+}
+
+/// The ids of a settled pull lease that is to go: its own and its pair's, if that was made
+/// (a pair not made yet never will be).
+async fn lease_ids(settled: Option<(String, String, Option<Pair>)>) -> Vec<String> {
+    let Some((_, id, pair)) = settled else {
+        return Vec::new();
+    };
+    let mut ids = vec![id];
+    if let Some(p) = pair {
+        ids.extend(p.cancel().await);
+    }
+    ids
 }
 
 /// `new` takes in what `old` holds, then `old` goes (nothing is freed). If containerd cannot
