@@ -25,7 +25,9 @@ pub enum Fault {
     Truncate,
     /// Change one byte in the middle of the body.
     Flip,
-    /// Send the first half, then nothing more (connection kept open).
+    /// Send the bytes before the blob's midpoint, then nothing more (connection kept open). A
+    /// resumed request that starts at or past the midpoint gets no byte at all, the way a
+    /// registry that hangs on one spot of the blob behaves (resumes make no progress).
     Stall,
 }
 
@@ -188,8 +190,20 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
             .body(BodyExt::boxed(StreamBody::new(stream)))
             .unwrap());
     }
+    // Where a ranged answer starts within the blob, and the blob's size: "bytes FROM-TO/SIZE".
+    let (from, size) = resp
+        .headers()
+        .get("content-range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (range, size) = v.strip_prefix("bytes ")?.split_once('/')?;
+            Some((range.split_once('-')?.0.parse().ok()?, size.parse().ok()?))
+        })
+        .unwrap_or((0usize, 0usize));
     let data = resp.bytes().await.unwrap_or_default();
     let half = data.len() / 2;
+    let size = if size == 0 { data.len() } else { size };
+    let stall_at = (size / 2).saturating_sub(from);
     let body: Body = match fault {
         Fault::Flip => {
             let mut v = data.to_vec();
@@ -205,7 +219,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
             BodyExt::boxed(StreamBody::new(stream))
         }
         Fault::Stall => {
-            let first = Bytes::copy_from_slice(&data[..half]);
+            let first = Bytes::copy_from_slice(&data[..stall_at.min(data.len())]);
             let stream = futures_util::stream::once(async move { Ok(Frame::data(first)) }).chain(
                 futures_util::stream::once(async {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
