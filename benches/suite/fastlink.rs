@@ -28,9 +28,23 @@ fn stalled_us(what: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Dirty and under-writeback page cache (MB) from `/proc/meminfo`: file data the kernel still has
+/// to write, which a pod's fsyncs may queue behind.
+fn unwritten_mb() -> u64 {
+    let t = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kb = |key: &str| -> u64 {
+        t.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (kb("Dirty:") + kb("Writeback:")) / 1024
+}
+
 struct Pressure {
     cpu: u64,
     io: u64,
+    unwritten: u64,
     at: Instant,
 }
 
@@ -39,17 +53,20 @@ impl Pressure {
         Pressure {
             cpu: stalled_us("cpu"),
             io: stalled_us("io"),
+            unwritten: unwritten_mb(),
             at: Instant::now(),
         }
     }
 
-    /// "cpu N %, io M %": the share of the time since `self` in which some task stalled.
+    /// "cpu N %, io M %": the share of the time since `self` in which some task stalled, and
+    /// the page cache still to be written at the start.
     fn since(&self) -> String {
         let us = self.at.elapsed().as_micros().max(1) as f64;
         format!(
-            "PSI some: cpu {:.0} %, io {:.0} %",
+            "PSI some: cpu {:.0} %, io {:.0} %; unwritten {} MB at start",
             (stalled_us("cpu") - self.cpu) as f64 * 100.0 / us,
-            (stalled_us("io") - self.io) as f64 * 100.0 / us
+            (stalled_us("io") - self.io) as f64 * 100.0 / us,
+            self.unwritten
         )
     }
 }
@@ -198,11 +215,13 @@ async fn measure(o: &Opts, node: &Node<'_>, pod: &TestImage, pre: &TestImage) ->
         for i in 0..LONE_SAMPLES {
             for arm in order(round + i) {
                 let s = site(node, arm).await;
+                let psi = Pressure::now();
                 let t = pull(&s.client(), &pod.reference(), true).await;
+                let during = psi.since();
                 let pg_log = s.pullgate.as_ref().map(|p| p.log());
                 let split = pull_split(&s.containerd.log(), pg_log.as_deref());
                 eprintln!(
-                    "  round {} {:<18} alone  {:>6.2}s ({split})",
+                    "  round {} {:<18} alone  {:>6.2}s ({split}; {during})",
                     round + 1,
                     ARMS[arm],
                     t.as_secs_f64()

@@ -462,22 +462,18 @@ mod tests {
         std::fs::write(d.join("hosts.toml"), text).unwrap();
     }
 
-    fn tmp() -> PathBuf {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "pullgate-hosts-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        p
+    /// A scratch dir, removed when the guard drops.
+    fn tmp() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("pullgate-hosts-test-")
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
     fn missing_dir_gives_defaults() {
-        let dir = tmp().join("nope");
+        let scratch = tmp();
+        let dir = scratch.path().join("nope");
         let h = load_hosts(&dir, "docker.io").unwrap();
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].base, "https://registry-1.docker.io");
@@ -502,7 +498,8 @@ mod tests {
             assert!(h[0].skip_verify);
         }
         // An existing dir without hosts.toml: defaults too.
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         std::fs::create_dir_all(dir.join("quay.io")).unwrap();
         let h = load_hosts(&dir, "quay.io").unwrap();
         assert_eq!(h.len(), 1);
@@ -511,7 +508,8 @@ mod tests {
 
     #[test]
     fn mirrors_in_file_order_then_server() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         write(
             &dir,
             "docker.io",
@@ -587,7 +585,8 @@ server = "https://registry-1.docker.io"
 
     #[test]
     fn override_path_and_default_server_with_top_level_settings() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         write(
             &dir,
             "registry.example.com",
@@ -619,7 +618,8 @@ skip_verify = true
 
     #[test]
     fn server_override_and_default_dir() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         write(
             &dir,
             "_default",
@@ -639,7 +639,8 @@ server = "mirror.internal:5000"
 
     #[test]
     fn broken_files_name_the_file() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         for (text, needle) in [
             ("server = \n", "hosts.toml"),
             (
@@ -667,7 +668,8 @@ server = "mirror.internal:5000"
 
     #[test]
     fn legacy_cert_files() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         let d = dir.join("secure.example");
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("ca.crt"), "x").unwrap();
