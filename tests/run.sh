@@ -7,6 +7,13 @@
 #   tests/run.sh                      # everything
 #   tests/run.sh mirror -- resume     # cargo test args for the end-to-end runs (here: one file)
 #   PULLGATE_TEST_VERSIONS="sid" tests/run.sh   # only some versions (codenames)
+#   PULLGATE_TEST_JOBS=1 tests/run.sh            # one version after another (default: all at once)
+#
+# The versions run side by side, each in a network namespace of its own (`unshare --net`, loopback
+# only, as the tests need), so their free ports and 127.0.0.x listeners cannot meet. Each run's
+# output goes to target/e2e/<codename>.log and is printed, whole, when it ends. A version's run
+# uses about 0.75 of a core (most of a test is waiting on containerd and the registry), so on 2
+# cores three at once take about the time of the longest alone, not of all three in a row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/deps.sh
@@ -26,8 +33,41 @@ start=$SECONDS
 cargo test --locked --quiet --lib --bins
 echo "unit tests: $((SECONDS - start)) s"
 
+jobs=${PULLGATE_TEST_JOBS:-3}
+logs=target/e2e
+mkdir -p "$logs"
 failed=()
 summary=()
+running=()
+
+one_version() { # codename package bin: the end-to-end suite against one containerd, in its own netns
+  local codename=$1 package=$2 bin=$3 start=$SECONDS result
+  echo "=== end-to-end tests against containerd $package ($codename): $bin"
+  if PULLGATE_TEST_CONTAINERD=$bin unshare --net -- bash -c \
+    'ip link set lo up && exec cargo test --locked --offline --quiet --no-fail-fast "$@"' \
+    bash "${e2e[@]}"; then
+    result=ok
+  else
+    result=FAILED
+  fi
+  echo "containerd $package ($codename): $result in $((SECONDS - start)) s"
+}
+
+finish() { # the oldest run still going: wait for it, print its log, record its verdict
+  local codename=${running[0]}
+  running=("${running[@]:1}")
+  wait "${pids[$codename]}" || true
+  cat "$logs/$codename.log"
+  local verdict
+  verdict=$(tail -n 1 "$logs/$codename.log")
+  summary+=("$verdict")
+  case $verdict in
+    *": ok in "*) ;;
+    *) failed+=("$codename") ;;
+  esac
+}
+
+declare -A pids
 for codename in $wanted; do
   line=$(awk -v c="$codename" '$1 == c' <<<"$versions")
   if [ -z "$line" ]; then
@@ -36,16 +76,12 @@ for codename in $wanted; do
     continue
   fi
   read -r _ package _ bin <<<"$line"
-  echo "=== end-to-end tests against containerd $package ($codename): $bin"
-  start=$SECONDS
-  if PULLGATE_TEST_CONTAINERD=$bin cargo test --locked --quiet --no-fail-fast "${e2e[@]}"; then
-    result=ok
-  else
-    result=FAILED
-    failed+=("$codename ($package)")
-  fi
-  summary+=("containerd $package ($codename): $result in $((SECONDS - start)) s")
+  [ ${#running[@]} -ge "$jobs" ] && finish
+  one_version "$codename" "$package" "$bin" >"$logs/$codename.log" 2>&1 &
+  pids[$codename]=$!
+  running+=("$codename")
 done
+while [ ${#running[@]} -gt 0 ]; do finish; done
 
 printf '%s\n' "${summary[@]}"
 if [ ${#failed[@]} -gt 0 ]; then

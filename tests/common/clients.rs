@@ -79,7 +79,13 @@ fn build() -> Built {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let work = work_dir();
     // A fresh tree per test binary run: generated code never outlives the proto it came from.
-    let tree = work.join("tree");
+    // One per containerd under test, as tests/run.sh runs the versions side by side (Go's build
+    // cache, shared, is safe for that).
+    let under_test = std::env::var("PULLGATE_TEST_CONTAINERD").unwrap_or_default();
+    let tree = work.join(format!(
+        "tree{}",
+        under_test.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+    ));
     let _ = std::fs::remove_dir_all(&tree);
     let gopath = tree.join("go");
     let pkg = gopath.join("src/pullgate.test");
