@@ -5,6 +5,7 @@
 #   tests/bench.sh                 every scenario, full size (about 10 minutes on 2 cores)
 #   tests/bench.sh --quick         small sizes, one round, debug build: the smoke test CI runs
 #   tests/bench.sh urgent p2p      only these scenarios
+#   PULLGATE_BENCH_ROUNDS=5 tests/bench.sh fast   more rounds than the default 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/deps.sh

@@ -41,19 +41,59 @@ fn unwritten_mb() -> u64 {
     (kb("Dirty:") + kb("Writeback:")) / 1024
 }
 
+/// CPU time (ms) used so far: the whole machine's non-idle time from `/proc/stat`, or one
+/// process's (all its threads, user and system) from `/proc/<pid>/stat`. Clock ticks of 10 ms.
+fn cpu_ms(pid: Option<u32>) -> u64 {
+    let ticks: u64 = match pid {
+        None => std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|t| {
+                let f: Vec<u64> = t
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal: all but idle and iowait.
+                Some(f.iter().take(8).sum::<u64>() - f.get(3)? - f.get(4)?)
+            })
+            .unwrap_or(0),
+        Some(pid) => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|t| {
+                // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+                let f: Vec<&str> = t.rsplit_once(')')?.1.split_whitespace().collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .unwrap_or(0),
+    };
+    ticks * 10
+}
+
 struct Pressure {
     cpu: u64,
     io: u64,
     unwritten: u64,
+    /// The machine's CPU time, then pullgate's and containerd's (0 where absent).
+    used: [u64; 3],
+    pids: [Option<u32>; 2],
     at: Instant,
 }
 
 impl Pressure {
-    fn now() -> Pressure {
+    fn now(s: &Site) -> Pressure {
+        let pids = [s.pullgate.as_ref().map(|p| p.pid()), s.containerd.pid()];
         Pressure {
             cpu: stalled_us("cpu"),
             io: stalled_us("io"),
             unwritten: unwritten_mb(),
+            used: [
+                cpu_ms(None),
+                pids[0].map_or(0, |p| cpu_ms(Some(p))),
+                pids[1].map_or(0, |p| cpu_ms(Some(p))),
+            ],
+            pids,
             at: Instant::now(),
         }
     }
@@ -62,10 +102,15 @@ impl Pressure {
     /// the page cache still to be written at the start.
     fn since(&self) -> String {
         let us = self.at.elapsed().as_micros().max(1) as f64;
+        let all = cpu_ms(None).saturating_sub(self.used[0]);
+        let pg = self.pids[0].map_or(0, |p| cpu_ms(Some(p)).saturating_sub(self.used[1]));
+        let ctrd = self.pids[1].map_or(0, |p| cpu_ms(Some(p)).saturating_sub(self.used[2]));
         format!(
-            "PSI some: cpu {:.0} %, io {:.0} %; unwritten {} MB at start",
+            "PSI some: cpu {:.0} %, io {:.0} %; CPU used {all} ms: containerd {ctrd}, pullgate \
+             {pg}, the rest {}; unwritten {} MB at start",
             (stalled_us("cpu") - self.cpu) as f64 * 100.0 / us,
             (stalled_us("io") - self.io) as f64 * 100.0 / us,
+            all.saturating_sub(pg + ctrd),
             self.unwritten
         )
     }
@@ -215,11 +260,11 @@ async fn measure(o: &Opts, node: &Node<'_>, pod: &TestImage, pre: &TestImage) ->
         for i in 0..LONE_SAMPLES {
             for arm in order(round + i) {
                 let s = site(node, arm).await;
-                let psi = Pressure::now();
+                let psi = Pressure::now(&s);
                 let t = pull(&s.client(), &pod.reference(), true).await;
                 let during = psi.since();
                 let pg_log = s.pullgate.as_ref().map(|p| p.log());
-                let split = pull_split(&s.containerd.log(), pg_log.as_deref());
+                let split = pull_split(&s.containerd.log(), pg_log.as_deref(), &pod.repo);
                 eprintln!(
                     "  round {} {:<18} alone  {:>6.2}s ({split}; {during})",
                     round + 1,
@@ -239,12 +284,14 @@ async fn measure(o: &Opts, node: &Node<'_>, pod: &TestImage, pre: &TestImage) ->
                 t0.elapsed()
             });
             tokio::time::sleep(HEAD_START).await;
-            let psi = Pressure::now();
+            let psi = Pressure::now(&s);
             let t = pull(&s.client(), &pod.reference(), true).await;
             let during = psi.since();
             let done = prewarm.await.unwrap();
+            let pg_log = s.pullgate.as_ref().map(|p| p.log());
+            let split = pull_split(&s.containerd.log(), pg_log.as_deref(), &pod.repo);
             eprintln!(
-                "  round {} {:<18} loaded {:>6.2}s ({during}); prewarm done after {:.2}s",
+                "  round {} {:<18} loaded {:>6.2}s ({split}; {during}); prewarm done after {:.2}s",
                 round + 1,
                 ARMS[arm],
                 t.as_secs_f64(),

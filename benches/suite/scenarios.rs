@@ -301,7 +301,7 @@ async fn urgent_with_queue(o: &Opts, queue_ms: u64, target: f64) -> Vec<Row> {
                 let t = pull(&site.client(), &pod.reference(), true).await;
                 // Where the time went: containerd's own span, pullgate's before and after it.
                 let pg_log = site.pullgate.as_ref().map(|p| p.log());
-                let split = pull_split(&site.containerd.log(), pg_log.as_deref());
+                let split = pull_split(&site.containerd.log(), pg_log.as_deref(), &pod.repo);
                 eprintln!(
                     "  round {} {:<18} alone  {:>7.2}s ({split})",
                     round + 1,
@@ -1168,28 +1168,29 @@ fn log_clock(line: &str) -> Option<f64> {
 }
 
 /// The clock of the last line of `log` that contains `word` and not `but_not`.
-fn last_at(log: &str, word: &str, but_not: &str) -> Option<f64> {
+fn last_at(log: &str, word: &str, but_not: &str, image: &str) -> Option<f64> {
     log.lines()
-        .rfind(|l| l.contains(word) && !l.contains(but_not))
+        .rfind(|l| l.contains(word) && !l.contains(but_not) && l.contains(image))
         .and_then(log_clock)
 }
 
-/// Where a lone pull's time goes, from the logs (the pulls here finish within the hour):
-/// containerd's own `PullImage` span and, through pullgate, the time from pullgate's start of
-/// the job to containerd's start of the pull, and from containerd's reply to pullgate's end.
-pub fn pull_split(containerd_log: &str, pullgate_log: Option<&str>) -> String {
+/// Where a pull of `repo` (e.g. "fast/pod") went, from the logs (the pulls here finish within the
+/// hour): containerd's own `PullImage` span and, through pullgate, the time from pullgate's start
+/// of the job to containerd's start of the pull, and from containerd's reply to pullgate's end.
+/// Both logs name the image on these lines, so a prewarm's pull beside it is told apart.
+pub fn pull_split(containerd_log: &str, pullgate_log: Option<&str>, repo: &str) -> String {
     let since = |a: f64, b: f64| (b - a).rem_euclid(3600.0) * 1e3;
     let (Some(start), Some(end)) = (
-        last_at(containerd_log, "msg=\"PullImage \\\"", "returns"),
-        last_at(containerd_log, "returns image reference", "\0"),
+        last_at(containerd_log, "msg=\"PullImage \\\"", "returns", repo),
+        last_at(containerd_log, "returns image reference", "\0", repo),
     ) else {
         return "containerd's PullImage ?".into();
     };
     let mut out = format!("containerd's PullImage {:.0} ms", since(start, end));
     if let Some(log) = pullgate_log {
         if let (Some(began), Some(done)) = (
-            last_at(log, "pull started", "\0"),
-            last_at(log, "pull finished", "\0"),
+            last_at(log, "pull started", "\0", repo),
+            last_at(log, "pull finished", "\0", repo),
         ) {
             out += &format!(
                 "; pullgate: {:.1} ms before it, {:.1} ms after it",
