@@ -46,25 +46,22 @@ one_version() { # codename package bin: the end-to-end suite against one contain
   if PULLGATE_TEST_CONTAINERD=$bin unshare --net -- bash -c \
     'ip link set lo up && exec cargo test --locked --offline --quiet --no-fail-fast "$@"' \
     bash "${e2e[@]}"; then
-    result=ok
+    result=0
   else
-    result=FAILED
+    result=1
   fi
-  echo "containerd $package ($codename): $result in $((SECONDS - start)) s"
+  echo "containerd $package ($codename): $( ((result)) && echo FAILED || echo ok) in $((SECONDS - start)) s"
+  return $result
 }
 
 finish() { # the oldest run still going: wait for it, print its log, record its verdict
   local codename=${running[0]}
   running=("${running[@]:1}")
-  wait "${pids[$codename]}" || true
+  local ok=true
+  wait "${pids[$codename]}" || ok=false
   cat "$logs/$codename.log"
-  local verdict
-  verdict=$(tail -n 1 "$logs/$codename.log")
-  summary+=("$verdict")
-  case $verdict in
-    *": ok in "*) ;;
-    *) failed+=("$codename") ;;
-  esac
+  summary+=("$(tail -n 1 "$logs/$codename.log")")
+  $ok || failed+=("$codename")
 }
 
 declare -A pids
