@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)
+        // Blob bytes written into containerd's store pass through without a copy.
+        .bytes(".containerd.services.content.v1.WriteContentRequest.data")
         .compile_fds(fds)?;
     // pullgate's own API: a request that does not parse is INVALID_ARGUMENT (src/api/codec.rs).
     tonic_prost_build::configure()

@@ -23,7 +23,7 @@ use crate::mirror::{Demand, Mirror};
 use crate::prewarm::gate::P2pGate;
 use crate::prewarm::Prewarmer;
 use crate::pull::partials::Partials;
-use crate::pull::{PullCoordinator, Puller, ScheduledPuller};
+use crate::pull::{PullCoordinator, Puller, ScheduledPuller, Stager};
 use crate::registry::{RegistryClient, RegistryConfig};
 use crate::schedule::{Scheduler, Setup};
 use crate::upstream::disk::Watch;
@@ -50,6 +50,7 @@ async fn pull_path(
     });
     let demand = Demand::new();
     let mut hosts = None;
+    let mut stager = None;
     if m.enabled {
         let mirror = Arc::new(
             Mirror::new(
@@ -63,6 +64,11 @@ async fn pull_path(
             .with_ingests(containerd.channel(), cfg.containerd.namespace.clone()),
         );
         mirror.also_own(cfg.metrics.addr);
+        stager = Some(Stager::new(
+            mirror.clone(),
+            containerd.channel(),
+            cfg.containerd.namespace.clone(),
+        ));
         mirror
             .serve(stop.clone())
             .await
@@ -96,7 +102,8 @@ async fn pull_path(
         )
         .with_hosts(hosts.clone())
         .with_partials(partials.clone())
-        .with_preempt(cfg.containerd.preempt_prewarm, &cfg.containerd.config_file),
+        .with_preempt(cfg.containerd.preempt_prewarm, &cfg.containerd.config_file)
+        .with_stager(stager, cfg.containerd.stage_prewarm),
     );
     Ok((Arc::new(puller), hosts))
 }

@@ -123,7 +123,8 @@ async fn urgent_pull_during_four_big_prewarms_finishes_first_and_prewarms_comple
         started.elapsed()
     );
     // containerd 2.x (its default limit: 3 downloads shared by every pull on the node): the
-    // prewarm pulls were handed back from containerd, so the pod's pull got the slots.
+    // prewarm blobs went into containerd's store through its content service, so the pod's
+    // pull got the slots.
     assert!(
         unfinished + nearly_done >= 4 && nearly_done <= 1,
         "the pod's pull finished while all four prewarms were still running; before it: \
@@ -131,9 +132,13 @@ async fn urgent_pull_during_four_big_prewarms_finishes_first_and_prewarms_comple
         states(jobs(&node, true).await)
     );
     if common::containerd::containerd_version().major >= 2 {
+        // Staged into containerd's store (`stage_prewarm = "auto"`), so no prewarm pull held a
+        // slot; or handed back.
         let m = node.pullgate.metrics().await;
+        let metric = |name| common::daemon::metric_value(&m, name);
         assert!(
-            common::daemon::metric_value(&m, "pullgate_prewarm_preemptions_total") >= 1.0,
+            metric("pullgate_prewarm_staged_blobs_total") >= 1.0
+                || metric("pullgate_prewarm_preemptions_total") >= 1.0,
             "{m}"
         );
     }
@@ -316,9 +321,10 @@ async fn a_pod_waiting_for_a_prewarm_image_promotes_the_job_without_refetching()
             .await,
         1.0
     );
-    // Each blob was fetched once: the promoted job kept the bytes it had.
+    // Each blob was fetched once: the promoted job kept the bytes it had (where the prewarm's
+    // blobs were being staged, containerd resumes them with a Range).
     assert_eq!(
-        node.registry.blob_gets_ok(&img.repo),
+        node.registry.blob_gets_from_start(&img.repo),
         img.blob_count(),
         "{:?}",
         node.registry.requests()
@@ -683,4 +689,149 @@ async fn the_lane_walks_large_images_one_at_a_time_in_the_shared_or_the_nodes_ow
         }
         line_of("bytes in: the lane moves on", want.last().unwrap());
     }
+}
+
+/// The registry's answers to blob GETs of `digest` in `repo`, by status (200: from the start,
+/// 206: resumed with a Range).
+fn blob_answers(node: &Node, repo: &str, digest: &str) -> (usize, usize) {
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    let gets: Vec<_> = node
+        .registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.starts_with(&path))
+        .collect();
+    let count = |code| gets.iter().filter(|r| r.status == code).count();
+    (count(200), count(206))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_prewarm_holds_no_download_slot_and_lands_whole() {
+    // `stage_prewarm = "always"`: pullgate writes the prewarm image's blobs into containerd's
+    // content store itself, then forwards the pull to unpack. While the blobs are written no
+    // containerd pull holds a download slot, so a pod's pull starts at once on every version
+    // (containerd 2.x shares 3 slots between all pulls), and nothing is handed back.
+    let node = Node::start_with(
+        None,
+        "[schedule]\nbandwidth = \"20MB\"\n[containerd]\nstage_prewarm = \"always\"\n",
+    )
+    .await;
+    let pre = push_image(&node.registry, "stage/pre", "v1", &[12 * MB, 12 * MB], None).await;
+    let pod = push_image(&node.registry, "stage/pod", "v1", &[2 * MB], None).await;
+    submit(&node, &pre.reference(), 0).await;
+    wait_for("prewarm bytes flowing", Duration::from_secs(20), || async {
+        node.pullgate
+            .metric("pullgate_class_bytes_total{class=\"prewarm\"}")
+            .await
+            > 2.0 * MB as f64
+    })
+    .await;
+    // The bytes go into containerd's ingests under its own refs, written by pullgate.
+    let ingests = node.store().ingests().await;
+    assert!(
+        ingests
+            .iter()
+            .any(|(r, n, _)| r.starts_with("layer-sha256:") && *n > 0),
+        "no staged ingest: {ingests:?}"
+    );
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        node.via().pull_image(pull_request(&pod.reference())),
+    )
+    .await
+    .expect("the pod's pull never waits behind the staged prewarm")
+    .expect("urgent pull");
+    assert!(
+        !present(&node, &pre.reference()).await,
+        "the prewarm finished before the pod's pull: nothing was paused"
+    );
+    let r = pre.reference();
+    wait_for("prewarm completes", Duration::from_secs(60), || async {
+        present(&node, &r).await
+    })
+    .await;
+    let m = node.pullgate.metrics().await;
+    let metric = |name| common::daemon::metric_value(&m, name);
+    assert_eq!(metric("pullgate_prewarm_preemptions_total"), 0.0, "{m}");
+    assert_eq!(metric("pullgate_prewarm_stage_failures_total"), 0.0, "{m}");
+    assert!(
+        metric("pullgate_prewarm_staged_blobs_total") >= pre.blob_count() as f64,
+        "{m}"
+    );
+    // containerd verified and unpacked what pullgate wrote: the image is whole, nothing is left
+    // half-written, and containerd fetched no blob again.
+    let ingests = node.store().ingests().await;
+    assert!(ingests.is_empty(), "ingests left: {ingests:?}");
+    // Each layer read from its start once; pauses resume it with a Range.
+    for d in &pre.layer_digests {
+        let (full, _) = blob_answers(&node, "stage/pre", d);
+        assert_eq!(full, 1, "layer {d} fetched from its start {full} times");
+    }
+    let store = node.store();
+    for d in &pre.layer_digests {
+        assert!(store.has(d).await, "layer {d} not in containerd's store");
+    }
+    let log = node.pullgate.log();
+    assert!(
+        log.contains("forwarding the pull to unpack"),
+        "{}",
+        tail(&log, 30)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_prewarm_cut_by_a_crash_resumes_where_containerd_stopped() {
+    // pullgate killed (-9) while it writes a prewarm's blobs: containerd keeps the ingests under
+    // the pull's lease, and the restarted pullgate's staging resumes each at containerd's offset.
+    let mut node = Node::start_with(
+        None,
+        "[schedule]\nbandwidth = \"20MB\"\n[containerd]\nstage_prewarm = \"always\"\n",
+    )
+    .await;
+    let pre = push_image(
+        &node.registry,
+        "stagecut/pre",
+        "v1",
+        &[16 * MB, 16 * MB],
+        None,
+    )
+    .await;
+    submit(&node, &pre.reference(), 0).await;
+    wait_for(
+        "half the prewarm written",
+        Duration::from_secs(30),
+        || async {
+            let written: i64 = node.store().ingests().await.iter().map(|i| i.1).sum();
+            written as usize > 12 * MB
+        },
+    )
+    .await;
+    node.pullgate.kill_now();
+    let kept: i64 = node.store().ingests().await.iter().map(|i| i.1).sum();
+    node.pullgate.restart().await;
+    submit(&node, &pre.reference(), 0).await;
+    let r = pre.reference();
+    wait_for("prewarm completes", Duration::from_secs(60), || async {
+        present(&node, &r).await
+    })
+    .await;
+    // Each layer read from its start once: after the restart, from containerd's offset on.
+    assert!(kept > 0);
+    let mut resumed = 0;
+    for d in &pre.layer_digests {
+        let (full, ranged) = blob_answers(&node, "stagecut/pre", d);
+        eprintln!("layer {d}: {full} read from the start, {ranged} resumed");
+        assert_eq!(full, 1, "layer {d} fetched from its start {full} times");
+        resumed += ranged;
+    }
+    assert!(resumed >= 1, "nothing resumed");
+    let log = node.pullgate.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("staged blob=") && !l.ends_with("from=0")),
+        "no blob staged from an offset: {}",
+        tail(&log, 30)
+    );
+    let ingests = node.store().ingests().await;
+    assert!(ingests.is_empty(), "ingests left: {ingests:?}");
 }

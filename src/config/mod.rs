@@ -240,9 +240,15 @@ pub struct ContainerdConfig {
     /// streams would hold, when the prewarm pulls forwarded could hold all but 3 of it; `always`;
     /// `never` (prewarm streams are paused at the mirror instead).
     pub preempt_prewarm: Preempt,
+    /// Write a prewarm image's blobs into containerd's content store through its content
+    /// service (at the mirror's pace, under the pull's lease) before forwarding the pull, which
+    /// then only unpacks: such writes take none of containerd 2.x's shared download slots, so
+    /// a pod's pull never waits for one and nothing is handed back. `auto` where prewarm would be
+    /// handed back (see `preempt_prewarm`), `always`, `never`.
+    pub stage_prewarm: Preempt,
 }
 
-/// When prewarm pulls are handed back from containerd for a pod's pull.
+/// When prewarm pulls are handed back from containerd for a pod's pull (or staged).
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Preempt {
@@ -261,6 +267,7 @@ impl Default for ContainerdConfig {
             config_file: PathBuf::from("/etc/containerd/config.toml"),
             root: PathBuf::new(),
             preempt_prewarm: Preempt::Auto,
+            stage_prewarm: Preempt::Auto,
         }
     }
 }

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub class_rate: Family<ClassLabels, Gauge>,
     pub promotions: Counter,
     pub preemptions: Counter,
+    pub staged_blobs: Counter,
+    pub staged_fallbacks: Counter,
     pub prewarm_jobs: Family<StateLabels, Gauge>,
     pub p2p_gate_open: Gauge,
     pub lane_running: Gauge,
@@ -167,6 +169,8 @@ impl Metrics {
             parked_streams: Default::default(),
             range_parts: Default::default(),
             preemptions: Default::default(),
+            staged_blobs: Default::default(),
+            staged_fallbacks: Default::default(),
             fetch_fallbacks: Default::default(),
             queue_length: Default::default(),
             queue_wait: Family::<ClassLabels, Histogram>::new_with_constructor(|| {
@@ -228,6 +232,8 @@ impl Metrics {
         );
         r.register("fetch_fallbacks", "Pulls forwarded to containerd unresolved (containerd fetches them itself, not through the mirror's schedule), by reason", self.fetch_fallbacks.clone());
         r.register("prewarm_preemptions", "Prewarm pulls handed back from containerd while a pod's pull ran (containerd 2.x shares one download limit), forwarded again after", self.preemptions.clone());
+        r.register("prewarm_staged_blobs", "Prewarm blobs pullgate wrote into containerd's content store before forwarding the pull (containerd.stage_prewarm), or found there", self.staged_blobs.clone());
+        r.register("prewarm_stage_failures", "Prewarm blobs pullgate could not write into containerd's content store: containerd fetched them itself", self.staged_fallbacks.clone());
         r.register("panics", "Tasks that panicked (a bug in pullgate): a pull job's requesters got an internal error", self.panics.clone());
     }
 

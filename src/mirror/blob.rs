@@ -43,6 +43,47 @@ pub async fn serve(
         Ok(found) => found,
         Err(refused) => return refused,
     };
+    serve_source(mirror, key, source, class, range, head).await
+}
+
+/// The body of blob `key`, which job `job` needs, from byte `from` on: served as to containerd
+/// (paced by the class of the jobs needing it, verified, resumed upstream), for pullgate's own
+/// writes into containerd's store. `Err`: why not, for the log.
+pub async fn body_for_job(
+    mirror: &Arc<Mirror>,
+    key: Key,
+    job: u64,
+    from: u64,
+) -> Result<Body, String> {
+    let Some(source) = mirror.demand.blob_of_job(&key, job) else {
+        return Err("the job no longer needs the blob".into());
+    };
+    let range = (from > 0).then(|| format!("bytes={from}-"));
+    let resp = serve_source(mirror, key, source, None, range.as_deref(), false).await;
+    match resp.status() {
+        StatusCode::OK | StatusCode::PARTIAL_CONTENT => Ok(resp.into_body()),
+        code => {
+            let why = resp.into_body().collect().await.map(|b| b.to_bytes());
+            let why = why
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            Err(format!(
+                "{code}: {}",
+                why.chars().take(200).collect::<String>()
+            ))
+        }
+    }
+}
+
+async fn serve_source(
+    mirror: &Arc<Mirror>,
+    key: Key,
+    source: BlobSource,
+    class: Option<Class>,
+    range: Option<&str>,
+    head: bool,
+) -> Response<Body> {
     let size = source.descriptor.size();
     let range = match super::route::parse_range(range, size) {
         Ok(r) => r,

@@ -324,6 +324,21 @@ impl Demand {
         })
     }
 
+    /// Where to fetch blob `key` for job `job`'s own use, if that job needs it.
+    pub fn blob_of_job(&self, key: &Key, job: u64) -> Option<BlobSource> {
+        let st = self.state.lock();
+        let entry = st.blobs.get(key)?;
+        let need = entry.needs.iter().find(|n| n.job == job)?;
+        Some(BlobSource {
+            key: key.clone(),
+            descriptor: entry.descriptor.clone(),
+            image: need.image.clone(),
+            creds: need.creds.clone(),
+            job,
+            priority: need.record.watch_priority(),
+        })
+    }
+
     /// The class blob `key` is served at now: the highest of the jobs needing that digest, in
     /// any repository (containerd downloads a digest once, and a pull needing it waits on the
     /// download in flight, so a pod's layer shared with a prewarm image must not stay at prewarm

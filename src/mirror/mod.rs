@@ -42,7 +42,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use demand::{Demand, Registration};
+pub use blob::Body;
+pub use demand::{Demand, Key, Registration};
 pub use fetch::Fetch;
 pub use pacing::Pacing;
 
@@ -120,6 +121,16 @@ impl Mirror {
     pub fn with_ingests(mut self, channel: tonic::transport::Channel, namespace: String) -> Mirror {
         self.ingests = Some((channel, namespace));
         self
+    }
+
+    /// Blob `key`'s bytes from `from` on, for job `job` (see [`blob::body_for_job`]).
+    pub async fn blob_body(
+        self: &Arc<Self>,
+        key: demand::Key,
+        job: u64,
+        from: u64,
+    ) -> Result<Body, String> {
+        blob::body_for_job(self, key, job, from).await
     }
 
     /// Binds `cfg.addr` and serves until `stop` is cancelled.

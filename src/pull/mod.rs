@@ -17,6 +17,7 @@ pub mod partials;
 pub mod request;
 mod scheduled;
 mod slots;
+mod stage;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -26,6 +27,7 @@ pub use coordinator::{CancelError, Joined, PullCoordinator};
 pub use finish::ContainerdPuller;
 pub use request::{normalize_reference, BadRequest, PullRequestInfo, PRIORITY_ANNOTATION};
 pub use scheduled::ScheduledPuller;
+pub use stage::Stager;
 
 use std::sync::Arc;
 

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::partials::{Partials, PullLease};
 use super::slots::{crowded, SlotBook};
+use super::stage::{blobs_of, Blob, Stager};
 use super::{ContainerdPuller, PullJob, Puller};
 use crate::config::Preempt;
 use crate::grpc::CapturedReply;
@@ -38,6 +39,7 @@ use crate::mirror::{Demand, Registration};
 use crate::registry::{Credentials, ImageRef, Platform, RegistryClient, RegistryError};
 use crate::schedule::{Scheduler, Ticket};
 use crate::upstream::content::{abort_ingest, failed_commit_ref};
+use crate::upstream::leases::LEASE_HEADER;
 use crate::upstream::Containerd;
 use crate::vocab::JobState;
 
@@ -69,6 +71,9 @@ pub struct ScheduledPuller {
     shared_slots: tokio::sync::OnceCell<Option<usize>>,
     /// containerd's shared download slots that forwarded prewarm pulls may hold.
     slots: SlotBook,
+    /// Writes prewarm blobs into containerd's store before the pull is forwarded, and when.
+    stager: Option<Stager>,
+    stage: Preempt,
 }
 
 impl ScheduledPuller {
@@ -95,7 +100,16 @@ impl ScheduledPuller {
             containerd_config: PathBuf::new(),
             shared_slots: Default::default(),
             slots: SlotBook::default(),
+            stager: None,
+            stage: Preempt::Auto,
         }
+    }
+
+    /// Stages prewarm blobs into containerd's store (`when`: see `containerd.stage_prewarm`).
+    pub fn with_stager(mut self, stager: Option<Stager>, when: Preempt) -> Self {
+        self.stager = stager;
+        self.stage = when;
+        self
     }
 
     /// Re-checks pullgate's hosts.toml entry for each pull's registry.
@@ -149,7 +163,7 @@ impl Puller for Arc<ScheduledPuller> {
                 };
                 let resolve = async {
                     let r = me.resolve(&record, &creds, image).await;
-                    if let Some((_, size, _)) = &r {
+                    if let Some((_, size, _, _)) = &r {
                         record.set_size(*size);
                     }
                     drop(resolving);
@@ -158,8 +172,12 @@ impl Puller for Arc<ScheduledPuller> {
                 tokio::join!(resolve, forward)
             } else {
                 let registration = me.resolve(&record, &creds, image).await;
-                let size = registration.as_ref().map(|(_, s, _)| *s);
-                let blobs = registration.as_ref().map(|(_, _, b)| *b);
+                let size = registration.as_ref().map(|(_, s, _, _)| *s);
+                let blobs = registration.as_ref().map(|(_, _, b, _)| *b);
+                let staged = registration
+                    .as_ref()
+                    .map(|(_, _, _, l)| l.clone())
+                    .unwrap_or_default();
                 // containerd's own fetch of an unresolved image cannot be paced, but it still
                 // takes its turn.
                 ticket.admit(size).await;
@@ -169,10 +187,11 @@ impl Puller for Arc<ScheduledPuller> {
                     "admitted: containerd pulls through the mirror"
                 );
                 let lease = me.resume_lease(&mut job).await;
+                let work = me.stage_then_forward(job, blobs, staged);
                 let reply = if ticket.in_lane() {
-                    forward_in_lane(&ticket, &record, me.forward(job, blobs)).await
+                    forward_in_lane(&ticket, &record, work).await
                 } else {
-                    me.forward(job, blobs).await
+                    work.await
                 };
                 (registration, (reply, lease))
             };
@@ -254,7 +273,7 @@ impl ScheduledPuller {
         record: &Arc<JobRecord>,
         creds: &Credentials,
         image: Option<ImageRef>,
-    ) -> Option<(Registration, u64, usize)> {
+    ) -> Option<(Registration, u64, usize, Vec<Blob>)> {
         let image = image?;
         match self.registry.resolve(&image, creds, &self.platform).await {
             Ok(resolved) => {
@@ -265,7 +284,8 @@ impl ScheduledPuller {
                 debug!(manifest = %resolved.manifest.descriptor.digest(),
                        layers = resolved.layers.len(), bytes = size, "resolved");
                 let reg = self.demand.register(record, &image, creds, &resolved);
-                Some((reg, size, resolved.layers.len() + 1))
+                let blobs = blobs_of(&image, &resolved);
+                Some((reg, size, blobs.len(), blobs))
             }
             Err(e) => {
                 self.unresolved(reason(&e), &e.to_string());
@@ -294,6 +314,76 @@ impl ScheduledPuller {
         }
     }
 
+    /// Stages the prewarm pull's blobs into containerd's store where that applies, then
+    /// forwards it; the staged blobs are no longer counted as slots it may hold.
+    async fn stage_then_forward(
+        &self,
+        job: PullJob,
+        blobs: Option<usize>,
+        list: Vec<Blob>,
+    ) -> CapturedReply {
+        let staged = self.stage_first(&job, blobs, &list).await.unwrap_or(0);
+        self.forward(job, blobs.map(|b| b.saturating_sub(staged)))
+            .await
+    }
+
+    /// Writes `list` into containerd's store first, when `containerd.stage_prewarm` says so;
+    /// `None`: not staged. Stops as soon as a pod's pull joins the job (promoted, it is forwarded
+    /// at once; containerd resumes what was written).
+    async fn stage_first(
+        &self,
+        job: &PullJob,
+        blobs: Option<usize>,
+        list: &[Blob],
+    ) -> Option<usize> {
+        let stager = self.stager.as_ref()?;
+        // Without the pull's lease, containerd's GC could drop a staged blob before the image
+        // holds it.
+        let lease = job.request.headers.get(LEASE_HEADER)?.to_str().ok()?;
+        if list.is_empty() || job.record.priority().is_urgent() {
+            return None;
+        }
+        let wanted = match self.stage {
+            Preempt::Never => false,
+            Preempt::Always => true,
+            // Where the pull would be handed back for a pod's.
+            Preempt::Auto => match self.hand_back_limit().await {
+                Some(limit) => crowded(limit, blobs.unwrap_or(limit)),
+                None => false,
+            },
+        };
+        if !wanted {
+            return None;
+        }
+        let mut prio = job.record.watch_priority();
+        let promoted = async {
+            loop {
+                if prio.borrow_and_update().is_urgent() {
+                    return;
+                }
+                if prio.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            n = stager.stage(job.record.id, lease, list) => Some(n),
+            () = promoted => {
+                info!("a pod's pull joined the prewarm while its blobs were staged: forwarded at once");
+                None
+            }
+        }
+    }
+
+    /// containerd's download limit a prewarm pull may be handed back for (`None`: never).
+    async fn hand_back_limit(&self) -> Option<usize> {
+        match self.preempt {
+            Preempt::Never => None,
+            Preempt::Always => Some(0),
+            Preempt::Auto => self.shared_download_slots().await,
+        }
+    }
+
     /// Forwards the pull to containerd. A prewarm pull is handed back (the call dropped, which
     /// cancels containerd's pull; its downloads stay under the lease) while a pod's pull runs,
     /// and forwarded again once none does, when containerd shares one download limit between
@@ -305,11 +395,7 @@ impl ScheduledPuller {
         if job.record.priority().is_urgent() {
             return self.finish.pull(job).await;
         }
-        let Some(limit) = (match self.preempt {
-            Preempt::Never => None,
-            Preempt::Always => Some(0),
-            Preempt::Auto => self.shared_download_slots().await,
-        }) else {
+        let Some(limit) = self.hand_back_limit().await else {
             return self.finish.pull(job).await;
         };
         let holds = blobs.unwrap_or(limit);

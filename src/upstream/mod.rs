@@ -6,6 +6,7 @@
 pub mod containerd;
 pub mod content;
 pub mod disk;
+pub mod ingest;
 pub mod leases;
 
 pub use containerd::Containerd;

@@ -56,10 +56,12 @@ impl Pullgate {
         } else {
             "keep_partial_min_free = \"1MB\"\n"
         };
+        // A `[containerd]` table in `mirror_toml` joins the harness's own (TOML has one per name).
+        let (mirror_toml, containerd_toml) = split_table(mirror_toml, "[containerd]");
         std::fs::write(
             &config,
             format!(
-                "[api]\nsocket = {:?}\n[containerd]\nconfig_file = {:?}\n\
+                "[api]\nsocket = {:?}\n[containerd]\nconfig_file = {:?}\n{containerd_toml}\
                  [mirror]\naddr = \"127.0.0.1:{}\"\nhosts_dir = {:?}\n{min_free}{mirror_toml}\n",
                 dir.join("api.sock"),
                 containerd.config_path(),
@@ -263,4 +265,22 @@ impl Drop for Pullgate {
             terminate_blocking(&mut c, Duration::from_secs(5));
         }
     }
+}
+
+/// `toml` without table `header`, and that table's lines.
+fn split_table(toml: &str, header: &str) -> (String, String) {
+    let (mut rest, mut table) = (String::new(), String::new());
+    let mut inside = false;
+    for line in toml.lines() {
+        if line.trim_start().starts_with('[') {
+            inside = line.trim() == header;
+            if inside {
+                continue;
+            }
+        }
+        let out = if inside { &mut table } else { &mut rest };
+        out.push_str(line);
+        out.push('\n');
+    }
+    (rest, table)
 }

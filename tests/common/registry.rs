@@ -335,6 +335,22 @@ impl Registry {
             .count()
     }
 
+    /// Number of `GET /v2/{repo}/blobs/...` requests answered 200: each a read from the blob's
+    /// start (a resumed read is a 206).
+    pub fn blob_gets_from_start(&self, repo: &str) -> usize {
+        let prefix = format!("/v2/{repo}/blobs/");
+        let uploads = format!("/v2/{repo}/blobs/uploads");
+        self.requests()
+            .iter()
+            .filter(|r| {
+                r.method == "GET"
+                    && r.path.starts_with(&prefix)
+                    && !r.path.starts_with(&uploads)
+                    && r.status == 200
+            })
+            .count()
+    }
+
     /// Number of `GET /v2/{repo}/manifests/...` requests (any status).
     pub fn manifest_gets(&self, repo: &str) -> usize {
         self.count_requests("GET", &format!("/v2/{repo}/manifests/"))
