@@ -252,3 +252,46 @@ async fn below_the_free_space_threshold_a_failed_pull_keeps_nothing() {
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_prewarm_that_fills_the_disk_leaves_the_node_able_to_pull() {
+    // pullgate writes the prewarm's blobs into containerd's store itself (`stage_prewarm`):
+    // containerd's ENOSPC ends the staging, containerd's own attempt fails the same way, and its
+    // error reaches the requester; the partial blob is freed and a pod's pull works at once.
+    let node = SmallDisk::start(
+        "300m",
+        &format!("{DEFAULT_MIN_FREE}\n[containerd]\nstage_prewarm = \"always\"\n"),
+    )
+    .await;
+    let big = push_image(&node.registry, "stagedisk/big", "v1", &[400 << 20], None).await;
+    let small = push_image(&node.registry, "stagedisk/small", "v1", &[1 << 20], None).await;
+    let err = tokio::time::timeout(
+        Duration::from_secs(120),
+        node.via().pull_image(prewarm_request(&big.reference())),
+    )
+    .await
+    .expect("the prewarm ends")
+    .expect_err("an image larger than the disk cannot be pulled");
+    eprintln!("prewarm: {}", err.message());
+    assert!(
+        err.message().contains("no space left on device"),
+        "containerd's own error reaches the client: {err:?}"
+    );
+    assert_eq!(node.our_leases(), Vec::<String>::new());
+    let reply = tokio::time::timeout(
+        Duration::from_secs(30),
+        node.via().pull_image(pull_request(&small.reference())),
+    )
+    .await
+    .expect("the small pull ends within 30 s")
+    .expect("a small image pulls right after the full disk")
+    .into_inner();
+    assert_eq!(reply.image_ref, small.config_digest);
+    let m = node.pullgate.metrics().await;
+    assert!(
+        common::daemon::metric_value(&m, "pullgate_prewarm_stage_failures_total") >= 1.0,
+        "{m}"
+    );
+    let log = node.pullgate.log();
+    assert!(log.contains("cannot stage the blob"), "{}", tail(&log, 30));
+}
