@@ -460,8 +460,9 @@ impl ScheduledPuller {
                 if slots.is_some_and(|n| n < ROOMY_SLOTS) {
                     warn!(shared_slots = slots, config = %self.containerd_config.display(),
                           "containerd 2.x shares few download slots between all pulls: prewarm \
-                           pulls are handed back while a pod's pull runs, and containerd's cleanup \
-                           of the cancelled pull costs the pod time; raise \
+                           pulls are staged into its store first (containerd.stage_prewarm) or handed \
+                           back while a pod's pull runs, which costs the pod containerd's cleanup; \
+                           raise \
                            [plugins.\"io.containerd.transfer.v1.local\"] max_concurrent_downloads \
                            (16 suggested, see packaging/containerd/config.toml.snippet)");
                 }
