@@ -163,7 +163,7 @@ impl Puller for Arc<ScheduledPuller> {
                 };
                 let resolve = async {
                     let r = me.resolve(&record, &creds, image).await;
-                    if let Some((_, size, _, _)) = &r {
+                    if let Some((_, size, _)) = &r {
                         record.set_size(*size);
                     }
                     drop(resolving);
@@ -172,11 +172,11 @@ impl Puller for Arc<ScheduledPuller> {
                 tokio::join!(resolve, forward)
             } else {
                 let registration = me.resolve(&record, &creds, image).await;
-                let size = registration.as_ref().map(|(_, s, _, _)| *s);
-                let blobs = registration.as_ref().map(|(_, _, b, _)| *b);
+                let size = registration.as_ref().map(|(_, s, _)| *s);
+                let blobs = registration.as_ref().map(|(_, _, l)| l.len());
                 let staged = registration
                     .as_ref()
-                    .map(|(_, _, _, l)| l.clone())
+                    .map(|(_, _, l)| l.clone())
                     .unwrap_or_default();
                 // containerd's own fetch of an unresolved image cannot be paced, but it still
                 // takes its turn.
@@ -266,14 +266,14 @@ impl ScheduledPuller {
     }
 
     /// Resolves `image` with the requester's credentials and registers its manifests and blobs
-    /// with the mirror; with the image's size and its count of blobs (config and layers).
+    /// with the mirror; with the image's size and its blobs (config and layers).
     /// `None`: containerd pulls it unscheduled.
     async fn resolve(
         &self,
         record: &Arc<JobRecord>,
         creds: &Credentials,
         image: Option<ImageRef>,
-    ) -> Option<(Registration, u64, usize, Vec<Blob>)> {
+    ) -> Option<(Registration, u64, Vec<Blob>)> {
         let image = image?;
         match self.registry.resolve(&image, creds, &self.platform).await {
             Ok(resolved) => {
@@ -285,7 +285,7 @@ impl ScheduledPuller {
                        layers = resolved.layers.len(), bytes = size, "resolved");
                 let reg = self.demand.register(record, &image, creds, &resolved);
                 let blobs = blobs_of(&image, &resolved);
-                Some((reg, size, blobs.len(), blobs))
+                Some((reg, size, blobs))
             }
             Err(e) => {
                 self.unresolved(reason(&e), &e.to_string());
