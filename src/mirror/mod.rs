@@ -146,8 +146,8 @@ impl Mirror {
 /// Aborts containerd's ingest of blob `digest`, under each ref its fetcher may have given it
 /// (`remotes.MakeRefKey`: layers, configs, anything else); absent ones are fine.
 async fn drop_download(channel: tonic::transport::Channel, namespace: &str, digest: &str) {
-    for kind in ["layer", "config", "unknown"] {
-        let reference = format!("{kind}-{digest}");
+    for kind in crate::upstream::ingest::REF_KINDS {
+        let reference = crate::upstream::ingest::ref_key(kind, digest);
         match crate::upstream::content::abort_ingest(channel.clone(), namespace, &reference).await {
             Ok(()) => tracing::debug!(
                 ingest = reference,

@@ -357,13 +357,8 @@ impl ScheduledPuller {
         }
         let mut prio = job.record.watch_priority();
         let promoted = async {
-            loop {
-                if prio.borrow_and_update().is_urgent() {
-                    return;
-                }
-                if prio.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
+            if prio.wait_for(|p| p.is_urgent()).await.is_err() {
+                std::future::pending::<()>().await;
             }
         };
         tokio::select! {

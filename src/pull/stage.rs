@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::Metrics;
 use crate::mirror::{Key, Mirror};
 use crate::registry::{Descriptor, ImageRef, Resolved};
-use crate::upstream::ingest::{Ingest, Opened};
+use crate::upstream::ingest::{ref_key, Ingest, Opened};
 
 /// Blobs written at once: containerd's own per-pull default.
 const AT_ONCE: usize = 3;
@@ -33,7 +33,6 @@ pub struct Blob {
     key: Key,
     /// containerd's ingest ref (`remotes.MakeRefKey`).
     reference: String,
-    digest: String,
     size: u64,
 }
 
@@ -47,8 +46,7 @@ pub fn blobs_of(image: &ImageRef, resolved: &Resolved) -> Vec<Blob> {
                 repository: image.repository.clone(),
                 name: digest.clone(),
             },
-            reference: format!("{kind}-{digest}"),
-            digest,
+            reference: ref_key(kind, &digest),
             size: d.size(),
         }
     };
@@ -117,7 +115,7 @@ impl Stager {
             Err(why) => {
                 self.metrics.staged_fallbacks.inc();
                 warn!(
-                    blob = blob.digest,
+                    blob = blob.key.name,
                     why, "cannot stage the blob: containerd fetches it"
                 );
                 false
@@ -131,14 +129,14 @@ impl Stager {
             &self.namespace,
             lease,
             &blob.reference,
-            &blob.digest,
+            &blob.key.name,
             blob.size,
         )
         .await
         .map_err(|s| format!("containerd: {}", s.message()))?;
         let mut ingest = match opened {
             Opened::Exists => {
-                debug!(blob = blob.digest, "already in containerd's store");
+                debug!(blob = blob.key.name, "already in containerd's store");
                 // Counted as arrived, so a lane job hands the lane on.
                 self.mirror.demand.progress(&blob.key, blob.size);
                 return Ok(());
@@ -164,7 +162,7 @@ impl Stager {
             .commit()
             .await
             .map_err(|s| format!("containerd's commit: {}", s.message()))?;
-        debug!(blob = blob.digest, from, "staged");
+        debug!(blob = blob.key.name, from, "staged");
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
-//! containerd's content store, for the one thing pullgate does there: dropping an ingest whose
-//! commit failed verification.
+//! containerd's content store: dropping an ingest whose commit failed verification (writing
+//! one is [`super::ingest`]).
 //!
 //! A blob that arrived complete but corrupt stays in containerd as a full-size ingest, and under
 //! the pull's lease (kept after a failure so the next attempt resumes) the next attempt would find

@@ -17,6 +17,15 @@ use crate::proto::containerd::content::v1 as content;
 use content::content_client::ContentClient;
 use content::{WriteAction, WriteContentRequest, WriteContentResponse};
 
+/// The kinds of ingest ref containerd's fetcher gives a blob (`remotes.MakeRefKey`): layers,
+/// configs, anything else.
+pub const REF_KINDS: [&str; 3] = ["layer", "config", "unknown"];
+
+/// containerd's ingest ref for blob `digest` of `kind` (one of [`REF_KINDS`]).
+pub fn ref_key(kind: &str, digest: &str) -> String {
+    format!("{kind}-{digest}")
+}
+
 /// containerd's gRPC server takes messages up to 16 MiB; smaller ones keep memory flat.
 const MAX_MESSAGE: usize = 1 << 20;
 /// Writes sent before their answers are read: enough to keep containerd busy across the round
