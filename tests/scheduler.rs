@@ -835,3 +835,100 @@ async fn a_staged_prewarm_cut_by_a_crash_resumes_where_containerd_stopped() {
     let ingests = node.store().ingests().await;
     assert!(ingests.is_empty(), "ingests left: {ingests:?}");
 }
+
+/// Bytes (and the largest receive buffer) of containerd's sockets connected to `port` that
+/// containerd has not read yet: `ss`'s Recv-Q and `skmem` rb, summed and maxed.
+fn unread_by_containerd(port: u16) -> (u64, u64) {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnmH",
+            "state",
+            "established",
+            "dport",
+            &format!("= :{port}"),
+        ])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut queued, mut buffer) = (0, 0);
+    for line in text.lines() {
+        if let Some(q) = line
+            .split_whitespace()
+            .next()
+            .and_then(|q| q.parse::<u64>().ok())
+        {
+            queued += q;
+        }
+        if let Some(rb) = line
+            .split_once("skmem:(")
+            .and_then(|(_, m)| m.split(',').find_map(|f| f.strip_prefix("rb")))
+            .and_then(|rb| rb.parse::<u64>().ok())
+        {
+            buffer = buffer.max(rb);
+        }
+    }
+    (queued, buffer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prewarm_stream_never_runs_more_than_a_mebibyte_ahead_of_containerds_reads() {
+    // On a fast link containerd is a prewarm stream's bottleneck, and whatever its socket holds
+    // unread it still writes after prewarm pauses for a pod. With containerd stopped mid-stream,
+    // nothing is read: its socket fills to the window (megabytes once it has read fast), unless
+    // pullgate holds the stream back at 1 MiB unread.
+    let node = Node::start_with(None, "[containerd]\nstage_prewarm = \"never\"\n").await;
+    let pre = push_image(&node.registry, "ahead/pre", "v1", &[160 * MB], None).await;
+    let port: u16 = node
+        .pullgate
+        .mirror_addr()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    submit(&node, &pre.reference(), 0).await;
+    wait_for("prewarm bytes flowing", Duration::from_secs(30), || async {
+        node.pullgate
+            .metric("pullgate_class_bytes_total{class=\"prewarm\"}")
+            .await
+            > 24.0 * MB as f64
+    })
+    .await;
+    let ctd = node.containerd.pid().expect("containerd runs") as libc::pid_t;
+    // SAFETY: signals to the test's own child.
+    unsafe { libc::kill(ctd, libc::SIGSTOP) };
+    let (mut most, mut buffer) = (0, 0);
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let (q, rb) = unread_by_containerd(port);
+        most = most.max(q);
+        buffer = buffer.max(rb);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(ctd, libc::SIGCONT) };
+    let waited = node
+        .pullgate
+        .metric("pullgate_mirror_prewarm_backlog_wait_seconds_total")
+        .await;
+    let r = pre.reference();
+    wait_for("prewarm completes", Duration::from_secs(60), || async {
+        present(&node, &r).await
+    })
+    .await;
+    eprintln!("containerd stopped: {most} bytes unread at most, receive buffer up to {buffer}");
+    assert!(
+        most <= 5 << 19,
+        "containerd's socket held {most} bytes of prewarm it had not read (limit 1 MiB, plus what \
+         was on its way)"
+    );
+    assert!(
+        buffer > 5 << 20,
+        "containerd's receive buffer ({buffer} bytes) never grew past the bound: this run \
+         could not tell a held-back stream from one that was not"
+    );
+    assert!(
+        waited > 1.0,
+        "the stream did not wait on containerd: {waited} s"
+    );
+}

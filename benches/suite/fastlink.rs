@@ -71,10 +71,41 @@ fn cpu_ms(pid: Option<u32>) -> u64 {
     ticks * 10
 }
 
+/// Bytes (MB) received by sockets connected to `port` (on loopback: containerd's fetches from
+/// that port) that their reader has not read yet, from `/proc/net/tcp`'s `rx_queue`: what
+/// containerd still writes after the sender stops.
+fn unread_mb(port: u16) -> u64 {
+    let t = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let bytes: u64 = t
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let remote = u16::from_str_radix(f.get(2)?.rsplit_once(':')?.1, 16).ok()?;
+            let rx = u64::from_str_radix(f.get(4)?.split_once(':')?.1, 16).ok()?;
+            (remote == port).then_some(rx)
+        })
+        .sum();
+    bytes / 1_000_000
+}
+
+/// The port containerd fetches from: pullgate's mirror, or the registry for direct.
+fn fetch_port(s: &Site, registry: &str) -> u16 {
+    let addr = s
+        .pullgate
+        .as_ref()
+        .map(|p| p.mirror_addr())
+        .unwrap_or_else(|| registry.to_string());
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(0)
+}
+
 struct Pressure {
     cpu: u64,
     io: u64,
     unwritten: u64,
+    unread: u64,
     /// The machine's CPU time, then pullgate's and containerd's (0 where absent).
     used: [u64; 3],
     pids: [Option<u32>; 2],
@@ -82,12 +113,13 @@ struct Pressure {
 }
 
 impl Pressure {
-    fn now(s: &Site) -> Pressure {
+    fn now(s: &Site, registry: &str) -> Pressure {
         let pids = [s.pullgate.as_ref().map(|p| p.pid()), s.containerd.pid()];
         Pressure {
             cpu: stalled_us("cpu"),
             io: stalled_us("io"),
             unwritten: unwritten_mb(),
+            unread: unread_mb(fetch_port(s, registry)),
             used: [
                 cpu_ms(None),
                 pids[0].map_or(0, |p| cpu_ms(Some(p))),
@@ -107,11 +139,12 @@ impl Pressure {
         let ctrd = self.pids[1].map_or(0, |p| cpu_ms(Some(p)).saturating_sub(self.used[2]));
         format!(
             "PSI some: cpu {:.0} %, io {:.0} %; CPU used {all} ms: containerd {ctrd}, pullgate \
-             {pg}, the rest {}; unwritten {} MB at start",
+             {pg}, the rest {}; unwritten {} MB, unread by containerd {} MB at start",
             (stalled_us("cpu") - self.cpu) as f64 * 100.0 / us,
             (stalled_us("io") - self.io) as f64 * 100.0 / us,
             all.saturating_sub(pg + ctrd),
-            self.unwritten
+            self.unwritten,
+            self.unread
         )
     }
 }
@@ -132,13 +165,16 @@ pub async fn fast_link(o: &Opts) -> Vec<Row> {
     // containerd 2.x at its default download limit (3 shared slots: pullgate hands the prewarm
     // back) and with the limit pullgate's install recommends (room for a pod: prewarm pauses at
     // the mirror instead).
-    let mut runs = vec![(Path::new(DEFAULT_CONTAINERD_BIN).to_path_buf(), "")];
+    // containerd 1.6 twice: as pullgate's default leaves it (not staged: its download slots are
+    // per pull) and with every prewarm staged.
+    let system = Path::new(DEFAULT_CONTAINERD_BIN).to_path_buf();
+    let mut runs = vec![(system.clone(), "", ""), (system, "", STAGED)];
     if let Some(bin) = world::containerd2() {
-        runs.push((bin.clone(), ""));
-        runs.push((bin, ROOMY_LIMIT));
+        runs.push((bin.clone(), "", ""));
+        runs.push((bin, ROOMY_LIMIT, ""));
     }
     let mut rows = Vec::new();
-    for (bin, transfer) in runs {
+    for (bin, transfer, pg) in runs {
         let v = version_of(&bin);
         let version = v.text;
         let limit = if v.major < 2 {
@@ -147,6 +183,11 @@ pub async fn fast_link(o: &Opts) -> Vec<Row> {
             ", download limit 3 (default)".to_string()
         } else {
             format!(", transfer {transfer}")
+        };
+        let limit = if pg.is_empty() {
+            limit
+        } else {
+            format!("{limit}, stage_prewarm = \"always\"")
         };
         let name = format!(
             "fast link, containerd {version}{limit}: {} MB pod pull, {} MiB prewarm ({} layers) \
@@ -162,6 +203,7 @@ pub async fn fast_link(o: &Opts) -> Vec<Row> {
             transfer,
             dir: &dir.path().join("node"),
             hosts: &hosts,
+            pg,
         };
         let m = measure(o, &node, &pod, &pre).await;
         rows.push(m.row(name));
@@ -237,10 +279,15 @@ struct Node<'a> {
     transfer: &'a str,
     dir: &'a Path,
     hosts: &'a [String],
+    /// pullgate's config beside the harness's.
+    pg: &'a str,
 }
 
+/// Every prewarm staged, wherever pullgate's default would not.
+const STAGED: &str = "[containerd]\nstage_prewarm = \"always\"\n";
+
 async fn site(n: &Node<'_>, arm: usize) -> Site {
-    Site::start_tuned(n.bin, "", n.transfer, n.dir, n.hosts, pg_toml(arm, "")).await
+    Site::start_tuned(n.bin, "", n.transfer, n.dir, n.hosts, pg_toml(arm, n.pg)).await
 }
 
 async fn measure(o: &Opts, node: &Node<'_>, pod: &TestImage, pre: &TestImage) -> Measured {
@@ -256,11 +303,14 @@ async fn measure(o: &Opts, node: &Node<'_>, pod: &TestImage, pre: &TestImage) ->
     if !node.transfer.is_empty() {
         tag.push_str("-roomy");
     }
+    if !node.pg.is_empty() {
+        tag.push_str("-staged");
+    }
     for round in 0..o.rounds {
         for i in 0..LONE_SAMPLES {
             for arm in order(round + i) {
                 let s = site(node, arm).await;
-                let psi = Pressure::now(&s);
+                let psi = Pressure::now(&s, &node.hosts[0]);
                 let t = pull(&s.client(), &pod.reference(), true).await;
                 let during = psi.since();
                 let pg_log = s.pullgate.as_ref().map(|p| p.log());
@@ -284,7 +334,7 @@ async fn measure(o: &Opts, node: &Node<'_>, pod: &TestImage, pre: &TestImage) ->
                 t0.elapsed()
             });
             tokio::time::sleep(HEAD_START).await;
-            let psi = Pressure::now(&s);
+            let psi = Pressure::now(&s, &node.hosts[0]);
             let t = pull(&s.client(), &pod.reference(), true).await;
             let during = psi.since();
             let done = prewarm.await.unwrap();

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub digest_mismatches: Counter,
     pub rehashed_bytes: Counter,
     pub parked_streams: Counter,
+    /// Seconds prewarm streams waited for containerd to read what it had received.
+    pub backlog_waits: Counter<f64, std::sync::atomic::AtomicU64>,
     pub range_parts: Counter,
     pub fetch_fallbacks: Family<ReasonLabels, Counter>,
     pub queue_length: Family<ClassLabels, Gauge>,
@@ -167,6 +169,7 @@ impl Metrics {
             digest_mismatches: Default::default(),
             rehashed_bytes: Default::default(),
             parked_streams: Default::default(),
+            backlog_waits: Default::default(),
             range_parts: Default::default(),
             preemptions: Default::default(),
             staged_blobs: Default::default(),
@@ -252,6 +255,7 @@ impl Metrics {
         r.register("mirror_digest_mismatches", "Blob responses the mirror cut before their last byte because upstream's bytes did not hash to the digest", self.digest_mismatches.clone());
         r.register("mirror_rehashed_bytes", "Bytes read upstream only to hash them, for containerd's Range requests past the mirror's last checkpoint of the blob", self.rehashed_bytes.clone());
         r.register("mirror_parked_streams", "Prewarm blob streams whose upstream connection was closed while prewarm paused for a pod (reopened with a Range afterwards)", self.parked_streams.clone());
+        r.register("mirror_prewarm_backlog_wait_seconds", "Time prewarm blob streams waited for containerd to read what its socket had already received (kept under 1 MiB, so a pause for a pod leaves containerd little prewarm to write)", self.backlog_waits.clone());
         r.register("mirror_range_parts", "Ranged parts the mirror fetched over extra connections, for hosts measured to cap each connection", self.range_parts.clone());
     }
 

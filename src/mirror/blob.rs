@@ -21,6 +21,7 @@ use hyper::body::Frame;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::backlog::{Backlog, Conn};
 use super::demand::{Access, BlobSource, Key, Presented};
 use super::pacing::Held;
 use super::parts::{Part, Phase, Probe, Verdict};
@@ -38,12 +39,13 @@ pub async fn serve(
     presented: Option<&Presented>,
     range: Option<&str>,
     head: bool,
+    conn: Option<Conn>,
 ) -> Response<Body> {
     let (source, class) = match source_of(mirror, &key, presented).await {
         Ok(found) => found,
         Err(refused) => return refused,
     };
-    serve_source(mirror, key, source, class, range, head).await
+    serve_source(mirror, key, source, class, range, head, conn).await
 }
 
 /// The body of blob `key`, which job `job` needs, from byte `from` on: served as to containerd
@@ -59,7 +61,7 @@ pub async fn body_for_job(
         return Err("the job no longer needs the blob".into());
     };
     let range = (from > 0).then(|| format!("bytes={from}-"));
-    let resp = serve_source(mirror, key, source, None, range.as_deref(), false).await;
+    let resp = serve_source(mirror, key, source, None, range.as_deref(), false, None).await;
     match resp.status() {
         StatusCode::OK | StatusCode::PARTIAL_CONTENT => Ok(resp.into_body()),
         code => {
@@ -83,6 +85,7 @@ async fn serve_source(
     class: Option<Class>,
     range: Option<&str>,
     head: bool,
+    conn: Option<Conn>,
 ) -> Response<Body> {
     let size = source.descriptor.size();
     let range = match super::route::parse_range(range, size) {
@@ -117,6 +120,7 @@ async fn serve_source(
         hash_from..range.end,
         range.start,
         verifier,
+        conn,
     )
     .await
     {
@@ -212,6 +216,7 @@ async fn start(
     range: Range<u64>,
     requested: u64,
     verifier: super::verify::Verifier,
+    conn: Option<Conn>,
 ) -> Result<Body, RegistryError> {
     let key = &source.key;
     // Upstream headers come before containerd's: a refusal here (404, 401, 5xx) lets
@@ -250,6 +255,7 @@ async fn start(
         budget: None,
         keepalive_due: tokio::time::Instant::now() + mirror.keepalive,
         verifier,
+        backlog: conn.map(Backlog::new),
     };
     tokio::spawn(pump.run(first, tx));
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -312,6 +318,9 @@ struct Pump {
     keepalive_due: tokio::time::Instant,
     /// Hashes every byte at `at` on (see [`super::verify`]).
     verifier: super::verify::Verifier,
+    /// containerd's unread bytes on the connection, which a prewarm stream keeps low (see
+    /// [`super::backlog`]); `None` for pullgate's own writes into containerd.
+    backlog: Option<Backlog>,
 }
 
 type Tx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
@@ -591,6 +600,17 @@ impl Pump {
             super::verify::Fed::Send(b) => (b, None),
             super::verify::Fed::Mismatch { send, actual } => (send, Some(actual)),
         };
+        if let Some(mut backlog) = self.backlog.take() {
+            let prewarm = || self.class() == Class::Prewarm && !tx.is_closed();
+            let waited = backlog.settle(out.len() as u64, prewarm).await;
+            if !waited.is_zero() {
+                self.mirror
+                    .metrics
+                    .backlog_waits
+                    .inc_by(waited.as_secs_f64());
+            }
+            self.backlog = Some(backlog);
+        }
         if !out.is_empty() && tx.send(Ok(Frame::data(out))).await.is_err() {
             debug!(blob = %self.source.key.name, at = self.at, "containerd closed the stream");
             return Err(Stop::Gone);

@@ -277,7 +277,8 @@ struct Reader {
 
 impl World {
     async fn get(&self) -> Reader {
-        let resp = super::blob::serve(&self.mirror, self.key.clone(), None, None, false).await;
+        let resp =
+            super::blob::serve(&self.mirror, self.key.clone(), None, None, false, None).await;
         assert_eq!(resp.status(), http::StatusCode::OK);
         let got = Arc::new(AtomicU64::new(0));
         let counter = got.clone();

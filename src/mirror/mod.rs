@@ -20,6 +20,7 @@
 //! `small_file` and `atomic_file`; never `pull`, `prewarm` or `frontdoor` (they call it).
 
 mod access;
+mod backlog;
 mod blob;
 mod conns;
 pub mod containerd_config;

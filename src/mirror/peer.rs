@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// [`SCANS`] at most at once: beyond that a peer is not looked up (refused), so a flood of
 /// connections cannot pile up scans.
 pub async fn uid_of(local: SocketAddr, peer: SocketAddr) -> io::Result<u32> {
-    match netlink::uid_of(local, peer) {
-        Ok(uid) => Ok(uid),
+    match netlink::lookup(local, peer) {
+        Ok(sock) => Ok(sock.uid),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(e),
         // No sock_diag (an old kernel, a seccomp filter): the slow way.
         Err(_) => {
@@ -39,6 +39,13 @@ pub async fn uid_of(local: SocketAddr, peer: SocketAddr) -> io::Result<u32> {
             r
         }
     }
+}
+
+/// Bytes the socket at `peer` connected to `local` has received and its owner not read yet
+/// (its receive queue). Netlink only: called on a stream's path, where a scan would cost too
+/// much; an error means "unknown".
+pub fn unread(local: SocketAddr, peer: SocketAddr) -> io::Result<u32> {
+    netlink::lookup(local, peer).map(|s| s.rqueue)
 }
 
 /// `/proc/net/tcp` scans at once (when netlink fails).
@@ -113,7 +120,14 @@ mod netlink {
         inode: u32,
     }
 
-    pub fn uid_of(local: SocketAddr, peer: SocketAddr) -> io::Result<u32> {
+    /// What the kernel says of one socket.
+    pub struct Sock {
+        pub uid: u32,
+        /// Its receive queue: bytes received, not read by its owner.
+        pub rqueue: u32,
+    }
+
+    pub fn lookup(local: SocketAddr, peer: SocketAddr) -> io::Result<Sock> {
         let (local, peer) = (unmapped(local), unmapped(peer));
         let family = match peer.ip() {
             IpAddr::V4(_) => libc::AF_INET,
@@ -186,7 +200,7 @@ mod netlink {
         parse(&buf.0[..n as usize])
     }
 
-    fn parse(msg: &[u8]) -> io::Result<u32> {
+    fn parse(msg: &[u8]) -> io::Result<Sock> {
         let hlen = std::mem::size_of::<libc::nlmsghdr>();
         let short = || io::Error::new(io::ErrorKind::InvalidData, "short sock_diag answer");
         if msg.len() < hlen {
@@ -207,7 +221,10 @@ mod netlink {
         }
         // SAFETY: length checked above.
         let diag: DiagMsg = unsafe { std::ptr::read_unaligned(body.as_ptr() as *const _) };
-        Ok(diag.uid)
+        Ok(Sock {
+            uid: diag.uid,
+            rqueue: diag.rqueue,
+        })
     }
 }
 
@@ -278,7 +295,7 @@ mod tests {
     async fn finds_the_peers_uid_over_netlink_and_in_proc() {
         for ip in ["127.0.0.1", "::1"] {
             let (_l, _c, local, peer) = pair(ip);
-            assert_eq!(netlink::uid_of(local, peer).unwrap(), me(), "{ip}");
+            assert_eq!(netlink::lookup(local, peer).unwrap().uid, me(), "{ip}");
             assert_eq!(procfs::uid_of(local, peer).unwrap(), me(), "{ip}");
             assert_eq!(uid_of(local, peer).await.unwrap(), me(), "{ip}");
         }
@@ -292,8 +309,28 @@ mod tests {
         assert!(uid_of(local, peer).await.is_err());
         // A port nobody uses.
         let nobody = SocketAddr::new(peer.ip(), 1);
-        assert!(netlink::uid_of(local, nobody).is_err());
+        assert!(netlink::lookup(local, nobody).is_err());
         assert!(procfs::uid_of(local, nobody).is_err());
+    }
+
+    #[test]
+    fn a_peers_unread_bytes_are_its_receive_queue() {
+        use std::io::Write;
+        let (l, c, local, peer) = pair("127.0.0.1");
+        let (mut s, _) = l.accept().unwrap();
+        assert_eq!(unread(local, peer).unwrap(), 0);
+        s.write_all(&[7; 65536]).unwrap();
+        // Loopback delivers at once; allow the kernel a moment all the same.
+        let mut seen = 0;
+        for _ in 0..100 {
+            seen = unread(local, peer).unwrap();
+            if seen == 65536 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(seen, 65536);
+        drop(c);
     }
 
     #[test]
@@ -316,7 +353,7 @@ mod tests {
         let n = 2000;
         let t = Instant::now();
         for _ in 0..n {
-            netlink::uid_of(local, peer).unwrap();
+            netlink::lookup(local, peer).unwrap();
         }
         let per = t.elapsed() / n;
         let t = Instant::now();

@@ -78,23 +78,27 @@ async fn admit(
     };
     debug!(%peer, "mirror: connection accepted");
     let _ = stream.set_nodelay(true);
-    serve_connection(mirror, stream, peer, slot, stop).await
+    let conn = super::backlog::Conn { local, peer };
+    serve_connection(mirror, stream, conn, slot, stop).await
 }
 
 async fn serve_connection(
     mirror: Arc<Mirror>,
     stream: TcpStream,
-    peer: std::net::SocketAddr,
+    conn: super::backlog::Conn,
     slot: Slot,
     stop: CancellationToken,
 ) {
+    let peer = conn.peer;
     let slot = Arc::new(slot);
     let timeout = mirror.cfg.header_read_timeout;
     let close = slot.close.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: Request<Incoming>| {
         // The head is in: this connection is not closed to make room until its body is done.
         let busy = slot.busy();
         let mirror = mirror.clone();
+        // Which socket the response goes out on: a prewarm stream follows containerd's reading.
+        req.extensions_mut().insert(conn);
         async move {
             let resp = handle(mirror, req).await?;
             Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _busy: busy }))
@@ -161,6 +165,7 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<
         count(&mirror, kind, &resp);
         return Ok(resp);
     }
+    let conn = req.extensions().get::<super::backlog::Conn>().copied();
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -177,7 +182,7 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<
                 .and_then(|v| v.to_str().ok());
             (
                 "blob",
-                blob::serve(&mirror, key, presented, range, head).await,
+                blob::serve(&mirror, key, presented, range, head, conn).await,
             )
         }
         Route::Unknown(why) => {
