@@ -164,9 +164,9 @@ async fn urgent_pull_during_four_big_prewarms_finishes_first_and_prewarms_comple
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_room_in_containerds_download_slots_prewarm_is_paused_not_handed_back() {
-    // containerd 2.x with the transfer service's limit raised (as the packaging snippet
-    // recommends): a prewarm of 3 blobs leaves a pod its slots, so pullgate pauses it at the
-    // mirror instead of handing it back (which costs the pod containerd's cleanup of the
+    // containerd 2.x with the transfer service's limit raised (as the packaging snippet shows
+    // for prewarm throughput): a prewarm of 3 blobs leaves a pod its slots, so pullgate pauses it
+    // at the mirror instead of handing it back (which costs the pod containerd's cleanup of the
     // cancelled pull). containerd 1.x limits each pull by itself: never handed back there.
     let dir = tempdir();
     let registry = Registry::start(&dir.path().join("registry"), None).await;
