@@ -600,7 +600,8 @@ impl Pump {
             super::verify::Fed::Send(b) => (b, None),
             super::verify::Fed::Mismatch { send, actual } => (send, Some(actual)),
         };
-        if let Some(mut backlog) = self.backlog.take() {
+        // An urgent stream (it holds the urgent mark) is never held back, nor looked up.
+        if let Some(mut backlog) = self.backlog.take_if(|_| self.urgent.is_none()) {
             let prewarm = || self.class() == Class::Prewarm && !tx.is_closed();
             let waited = backlog.settle(out.len() as u64, prewarm).await;
             if !waited.is_zero() {
