@@ -93,32 +93,58 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
-    /// A loopback pair whose reader's receive buffer holds megabytes, as containerd's grows to
-    /// once it has read fast for a while.
-    async fn pair() -> (TcpStream, TcpStream, Conn) {
+    /// A loopback pair whose reader's receive buffer holds megabytes (as containerd's grows to
+    /// once it has read fast for a while; the kernel caps it at `net.core.rmem_max`), and the
+    /// writer on its own thread, so a full window blocks only that thread.
+    async fn pair() -> (TcpStream, std::sync::mpsc::Sender<usize>, Conn) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4 << 20).unwrap();
+        socket.set_recv_buffer_size(8 << 20).unwrap();
         let reader = socket.connect(l.local_addr().unwrap()).await.unwrap();
         let reader = reader.into_std().unwrap();
         reader.set_nonblocking(false).unwrap();
-        let (writer, _) = l.accept().unwrap();
+        let (mut writer, _) = l.accept().unwrap();
         let conn = Conn {
             local: writer.local_addr().unwrap(),
             peer: reader.local_addr().unwrap(),
         };
-        (reader, writer, conn)
+        let (tx, rx) = std::sync::mpsc::channel::<usize>();
+        std::thread::spawn(move || {
+            while let Ok(n) = rx.recv() {
+                if writer.write_all(&vec![1; n]).is_err() {
+                    return;
+                }
+            }
+        });
+        (reader, tx, conn)
+    }
+
+    /// Waits until the reader's socket holds more than `n` bytes unread; false if the kernel
+    /// never lets it (a receive buffer capped below it).
+    fn queued_over(conn: Conn, n: u32) -> bool {
+        for _ in 0..200 {
+            if super::super::peer::unread(conn.local, conn.peer).unwrap() > n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
     }
 
     #[tokio::test]
     async fn waits_while_the_reader_is_behind_and_goes_on_when_it_reads() {
-        let (mut reader, mut writer, conn) = pair().await;
+        let (mut reader, writer, conn) = pair().await;
         let mut backlog = Backlog::new(conn);
         // Under the limit: no wait.
-        writer.write_all(&[1; 64 << 10]).unwrap();
+        writer.send(64 << 10).unwrap();
+        assert!(queued_over(conn, (64 << 10) - 1));
         assert_eq!(backlog.settle(1, || true).await, Duration::ZERO);
+        writer.send(2 << 20).unwrap();
+        if !queued_over(conn, LIMIT) {
+            eprintln!("skipped: net.core.rmem_max keeps the receive buffer under {LIMIT} bytes");
+            return;
+        }
         // Over it: waits until the reader drains the queue.
-        writer.write_all(&vec![1; 2 << 20]).unwrap();
         let drain = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             let mut buf = vec![0; (2 << 20) + (64 << 10)];
@@ -129,7 +155,8 @@ mod tests {
         assert!(waited >= Duration::from_millis(90), "{waited:?}");
         let _reader = drain.join().unwrap();
         // A stream that stops holding (promoted, or containerd gone) stops waiting.
-        writer.write_all(&vec![1; 2 << 20]).unwrap();
+        writer.send(2 << 20).unwrap();
+        assert!(queued_over(conn, LIMIT));
         let waited = backlog.settle(CHECK_EVERY, || false).await;
         assert!(waited < Duration::from_millis(50), "{waited:?}");
         assert!(!backlog.unknown);
