@@ -6,6 +6,7 @@
 #   tests/bench.sh --quick         small sizes, one round, debug build: the smoke test CI runs
 #   tests/bench.sh urgent p2p      only these scenarios
 #   PULLGATE_BENCH_ROUNDS=5 tests/bench.sh fast   more rounds than the default 3
+#   PULLGATE_BENCH_FAST_RUN=2 tests/bench.sh fast  one of the fast-link setups only (from 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/deps.sh

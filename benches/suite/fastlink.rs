@@ -173,8 +173,15 @@ pub async fn fast_link(o: &Opts) -> Vec<Row> {
         runs.push((bin.clone(), ROOMY_LIMIT, ""));
         runs.push((bin, ROOMY_LIMIT, STAGED));
     }
+    // `$PULLGATE_BENCH_FAST_RUN=N`: only the Nth run of these (from 0), to trace one setup.
+    let only: Option<usize> = std::env::var("PULLGATE_BENCH_FAST_RUN")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let mut rows = Vec::new();
-    for (bin, transfer, pg) in runs {
+    for (i, (bin, transfer, pg)) in runs.into_iter().enumerate() {
+        if only.is_some_and(|n| n != i) {
+            continue;
+        }
         let v = version_of(&bin);
         let version = v.text;
         let limit = if v.major < 2 {
