@@ -93,14 +93,12 @@ async fn serve_connection(
     let slot = Arc::new(slot);
     let timeout = mirror.cfg.header_read_timeout;
     let close = slot.close.clone();
-    let svc = service_fn(move |mut req: Request<Incoming>| {
+    let svc = service_fn(move |req| {
         // The head is in: this connection is not closed to make room until its body is done.
         let busy = slot.busy();
         let mirror = mirror.clone();
-        // Which socket the response goes out on: a prewarm stream follows containerd's reading.
-        req.extensions_mut().insert(conn);
         async move {
-            let resp = handle(mirror, req).await?;
+            let resp = handle(mirror, req, conn).await?;
             Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _busy: busy }))
         }
     });
@@ -141,7 +139,13 @@ impl http_body::Body for Tracked {
     }
 }
 
-async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// Answers `req`, which came in on `conn` (a prewarm blob stream follows containerd's reading
+/// on it, see [`super::backlog`]).
+async fn handle(
+    mirror: Arc<Mirror>,
+    req: Request<Incoming>,
+    conn: super::backlog::Conn,
+) -> Result<Response<Body>, Infallible> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         return Ok(status(
@@ -165,7 +169,6 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<
         count(&mirror, kind, &resp);
         return Ok(resp);
     }
-    let conn = req.extensions().get::<super::backlog::Conn>().copied();
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -182,7 +185,7 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>) -> Result<Response<
                 .and_then(|v| v.to_str().ok());
             (
                 "blob",
-                blob::serve(&mirror, key, presented, range, head, conn).await,
+                blob::serve(&mirror, key, presented, range, head, Some(conn)).await,
             )
         }
         Route::Unknown(why) => {

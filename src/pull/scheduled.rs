@@ -455,11 +455,11 @@ impl ScheduledPuller {
                 if slots.is_some_and(|n| n < ROOMY_SLOTS) {
                     warn!(shared_slots = slots, config = %self.containerd_config.display(),
                           "containerd 2.x shares few download slots between all pulls: prewarm \
-                           pulls are staged into its store first (containerd.stage_prewarm) or handed \
-                           back while a pod's pull runs, which costs the pod containerd's cleanup; \
-                           raise \
-                           [plugins.\"io.containerd.transfer.v1.local\"] max_concurrent_downloads \
-                           (16 suggested, see packaging/containerd/config.toml.snippet)");
+                           pulls are staged into its store first (containerd.stage_prewarm) or, if \
+                           staging is off, handed back while a pod's pull runs, which costs the pod \
+                           containerd's cleanup; raising [plugins.\"io.containerd.transfer.v1.local\"] \
+                           max_concurrent_downloads speeds prewarm up at some cost to pods (see \
+                           packaging/containerd/config.toml.snippet)");
                 }
                 slots
             })
